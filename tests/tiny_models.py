@@ -57,7 +57,7 @@ def sd_scheduler_config(prediction_type="epsilon"):
 def alphas_cumprod(config=None):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**(config or sd_scheduler_config())).alphas_cumprod
+    return DDIMScheduler.from_config(config or sd_scheduler_config()).alphas_cumprod
 
 
 def embeds(batch=1, seed=1, length=8):
