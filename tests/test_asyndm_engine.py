@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import tiny_models as tm
+from asyndm_fpdm import tiny as tm
 from asyndm_fpdm.samplers.api import asyn_generate
 from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, pixel_forward
 from asyndm_fpdm.samplers.ddim import ddim_step

@@ -1,0 +1,86 @@
+"""``python -m asyndm_fpdm asyn`` end to end on a tiny random pipeline saved to a temp folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from asyndm_fpdm import tiny as tiny_pipeline
+
+from asyndm_fpdm.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_pipeline.save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+def test_cli_writes_all_modes_masks_and_timesteps(model_dir, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["asyn", "--model", model_dir, "--prompt", "a rabbit playing basketball",
+               "--targets", "rabbit:0.7, basketball:0.5", "--steps", "4", "--eta", "0",
+               "--out", str(out), "--batch-size", "2"])
+    assert rc == 0
+    for j in (0, 1):
+        for name in ("vanilla", "concave", "asyn", "compare", "masks", "timesteps"):
+            assert (out / f"{j:05}_{name}.png").is_file(), name
+    from PIL import Image
+
+    assert Image.open(out / "00000_asyn.png").size == (128, 128)
+    assert Image.open(out / "00000_compare.png").size[0] > 3 * 128
+    assert json.loads((out / "prompts.json").read_text()) == ["a rabbit playing basketball"] * 2
+
+
+def test_cli_reference_files_static_mask_and_resume(model_dir, tmp_path):
+    prompts = tmp_path / "p.json"
+    items = tmp_path / "i.json"
+    prompts.write_text(json.dumps(["a cat eating a sandwich", "a dog playing basketball"]))
+    items.write_text(json.dumps({
+        "item_idx": {"a cat eating a sandwich": [1, 4], "a dog playing basketball": [1, 3]},
+        "item_k": {"a cat eating a sandwich": [0.7, 0.7], "a dog playing basketball": [0.7, 0.7]},
+    }))
+    out = tmp_path / "out"
+    args = ["asyn", "--model", model_dir, "--prompt-file", str(prompts), "--item-file", str(items),
+            "--steps", "3", "--mask", "static", "--modes", "asyn", "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(os.listdir(out)) == sorted(
+        ["00000_asyn.png", "00000_compare.png", "00000_masks.png", "00000_timesteps.png",
+         "00001_asyn.png", "00001_compare.png", "00001_masks.png", "00001_timesteps.png",
+         "progress.json", "prompts.json"])
+    first = (out / "00001_asyn.png").stat().st_mtime_ns
+    (out / "00000_asyn.png").unlink()
+    progress = json.loads((out / "progress.json").read_text())
+    (out / "progress.json").write_text(json.dumps([p for p in progress if p != "0"]))
+    assert main(args + ["--resume"]) == 0
+    assert (out / "00000_asyn.png").is_file(), "the unfinished batch is redone"
+    assert (out / "00001_asyn.png").stat().st_mtime_ns == first, "the finished batch is skipped"
+
+
+def test_cli_unknown_word_lists_the_prompt_tokens(model_dir, tmp_path, capsys):
+    rc = main(["asyn", "--model", model_dir, "--prompt", "a rabbit playing basketball",
+               "--targets", "cat:0.7", "--steps", "2", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'cat' is not in the prompt" in err and "rabbit</w>" in err and "playing</w>" in err
+
+
+def test_cli_missing_or_wrong_model_folder_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from asyndm_fpdm.cli import main; sys.exit(main(sys.argv[1:]))",
+         "asyn", "--model", str(tmp_path / "nope"), "--prompt", "a cat", "--targets", "cat"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _package_parent(tmp_path)},
+    )
+    assert proc.returncode == 2 and "model folder not found" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "empty").mkdir()
+    assert main(["asyn", "--model", str(tmp_path / "empty"), "--prompt", "a cat", "--targets", "cat"]) == 2
+
+
+def _package_parent(tmp_path):
+    """A folder where ``import asyndm_fpdm`` finds this checkout, for a subprocess."""
+    link = tmp_path / "pkg"
+    link.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.symlink(root, link / "asyndm_fpdm")
+    return str(link)
