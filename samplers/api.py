@@ -68,7 +68,8 @@ def asyn_generate(
         # like the reference, every run re-seeds its generators: they draw the initial latents
         # (unless given) and then, for eta > 0, each step's noise
         gens = image_generators(seed, batch, device)
-        x = latents if latents is not None else per_image_randn(gens, shape, device)
+        drawn = per_image_randn(gens, shape, device)  # drawn even when given: keeps the noise stream in step
+        x = latents if latents is not None else drawn
         sampler = (lambda i: per_image_randn(gens, shape, device, x.dtype)) if eta > 0 else None
         return x, sampler
 
