@@ -1,0 +1,249 @@
+"""Tiny stand-ins for real checkpoints, built from ComfyUI's own model classes (needs ComfyUI imported).
+
+Each family uses ComfyUI's real model config class (``comfy.supported_models.SD15``, ``SD20``,
+``SDXL``), its real ``BaseModel``/``SDXL`` wrapper and UNet, its real CLIP tokenizers (the vocab
+files ComfyUI ships) and its real text-encoder classes — only the sizes are tiny, and the weights
+are random with a fixed seed. A 64×64 image (8×8 latent) samples in a few milliseconds per step.
+
+    model = tiny_model("sd15")            # ModelPatcher (MODEL)
+    clip = tiny_clip("sdxl")              # comfy.sd.CLIP (CLIP), real tokenizer
+    vae = tiny_vae()                      # comfy.sd.VAE (VAE), TAESD-shaped, ×8 up/down-scale
+    model, clip, vae = tiny_checkpoint("sd21v")
+    with stand_ins():                     # core loader nodes return the tiny objects for any name
+        run_workflow("workflows/x.json")
+
+Families: ``sd15`` (eps), ``sd20`` (eps), ``sd21v`` (SD2.x, v-prediction), ``sdxl`` (eps).
+``family_for_filename`` maps public file names to families (``sd_xl_*``/``*xl*`` → sdxl,
+``v2-1_768*``/``768-v`` → sd21v, other ``v2*``/``sd2*`` → sd20, anything else → sd15).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+
+FAMILIES = ("sd15", "sd20", "sd21v", "sdxl")
+SEED = 20240607
+
+# Tiny text encoders: real CLIPTextModel class, overridden sizes (vocab/positions stay real so the
+# real tokenizer's ids are valid).
+TINY_CLIP_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                    "num_hidden_layers": 3, "projection_dim": 32}
+TINY_TE_OPTIONS = {f"{name}_model_config": dict(TINY_CLIP_CONFIG) for name in ("clip_l", "clip_h", "clip_g")}
+CONTEXT_DIM = {"sd15": 32, "sd20": 32, "sd21v": 32, "sdxl": 64}  # sdxl: clip_l (32) ‖ clip_g (32)
+SDXL_ADM_IN = TINY_CLIP_CONFIG["projection_dim"] + 6 * 256       # pooled clip_g + 6 size embeddings
+
+
+def _unet_config(family):
+    base = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "in_channels": 4,
+        "use_spatial_transformer": True, "legacy": False, "model_channels": 32,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "context_dim": CONTEXT_DIM[family],
+        "use_temporal_resblock": False, "use_temporal_attention": False, "adm_in_channels": None,
+    }
+    if family == "sd15":
+        base.update(transformer_depth=[1, 1], transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1],
+                    use_linear_in_transformer=False)
+    elif family in ("sd20", "sd21v"):
+        base.update(transformer_depth=[1, 1], transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1],
+                    use_linear_in_transformer=True)
+    elif family == "sdxl":
+        # like SDXL: no attention at the first level
+        base.update(transformer_depth=[0, 1], transformer_depth_middle=1, transformer_depth_output=[0, 0, 1, 1],
+                    use_linear_in_transformer=True, adm_in_channels=SDXL_ADM_IN, num_classes="sequential")
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return base
+
+
+def _model_config(family):
+    import comfy.supported_models as sm
+    cls = {"sd15": sm.SD15, "sd20": sm.SD20, "sd21v": sm.SD20, "sdxl": sm.SDXL}[family]
+    config = cls(_unet_config(family))
+    if family == "sd15":
+        config.unet_config.update(num_heads=4, num_head_channels=-1)   # real: 8 heads
+    else:
+        config.unet_config.update(num_heads=-1, num_head_channels=16)  # real: 64 channels per head
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def _randomize_(module, seed):
+    """Deterministic, well-scaled random weights (ComfyUI's ops skip weight init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def _normalize_output_(model, family, seed):
+    """Scale the UNet's last conv so that its output has unit std on unit-variance input: random
+    weights otherwise predict eps/v hundreds of times too large and samples blow up."""
+    unet = model.diffusion_model
+    gen = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    ctx = torch.randn(2, 77, CONTEXT_DIM[family], generator=gen)
+    kwargs = {}
+    if family == "sdxl":
+        kwargs["y"] = torch.randn(2, SDXL_ADM_IN, generator=gen)
+    with torch.no_grad():
+        out = unet(x, timesteps=torch.tensor([500.0, 500.0]), context=ctx, **kwargs)
+        last = unet.out[-1]
+        scale = 1.0 / max(float(out.std()), 1e-6)
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+
+
+def tiny_model(family="sd15", seed=SEED):
+    """A MODEL (``comfy.model_patcher.ModelPatcher``) of the family, fp32 on CPU."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    config = _model_config(family)
+    if family == "sd21v":
+        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION, device="cpu")
+    else:
+        model = config.get_model({}, "", device="cpu")
+    _randomize_(model.diffusion_model, seed)
+    model.eval()
+    _normalize_output_(model, family, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_clip(family="sd15", seed=SEED + 1):
+    """A CLIP (``comfy.sd.CLIP``) with ComfyUI's real tokenizer(s) and a tiny text encoder."""
+    import comfy.sd
+    config = _model_config(family)
+    target = config.clip_target()
+    options = {k: dict(v) for k, v in TINY_TE_OPTIONS.items()}
+    options["dtype"] = torch.float32
+    clip = comfy.sd.CLIP(target, model_options=options)
+    _randomize_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_vae(seed=SEED + 2):
+    """A VAE (``comfy.sd.VAE``) built from a random TAESD-shaped state dict: 4 latent channels, ×8."""
+    import comfy.sd
+    import comfy.taesd.taesd
+    net = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _randomize_(net, seed)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    vae = comfy.sd.VAE(sd=sd)
+    return vae
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(kind, family):
+    if kind == "model":
+        return tiny_model(family)
+    if kind == "clip":
+        return tiny_clip(family)
+    return tiny_vae()
+
+
+def tiny_checkpoint(family="sd15", cached=True):
+    """(MODEL, CLIP, VAE) like CheckpointLoaderSimple. Cached objects are shared: clone before patching
+    (every ComfyUI node does)."""
+    if cached:
+        return _cached("model", family), _cached("clip", family), _cached("vae", None)
+    return tiny_model(family), tiny_clip(family), tiny_vae()
+
+
+def family_for_filename(name: str, default="sd15") -> str:
+    low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
+    if "xl" in low:
+        return "sdxl"
+    if "768" in low and ("v2" in low or "sd2" in low or "2-1" in low or "2_1" in low or "-v" in low):
+        return "sd21v"
+    if low.startswith(("v2", "sd2", "sd_2", "stable-diffusion-2")) or "v2-" in low or "2-1" in low or "2_1" in low:
+        return "sd20"
+    if "1-5" in low or "1_5" in low or "sd15" in low or "v1" in low:
+        return "sd15"
+    return default
+
+
+class StandInRegistry:
+    """What ``stand_ins`` patched and every load it answered (for assertions)."""
+
+    def __init__(self, family=None):
+        self.family = family
+        self.loads = []  # (node class name, file name, family)
+
+    def family_for(self, name):
+        return self.family or family_for_filename(name)
+
+
+@contextlib.contextmanager
+def stand_ins(family=None):
+    """Make core loader nodes return tiny models for any file name, restoring them on exit.
+
+    Patched: CheckpointLoaderSimple, CheckpointLoader, LoraLoader / LoraLoaderModelOnly (return
+    clones: a LoRA is a no-op on a stand-in), VAELoader, UNETLoader, CLIPLoader (family from the
+    file name, or ``family`` for all). Yields a ``StandInRegistry`` recording every load.
+    """
+    import nodes
+    reg = StandInRegistry(family)
+    patches = []
+
+    def patch(cls_name, method, fn):
+        cls = nodes.NODE_CLASS_MAPPINGS.get(cls_name)
+        if cls is None:
+            return
+        patches.append((cls, method, cls.__dict__.get(method, None)))
+        setattr(cls, method, fn)
+
+    def load_checkpoint(self, ckpt_name, *args, **kwargs):
+        fam = reg.family_for(ckpt_name)
+        reg.loads.append(("checkpoint", ckpt_name, fam))
+        model, clip, vae = tiny_checkpoint(fam)
+        return (model.clone(), clip.clone(), vae)
+
+    def load_lora(self, model, clip, lora_name, strength_model, strength_clip):
+        reg.loads.append(("lora", lora_name, None))
+        return (model.clone() if model is not None else None, clip.clone() if clip is not None else None)
+
+    def load_lora_model_only(self, model, lora_name, strength_model):
+        reg.loads.append(("lora", lora_name, None))
+        return (model.clone(),)
+
+    def load_vae(self, vae_name):
+        reg.loads.append(("vae", vae_name, None))
+        return (_cached("vae", None),)
+
+    def load_unet(self, unet_name, *args, **kwargs):
+        fam = reg.family_for(unet_name)
+        reg.loads.append(("unet", unet_name, fam))
+        return (_cached("model", fam).clone(),)
+
+    def load_clip(self, clip_name, *args, **kwargs):
+        fam = reg.family_for(clip_name)
+        reg.loads.append(("clip", clip_name, fam))
+        return (_cached("clip", fam).clone(),)
+
+    patch("CheckpointLoaderSimple", "load_checkpoint", load_checkpoint)
+    patch("CheckpointLoader", "load_checkpoint", lambda self, config_name, ckpt_name: load_checkpoint(self, ckpt_name))
+    patch("LoraLoader", "load_lora", load_lora)
+    patch("LoraLoaderModelOnly", "load_lora_model_only", load_lora_model_only)
+    patch("VAELoader", "load_vae", load_vae)
+    patch("UNETLoader", "load_unet", load_unet)
+    patch("CLIPLoader", "load_clip", load_clip)
+    try:
+        yield reg
+    finally:
+        for cls, method, original in reversed(patches):
+            if original is None:
+                delattr(cls, method)
+            else:
+                setattr(cls, method, original)
