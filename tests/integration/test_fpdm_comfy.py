@@ -1,0 +1,140 @@
+"""FPDM through real ComfyUI: the MODEL's schedule, core KSampler, our sampler vs the library,
+per-run reuse reset, no leaks into the input MODEL, and the shipped FPDM workflows."""
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/ for fpdm_tiny
+from fpdm_tiny import save_train_checkpoint, tiny_model  # noqa: E402
+
+WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parents[2] / "workflows").glob("fpdm_*.json"))
+
+
+@pytest.fixture(scope="module")
+def fpdm_files(comfy_env, pack_nodes, tmp_path_factory):
+    """Tiny FPDM and DiT checkpoints in a registered models/fpdm folder (train.py layout for FPDM)."""
+    fp = comfy_env.folder_paths
+    root = tmp_path_factory.mktemp("fpdm_models")
+    fp.folder_names_and_paths["fpdm"] = ([str(root)], set(fp.supported_pt_extensions))
+    run = root / "tiny_run"
+    save_train_checkpoint(str(run), tiny_model(seed=1))
+    with open(run / "args.json") as fh:
+        args = json.load(fh)
+    args["model"] = "DiT-tiny"
+    with open(run / "args.json", "w") as fh:
+        json.dump(args, fh)
+    torch.save(tiny_model(fixed_point=False, seed=2).state_dict(), root / "tiny_dit.pt")
+    fp.filename_list_cache.clear()
+    return {"fpdm": os.path.join("tiny_run", "checkpoints", "0000100.pt"), "dit": "tiny_dit.pt"}
+
+
+def _load(pack_nodes, name):
+    return pack_nodes["FPDMCheckpointLoader"]().load(name, num_heads=2)[0]
+
+
+def _latent(n=1, size=8):
+    return {"samples": torch.zeros(n, 4, size, size)}
+
+
+def test_loader_lists_the_fpdm_folder_and_schedule_is_dit(pack_nodes, fpdm_files):
+    choices = pack_nodes["FPDMCheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    assert fpdm_files["fpdm"] in choices and fpdm_files["dit"] in choices
+    model = _load(pack_nodes, fpdm_files["fpdm"])
+    ms = model.get_model_object("model_sampling")
+    ab = 1.0 / (1.0 + ms.sigmas.double() ** 2)
+    dit = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    assert np.allclose(ab.numpy(), dit, rtol=1e-5, atol=1e-7)
+    assert model.model.latent_format.scale_factor == pytest.approx(0.18215)
+
+
+def test_core_ksampler_runs_and_input_model_is_untouched(comfy_env, pack_nodes, fpdm_files):
+    nodes = comfy_env.nodes
+    model = _load(pack_nodes, fpdm_files["fpdm"])
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
+    ks = nodes.KSampler()
+    a = ks.sample(model, 3, 4, 3.0, "euler", "normal", pos, neg, _latent(2))[0]["samples"]
+    assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all() and a.abs().sum() > 0
+    patched = pack_nodes["FPDMSettings"]().patch(model, iterations=2, reuse=True, allocation="increasing",
+                                                 guidance="reference")[0]
+    p = ks.sample(patched, 3, 4, 3.0, "euler", "normal", pos, neg, _latent(2))[0]["samples"]
+    assert not torch.allclose(p, a)
+    b = ks.sample(model, 3, 4, 3.0, "euler", "normal", pos, neg, _latent(2))[0]["samples"]
+    assert torch.equal(a, b)  # invariant 4: the settings node patched a clone only
+
+
+def test_plain_dit_through_samplercustom(comfy_env, pack_nodes, fpdm_files):
+    model = _load(pack_nodes, fpdm_files["dit"])
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("x", class_index=5)
+    sigmas = pack_nodes["FPDMRespacedSigmas"]().sigmas(model, 5)[0]
+    assert sigmas.shape == (6,) and sigmas[-1] == 0
+    sampler = pack_nodes["FPDMSamplerSelect"]().get("ddpm")[0]
+    custom = comfy_env.nodes.NODE_CLASS_MAPPINGS["SamplerCustom"]()
+    out = custom.sample(model, True, 7, 2.0, pos, neg, sampler, sigmas, _latent(1))[0]
+    assert out["samples"].shape == (1, 4, 8, 8) and torch.isfinite(out["samples"]).all()
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_fpdm_sampler_node_matches_the_library(comfy_env, pack_nodes, fpdm_files, method):
+    """Same weights, noise, settings: ComfyUI's route (sigma space) == the pack's reference-exact pipeline."""
+    import comfy.sample
+
+    from asyndm_fpdm.fpdm.loading import load_fpdm
+    from asyndm_fpdm.fpdm.pipeline import SampleOptions, generate
+    from asyndm_fpdm.fpdm.solver import SolverSettings
+
+    model = _load(pack_nodes, fpdm_files["fpdm"])
+    model = pack_nodes["FPDMSettings"]().patch(model, iterations=2, reuse=True, guidance="reference")[0]
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("3: tiger shark")
+    seed, steps = 11, 6
+    got = pack_nodes["FPDMSampler"]().sample(model, pos, neg, _latent(1), seed, steps, 3.0, method)[0]["samples"]
+    noise = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), seed)
+    lib, _ = load_fpdm(os.path.join(comfy_env_models(), fpdm_files["fpdm"]), {"num_heads": 2})
+    gen = torch.Generator().manual_seed(seed)
+    ref, run = generate(lib, [3], noise, SampleOptions(steps=steps, method=method, cfg_scale=3.0, guidance="reference"),
+                        SolverSettings(iterations=2, reuse=True), step_noise=lambda k, shape: torch.randn(shape, generator=gen))
+    # ComfyUI hands back latents in VAE space: process_latent_out divides by the SD scale 0.18215
+    print(f"comfy vs library {method}: max abs diff {(got * 0.18215 - ref).abs().max().item():.2e}")
+    assert torch.allclose(got * 0.18215, ref, atol=2e-3, rtol=1e-3), (got * 0.18215 - ref).abs().max()
+
+
+def comfy_env_models():
+    import folder_paths
+
+    return folder_paths.folder_names_and_paths["fpdm"][0][0]
+
+
+def test_reuse_state_is_reset_every_run(pack_nodes, fpdm_files):
+    model = _load(pack_nodes, fpdm_files["fpdm"])
+    reuse = pack_nodes["FPDMSettings"]().patch(model, iterations=2, reuse=True)[0]
+    plain = pack_nodes["FPDMSettings"]().patch(model, iterations=2, reuse=False)[0]
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("9: ostrich")
+    s = pack_nodes["FPDMSampler"]()
+    first = s.sample(reuse, pos, neg, _latent(1), 5, 4, 3.0, "ddim")[0]["samples"]
+    second = s.sample(reuse, pos, neg, _latent(1), 5, 4, 3.0, "ddim")[0]["samples"]
+    other = s.sample(plain, pos, neg, _latent(1), 5, 4, 3.0, "ddim")[0]["samples"]
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, other)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_fpdm_workflows_execute(pack_nodes, fpdm_files, stand_ins, path):
+    from comfy_workflows import run_workflow
+
+    ui = json.loads(path.read_text())
+    for node in ui["nodes"]:  # point the loaders at the tiny stand-in checkpoints
+        if node["type"] == "FPDMCheckpointLoader":
+            node["widgets_values"][0] = fpdm_files["dit"] if "dit" in str(node.get("title", "")).lower() else fpdm_files["fpdm"]
+            node["widgets_values"][1] = 2
+        if node["type"] == "EmptyLatentImage":
+            node["widgets_values"][:2] = [64, 64]
+        for key in ("KSampler", "FPDMSampler"):
+            if node["type"] == key:
+                node["widgets_values"][2 if key == "FPDMSampler" else 2] = 3
+    result = run_workflow(ui)
+    assert result.ui, "the workflow produced no output images"
