@@ -82,6 +82,11 @@ def load_pipeline(folder, device, dtype):
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise CliError(f"{folder} has no {part}: AsynDM needs a Stable Diffusion pipeline (SD1.x/SD2.x)")
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        raise CliError(
+            f"{folder} is an SDXL pipeline: the CLI encodes SD1.x/SD2.x prompts. For SDXL use the ComfyUI nodes, "
+            "or the Python API (asyn_generate with added_cond=...)."
+        )
     return pipe.to(device)
 
 
