@@ -175,3 +175,17 @@ def test_bad_settings_are_clear_errors(unet):
         run(unet, mask_source="external", external_masks=torch.zeros(3, 16, 16))
     with pytest.raises(ValueError, match="noise_sampler"):
         sample(lambda x, t, c: (x, None), tm.latents(1), tm.alphas_cumprod(), AsyncSchedule(2), [], eta=0.5)
+
+
+def test_non_square_latents_and_capture_grid(unet):
+    x = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    tmap = torch.full((2, 16, 24), 400)
+    tmap[:, :, :12] = 800
+    ctx = tm.embeds(2)
+    const, _ = pixel_forward(unet, x, torch.full((2, 16, 24), 400), ctx, force_per_pixel=True)
+    stock = unet(x, torch.tensor([400, 400]), encoder_hidden_states=ctx).sample
+    assert (const - stock).abs().max() <= 1e-5
+    out, maps = pixel_forward(unet, x, tmap, ctx, capture_tokens=[[2]], capture_slice=slice(1, 2))
+    assert out.shape == x.shape and maps.shape == (1, 1, 4, 6)
+    res = asyn_generate(unet, CFG, tm.embeds(1), tm.embeds(1, seed=3), items=ITEMS, steps=3, latents=x[:1])
+    assert res.latents.shape == (1, 4, 16, 24) and res.masks[-1].shape == (1, 2, 16, 24)
