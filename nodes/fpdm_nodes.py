@@ -91,7 +91,7 @@ class FPDMClassConditioning:
         from ..fpdm.classes import choice_list
 
         return {"required": {
-            "class_name": (choice_list(), {"default": "207: golden retriever", "tooltip": "ImageNet class by name."}),
+            "class_name": (choice_list(), {"default": "207: Golden Retriever", "tooltip": "ImageNet class by name."}),
             "class_index": ("INT", {"default": -1, "min": -1, "max": 100000,
                                     "tooltip": "Class by index (for models with other label sets). -1 = use class_name."}),
             "batch_classes": ("STRING", {"default": "", "tooltip": "Optional: comma-separated classes (indices or names), "

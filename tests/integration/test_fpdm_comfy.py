@@ -23,13 +23,13 @@ def fpdm_files(comfy_env, pack_nodes, tmp_path_factory):
     root = tmp_path_factory.mktemp("fpdm_models")
     fp.folder_names_and_paths["fpdm"] = ([str(root)], set(fp.supported_pt_extensions))
     run = root / "tiny_run"
-    save_train_checkpoint(str(run), tiny_model(seed=1))
+    save_train_checkpoint(str(run), tiny_model(seed=1, num_classes=1000))  # ImageNet-sized label table
     with open(run / "args.json") as fh:
         args = json.load(fh)
     args["model"] = "DiT-tiny"
     with open(run / "args.json", "w") as fh:
         json.dump(args, fh)
-    torch.save(tiny_model(fixed_point=False, seed=2).state_dict(), root / "tiny_dit.pt")
+    torch.save(tiny_model(fixed_point=False, seed=2, num_classes=1000).state_dict(), root / "tiny_dit.pt")
     fp.filename_list_cache.clear()
     return {"fpdm": os.path.join("tiny_run", "checkpoints", "0000100.pt"), "dit": "tiny_dit.pt"}
 
