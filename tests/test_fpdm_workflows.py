@@ -29,5 +29,5 @@ def test_ui_format_links_and_note(path):
         dst = next(n for n in ui["nodes"] if n["id"] == b)
         assert link_id in src["outputs"][a_slot]["links"] and dst["inputs"][b_slot]["link"] == link_id
     notes = [n for n in ui["nodes"] if n["type"] == "Note"]
-    assert notes and "iteration" in notes[0]["widgets_values"][0]
+    assert notes and "FPDM" in notes[0]["widgets_values"][0] and len(notes[0]["widgets_values"][0]) > 150
     assert any(n["type"] == "VAEDecode" for n in ui["nodes"])
