@@ -138,3 +138,16 @@ def test_fpdm_workflows_execute(pack_nodes, fpdm_files, stand_ins, path):
                 node["widgets_values"][2 if key == "FPDMSampler" else 2] = 3
     result = run_workflow(ui)
     assert result.ui, "the workflow produced no output images"
+
+
+def test_cancel_stops_the_fpdm_sampler(pack_nodes, fpdm_files):
+    import comfy.model_management as mm
+
+    model = _load(pack_nodes, fpdm_files["fpdm"])
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            pack_nodes["FPDMSampler"]().sample(model, pos, neg, _latent(1), 0, 3, 2.0, "ddpm")
+    finally:
+        mm.interrupt_current_processing(False)
