@@ -1,0 +1,153 @@
+"""ComfyUI-free checks of the AsynDM nodes: schemas, tooltips, option parsing, masks, token
+location with a stand-in tokenizer, preview renderings."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from asyndm_fpdm.nodes import asyndm_nodes
+from asyndm_fpdm.nodes.common import CATEGORY_ASYNDM
+from asyndm_fpdm.samplers import comfy_plots, comfy_sampling, comfy_tokens
+from asyndm_fpdm.samplers.tokens import UnknownWordError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def test_asyndm_node_schemas_have_tooltips_and_category():
+    assert set(asyndm_nodes.NODE_CLASS_MAPPINGS) == set(asyndm_nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in asyndm_nodes.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == CATEGORY_ASYNDM
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for inp, (kind, *opts) in spec.get(section, {}).items():
+                assert opts and opts[0].get("tooltip"), f"{name}.{inp} has no tooltip"
+                if isinstance(kind, list):
+                    assert opts[0].get("default", kind[0]) in kind
+        assert callable(getattr(cls, cls.FUNCTION))
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES)
+
+
+def test_asyndm_sampler_options():
+    spec = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMKSampler"].INPUT_TYPES()["required"]
+    assert spec["mode"][0] == ["AsynDM", "DMconcave", "vanilla"]
+    assert spec["mask_source"][0] == ["dynamic", "static", "mask input"]
+    assert spec["curve"][0] == ["bin", "lin", "exp"]
+
+
+def test_asyndm_parse_and_resolve_strengths():
+    assert comfy_sampling.parse_ks(" 0.7, 0.5 ,") == [0.7, 0.5]
+    assert comfy_sampling.parse_ks("") == []
+    with pytest.raises(ValueError, match="not a number"):
+        comfy_sampling.parse_ks("high")
+    with pytest.raises(ValueError, match="outside"):
+        comfy_sampling.parse_ks("1.5")
+    t = comfy_sampling.Targets(["a", "b"], [0.7, 0.5], [[2], [4]], 77)
+    assert comfy_sampling.resolve_ks(t, []) == [0.7, 0.5]
+    assert comfy_sampling.resolve_ks(t, [0.3]) == [0.3, 0.3]
+    assert comfy_sampling.resolve_ks(t, [0.1, 0.2]) == [0.1, 0.2]
+    with pytest.raises(ValueError, match="one per target"):
+        comfy_sampling.resolve_ks(t, [0.1, 0.2, 0.3])
+    assert comfy_sampling.resolve_ks(None, [0.4]) == [0.4]
+
+
+def test_asyndm_targets_ride_on_conditioning():
+    info = {"words": ["rabbit"], "ks": [0.6], "positions": [[2]], "context_len": 77}
+    cond = [[torch.zeros(1, 77, 8), {"pooled_output": None}], [torch.zeros(1, 77, 8), {"asyndm_targets": info}]]
+    t = comfy_sampling.targets_of(cond)
+    assert t.words == ["rabbit"] and t.ks == [0.6] and t.anchors == [2]
+    assert comfy_sampling.targets_of([[torch.zeros(1), {}]]) is None
+
+
+def test_asyndm_external_masks_layouts():
+    f = comfy_sampling.external_item_masks
+    assert f(torch.ones(64, 64), 2, 3).shape == (1, 1, 64, 64)
+    assert f(torch.ones(3, 64, 64), 2, 3).shape == (3, 1, 64, 64)
+    assert f(torch.ones(2, 64, 64), 2, 3).shape == (1, 2, 64, 64)
+    assert f(torch.ones(6, 64, 64), 2, 3).shape == (3, 2, 64, 64)
+    with pytest.raises(ValueError, match="frames"):
+        f(torch.ones(5, 64, 64), 2, 3)
+
+
+class _Tok:
+    start_token, end_token = 100, 101
+    inv_vocab = {100: "<|startoftext|>", 101: "<|endoftext|>", 1: "a</w>", 2: "rab", 3: "bit</w>", 4: "cat</w>"}
+
+
+class _Clip:
+    """Stand-in for comfy.sd.CLIP: a word-level tokenizer, 6-token chunks."""
+
+    words = {"a": [1], "rabbit": [2, 3], "cat": [4]}
+
+    def __init__(self):
+        self.tokenizer = type("T", (), {"clip_l": _Tok()})()
+
+    def tokenize(self, text):
+        ids = [i for w in text.replace("(", " ").replace(")", " ").split() for i in self.words.get(w.split(":")[0], [])]
+        chunks, size = [], 4
+        for s in range(0, max(len(ids), 1), size):
+            body = ids[s:s + size]
+            chunk = [100] + body + [101] * (size + 2 - 1 - len(body))
+            chunks.append([(i, 1.0) for i in chunk])
+        return {"l": chunks}
+
+
+def test_asyndm_locate_targets_with_stand_in_tokenizer():
+    clip = _Clip()
+    info = comfy_tokens.locate_targets(clip, "a (rabbit:1.2) a cat cat", "rabbit:0.6, cat, cat#2:0.9")
+    assert info["positions"][0] == [2, 3]  # a word split in two tokens
+    assert info["positions"][1] == [7, 8]  # every appearance, in the second chunk (after its start token)
+    assert info["positions"][2] == [8]
+    assert info["ks"] == [0.6, 0.7, 0.9] and info["context_len"] == 12
+    with pytest.raises(UnknownWordError, match="rab bit"):
+        comfy_tokens.locate_targets(clip, "a rabbit", "cat")
+    assert comfy_tokens.split_occurrence("cat#2") == ("cat", 1)
+    assert comfy_tokens.split_occurrence("C#") == ("C#", -1)
+
+
+def test_asyndm_plots_shapes_and_steps():
+    assert comfy_plots.parse_steps("", 10) == [0, 3, 6, 9]
+    assert comfy_plots.parse_steps("0, -1", 10) == [0, 9]
+    with pytest.raises(ValueError, match="outside"):
+        comfy_plots.parse_steps("10", 10)
+    img = comfy_plots.curves_image([[981, 500, 1], [1000, 800, 2]], 2)
+    assert img.shape == (1, 256, 384, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
+    tmaps = [torch.full((2, 4, 4), v) for v in (900, 500, 100)]
+    masks = [torch.zeros(2, 1, 4, 4) for _ in range(3)]
+    for m in masks:
+        m[:, 0, :2] = 1
+    series = comfy_plots.mean_curves(tmaps, masks, 1)
+    assert series[0] == [900.0, 500.0, 100.0] and series[1] == [900.0, 500.0, 100.0]
+    assert comfy_plots.region_images(masks, [0, 2], 1).shape == (2, 32, 32, 3)
+    assert comfy_plots.timestep_images(tmaps, [1], 0).shape == (1, 32, 32, 3)
+
+
+def test_asyndm_preview_node_plots_theoretical_curves():
+    node = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMCurvePreview"]()
+    (img,) = node.plot(20, "bin", "0.3, 0.9", run=None)
+    assert img.shape == (1, 256, 384, 3)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("workflows/asyndm_*.json")), ids=lambda p: p.name)
+def test_asyndm_workflow_files_are_ui_format(path):
+    wf = json.loads(path.read_text())
+    for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
+        assert key in wf, f"{path.name} lacks {key}"
+    ids = {n["id"] for n in wf["nodes"]}
+    assert max(ids) <= wf["last_node_id"] and max(l[0] for l in wf["links"]) <= wf["last_link_id"]
+    for link in wf["links"]:
+        lid, a, a_slot, b, b_slot, kind = link
+        assert a in ids and b in ids
+        src = next(n for n in wf["nodes"] if n["id"] == a)
+        dst = next(n for n in wf["nodes"] if n["id"] == b)
+        assert lid in src["outputs"][a_slot]["links"] and dst["inputs"][b_slot]["link"] == lid
+        assert src["outputs"][a_slot]["type"] == kind
+    assert any(n["type"] in ("Note", "MarkdownNote") for n in wf["nodes"]), "each workflow explains itself"
+    for n in wf["nodes"]:
+        if n["type"] in asyndm_nodes.NODE_CLASS_MAPPINGS:
+            spec = asyndm_nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()["required"]
+            widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in WIDGET_TYPES]
+            extra = 1 if "seed" in spec else 0  # "control after generate"
+            assert len(n["widgets_values"]) == len(widgets) + extra, n["type"]
