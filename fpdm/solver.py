@@ -152,7 +152,9 @@ def _anderson(f, z0, iterations, tolerance, m, beta, lam):
         G = F_[:, :mk] - X[:, :mk]
         H[:, 1:mk + 1, 1:mk + 1] = torch.bmm(G, G.transpose(1, 2)) + lam * torch.eye(mk, dtype=z0.dtype, device=z0.device)[None]
         alpha = torch.linalg.solve(H[:, :mk + 1, :mk + 1], y[:, :mk + 1])[:, 1:mk + 1, 0]
-        xk = beta * (alpha[:, None] @ F_[:, :mk])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :mk])[:, 0]
+        xk = (alpha[:, None] @ F_[:, :mk])[:, 0]
+        if beta != 1.0:  # damped mixing
+            xk = beta * xk + (1 - beta) * (alpha[:, None] @ X[:, :mk])[:, 0]
         active = (~done).nonzero().flatten().to(z0.device)
         xa = xk[active].reshape((active.numel(),) + tuple(shape[1:]))
         fa = (f(xa, active) if active.numel() < n else f(xa)).reshape(active.numel(), d)
