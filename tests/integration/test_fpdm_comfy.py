@@ -151,3 +151,55 @@ def test_cancel_stops_the_fpdm_sampler(pack_nodes, fpdm_files):
             pack_nodes["FPDMSampler"]().sample(model, pos, neg, _latent(1), 0, 3, 2.0, "ddpm")
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_every_fpdm_node_input_has_a_tooltip(pack_nodes, fpdm_files):
+    for name, cls in pack_nodes.items():
+        if not name.startswith("FPDM"):
+            continue
+        for section in cls.INPUT_TYPES().values():
+            for inp, spec in section.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_allocation_follows_comfyui_steps_one_entry_per_step(comfy_env, pack_nodes, fpdm_files):
+    from asyndm_fpdm.fpdm.solver import allocation_schedule
+
+    model = _load(pack_nodes, fpdm_files["fpdm"])
+    patched = pack_nodes["FPDMSettings"]().patch(model, iterations=4, allocation="increasing")[0]
+    block = patched.model.diffusion_model.dit.block_fixed_point
+    counts, sigmas_seen = [], []
+    hook = block.register_forward_hook(lambda *a: counts.append(1))
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
+    per_step = []
+
+    def cb(step, x0, x, total):
+        per_step.append(len(counts))
+
+    import comfy.sample
+    import comfy.samplers
+
+    try:
+        latent = torch.zeros(1, 4, 8, 8)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        sampler = comfy.samplers.ksampler("euler")
+        sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", 5)
+        comfy.sample.sample_custom(patched, noise, 3.0, sampler, sigmas, pos, neg, latent, callback=cb, seed=0)
+    finally:
+        hook.remove()
+    done = [b - a for a, b in zip([0] + per_step[:-1], per_step)]
+    assert done == allocation_schedule(4, 5, "increasing")  # cond+uncond share one batched call per step
+    assert sum(done) <= 20
+
+
+def test_v_prediction_zero_snr_options(pack_nodes, fpdm_files):
+    import comfy.model_sampling
+
+    model = pack_nodes["FPDMCheckpointLoader"]().load(fpdm_files["fpdm"], num_heads=2, prediction="v",
+                                                       zero_terminal_snr="on")[0]
+    ms = model.get_model_object("model_sampling")
+    assert isinstance(ms, comfy.model_sampling.V_PREDICTION)
+    assert float(ms.sigmas[-1]) > 1000  # zero terminal SNR: alpha_bar(T) ~ 0
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
+    out = pack_nodes["FPDMSampler"]().sample(model, pos, neg, _latent(1), 0, 4, 2.0, "ddpm")[0]["samples"]
+    assert torch.isfinite(out).all()
