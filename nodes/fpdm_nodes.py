@@ -23,7 +23,10 @@ def _register_folder():
 
 
 def _checkpoint_choices():
-    fp = _register_folder()
+    try:
+        fp = _register_folder()
+    except ImportError:  # outside ComfyUI (library use, schema checks): no models folder to list
+        return ["(put FPDM/DiT checkpoints in models/fpdm)"]
     names = list(fp.get_filename_list(FOLDER))
     names += [n for n in fp.get_filename_list("checkpoints") if n not in names]
     return names or ["(put FPDM/DiT checkpoints in models/fpdm)"]

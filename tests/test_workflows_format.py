@@ -170,6 +170,11 @@ def test_our_nodes_slots_and_widget_values_match_definitions(path):
             v = mapped[name]
             kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
             if isinstance(kind, (list, tuple)):
+                if name.endswith("_name"):
+                    # a model-file list (ComfyUI's *_name convention): what is installed differs per
+                    # machine; the real-ComfyUI suite validates these against stand-in files
+                    assert isinstance(v, str) and v, f"{where}: {name} needs a file name"
+                    continue
                 assert v in kind, f"{where}: {name}={v!r} is not one of {list(kind)}"
             elif kind == "INT":
                 assert isinstance(v, int) and not isinstance(v, bool), f"{where}: {name}={v!r} is not an INT"
