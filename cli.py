@@ -4,7 +4,11 @@ Each subcommand lives beside its engine; this file only dispatches, so ``--help`
 """
 
 import argparse
+import os
 import sys
+
+# Before torch loads (the console script enters here): idle OpenMP threads sleep instead of spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv=None) -> int:
