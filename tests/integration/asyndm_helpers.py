@@ -25,7 +25,7 @@ def sampler_node(model, pos, neg, latent, **kw):
     """Run the Asynchronous KSampler node; returns (latent tensor, run info)."""
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
 
-    args = dict(seed=3, steps=10, cfg=2.0, eta=0.0, mode="AsynDM", mask_source="dynamic", curve="bin",
+    args = dict(seed=3, steps=5, cfg=2.0, eta=0.0, mode="AsynDM", mask_source="dynamic", curve="bin",
                 strengths="", mask_threshold=1.0, last_step="timestep 0 (paper)")
     args.update(kw)
     mask = args.pop("mask", None)
@@ -33,13 +33,13 @@ def sampler_node(model, pos, neg, latent, **kw):
     return out["samples"], info
 
 
-def core_ksampler(model, pos, neg, latent, seed=3, steps=10, cfg=2.0, sampler="ddim", scheduler="ddim_uniform"):
+def core_ksampler(model, pos, neg, latent, seed=3, steps=5, cfg=2.0, sampler="ddim", scheduler="ddim_uniform"):
     import nodes
 
     return nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)[0]["samples"]
 
 
-def core_custom_euler_like_paper(model, pos, neg, latent, seed=3, steps=10, cfg=2.0):
+def core_custom_euler_like_paper(model, pos, neg, latent, seed=3, steps=5, cfg=2.0):
     """The core sampler equivalent to the paper's DDIM (eta 0) schedule: Euler on the sigmas of
     the DDIM 'leading' timesteps (981..1 for 50 steps, what ddim_uniform gives) ending at σ(t=0)
     instead of 0, started from pure noise at the first timestep (x = noise·sqrt(1+σ₀²)). Uses the

@@ -23,10 +23,19 @@ TARGETS = "rabbit:0.7, basketball:0.5"
 # Ours (DDIM on per-pixel maps, x0-parametrised through ComfyUI's model call) against core Euler
 # on the same sigmas from the same start: identical math, fp32 rounding only.
 TOL_CORE_EULER = 1e-4
-# Against the core KSampler (ddim, ddim_uniform): same timesteps, but ComfyUI starts from
-# noise·σ₀ (not pure noise ·sqrt(1+σ₀²)) — relative difference sqrt(ᾱ_981)... ≈ 0.26% of the
-# start — and ends on σ 0; with last_step='clean' only the start differs.
+# Against the core KSampler (ddim, ddim_uniform) with last_step='clean': the same timesteps and
+# end (sigma 0), but ComfyUI starts from noise·σ₀ where DDIM starts from pure noise
+# (noise·sqrt(1+σ₀²) in sigma space), a start smaller by sqrt(1-ᾱ_t0) (1.4% at t0=801 for
+# 5 steps, 0.26% at 981 for 50 steps). That is the only difference, so the tolerance is loose:
 TOL_CORE_KSAMPLER_REL = 2e-2
+
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    """As ComfyUI's executor runs nodes."""
+    with torch.inference_mode():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,7 @@ def test_asyndm_constant_map_is_stock_forward_and_embeddings_per_distinct_value(
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_asyndm_empty_mask_equals_vanilla_and_core_samplers(setup, fam):
     model, clip, pos, neg = setup[fam]
-    lat = empty_latent(2)
+    lat = empty_latent(2 if fam == "sd15" else 1)
     empty = torch.zeros(1, 64, 64)
     asyn, info = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=empty)
     vanilla, _ = sampler_node(model, pos, neg, lat, mode="vanilla")
@@ -129,7 +138,7 @@ def test_asyndm_fixed_mask_orders_timesteps_and_every_pixel_runs_the_schedule(se
     region = torch.nn.functional.interpolate(mask[None], size=(8, 8), mode="nearest")[0] > 0.5
     assert len(info.timestep_maps) == steps
     assert (maps[1:] <= maps[:-1]).all()  # never increases
-    assert int(maps[:, 0][:, ~region[0]].max()) == 981 - 0 * 1 or True
+    assert int(maps[0, 0][~region[0]].max()) == 901  # background: DDIM's leading timesteps 901, 801, ...
     assert int(maps[-1].max()) <= 200 and int(maps[-1].min()) >= 1
     for t in maps:
         assert int(t[0][region[0]].min()) >= int(t[0][~region[0]].max())  # region lags
@@ -145,7 +154,7 @@ def test_asyndm_dynamic_and_static_modes_run_and_differ(setup):
     conc, _ = sampler_node(model, pos, neg, lat, mode="DMconcave")
     for a in (dyn, sta, conc):
         assert torch.isfinite(a).all() and float((a - van).abs().max()) > 1e-4
-    assert dinfo.item_maps[0] is not None and len(dinfo.masks) == 10
+    assert dinfo.item_maps[0] is not None and len(dinfo.masks) == 5
     assert all(m is not None and m.shape[1] == 2 for m in dinfo.masks)
     first = [m for m in sinfo.masks]
     assert all(torch.equal(first[0], m) for m in first)  # static: fixed for the whole run
@@ -234,7 +243,7 @@ def test_asyndm_extractor_and_previews(setup):
 
     model, clip, pos, neg = setup["sdxl"]
     lat = empty_latent(2)
-    items, prio, soft, vlat, run = AsynDMMaskExtractor().extract(model, 3, 10, 2.0, "", 1.0, pos, neg, lat)
+    items, prio, soft, vlat, run = AsynDMMaskExtractor().extract(model, 3, 5, 2.0, "", 1.0, pos, neg, lat)
     assert items.shape == (4, 64, 64) and prio.shape == (2, 64, 64) and soft.shape == (4, 64, 64)
     assert set(torch.unique(items).tolist()) <= {0.0, 1.0}
     assert all(min(abs(v - k) for k in (0.0, 0.5, 0.7)) < 1e-6 for v in torch.unique(prio).tolist())
@@ -246,9 +255,9 @@ def test_asyndm_extractor_and_previews(setup):
     assert torch.allclose(via_mask, static, atol=1e-6)
 
     _, info = sampler_node(model, pos, neg, lat)
-    (curves,) = AsynDMCurvePreview().plot(10, "bin", "0.7", run=info)
+    (curves,) = AsynDMCurvePreview().plot(5, "bin", "0.7", run=info)
     (theory,) = AsynDMCurvePreview().plot(20, "exp", "0.3, 0.9")
-    regions, times = AsynDMMaskStepsPreview().preview(info, "0, 5, -1", 1)
+    regions, times = AsynDMMaskStepsPreview().preview(info, "0, 2, -1", 1)
     assert curves.shape[0] == 1 and curves.shape[-1] == 3 and theory.shape == curves.shape
     assert regions.shape == (3, 64, 64, 3) and times.shape == (3, 64, 64, 3)
     assert 0 <= float(regions.min()) and float(regions.max()) <= 1

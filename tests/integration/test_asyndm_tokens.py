@@ -1,8 +1,17 @@
 """Prompt words → token positions on ComfyUI's real CLIP tokenizers (SD1 'l', SD2 'h', SDXL 'g'+'l')."""
 
 import pytest
+import torch
 
 from asyndm_helpers import encode
+
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    """As ComfyUI's executor runs nodes."""
+    with torch.inference_mode():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +37,7 @@ def test_asyndm_tokens_simple_and_weighted(clips, fam, key):
     ids = _ids(clip, "a rabbit playing basketball", key)
     rabbit = _ids(clip, "rabbit", key)[1]
     assert ids[2] == rabbit  # position 0 is the start token
-    weighted = _locate(clip, "a (rabbit:1.3) playing [basketball]", "rabbit, basketball")
+    weighted = _locate(clip, "a (rabbit:1.3) playing (basketball)", "rabbit, basketball")
     assert weighted["positions"] == [[2], [4]] and weighted["ks"] == [0.7, 0.7]
 
 
