@@ -261,3 +261,20 @@ def test_asyndm_extractor_and_previews(setup):
     assert curves.shape[0] == 1 and curves.shape[-1] == 3 and theory.shape == curves.shape
     assert regions.shape == (3, 64, 64, 3) and times.shape == (3, 64, 64, 3)
     assert 0 <= float(regions.min()) and float(regions.max()) <= 1
+
+
+def test_asyndm_cancel_stops_between_steps(setup):
+    import comfy.model_management as mm
+
+    model, clip, pos, neg = setup["sd15"]
+    calls = []
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            AsynDMKSampler().sample(model, 3, 5, 2.0, 0.0, "AsynDM", "dynamic", "bin", "", 1.0,
+                                    "timestep 0 (paper)", pos, neg, empty_latent(1))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not calls
