@@ -174,6 +174,56 @@ def family_for_filename(name: str, default="sd15") -> str:
     return default
 
 
+# ------------------------------------------------------------------ FPDM / DiT checkpoints (the pack's own)
+TINY_FPDM = dict(hidden_size=48, patch_size=2, in_channels=4, num_classes=1000, input_size=8, num_heads=6)
+TINY_FPDM_MODEL_NAME = "DiT-S/2"  # args 'model' → 6 heads, as the loader infers for DiT-S
+
+
+def is_plain_dit_name(name: str) -> bool:
+    low = (name or "").lower()
+    return "dit" in low and "fpdm" not in low and "fixed" not in low
+
+
+def _pack_module(sub, anchor=None):
+    """``<pack>.<sub>`` from the copy of the pack ComfyUI loaded (anchor: one of its classes), else
+    from the ``asyndm_fpdm`` package."""
+    import importlib
+    if anchor is not None and ".nodes." in anchor.__module__:
+        root = anchor.__module__.rsplit(".nodes.", 1)[0]
+        try:
+            return importlib.import_module(f"{root}.{sub}")
+        except ImportError:
+            pass
+    return importlib.import_module(f"asyndm_fpdm.{sub}")
+
+
+def write_tiny_fpdm_checkpoint(path, fixed_point=True, seed=SEED + 3, anchor=None):
+    """Write a train.py-style checkpoint ({'model', 'ema', 'args'}) of a tiny FPDM (or plain DiT when
+    ``fixed_point`` is False) built with the pack's own ``fpdm.model``; 1000 classes, 64 px."""
+    fm = _pack_module("fpdm.model", anchor)
+    DiT, FPDMConfig, init_random_ = fm.DiT, fm.FPDMConfig, fm.init_random_
+    cfg = FPDMConfig(**TINY_FPDM, fixed_point=fixed_point, depth=3, pre_depth=1, post_depth=1)
+    model = init_random_(DiT(cfg), seed).eval()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    args = {"model": TINY_FPDM_MODEL_NAME, "num_classes": cfg.num_classes, "image_size": cfg.input_size * 8,
+            "fixed_point": fixed_point, "fixed_point_pre_depth": 1, "fixed_point_post_depth": 1,
+            "fixed_point_pre_post_timestep_conditioning": False, "predict_v": False,
+            "use_zero_terminal_snr": False}
+    torch.save({"model": sd, "ema": sd, "args": args}, str(path))
+    return path
+
+
+def _fpdm_file_for(ckpt_name):
+    """The file the pack's FPDM loader will open for ``ckpt_name`` (its folder, then checkpoints)."""
+    import folder_paths
+    for key in ("fpdm", "checkpoints"):
+        if key in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(key, ckpt_name)
+            if path:
+                return path
+    return None
+
+
 class StandInRegistry:
     """What ``stand_ins`` patched and every load it answered (for assertions)."""
 
@@ -191,7 +241,9 @@ def stand_ins(family=None):
 
     Patched: CheckpointLoaderSimple, CheckpointLoader, LoraLoader / LoraLoaderModelOnly (return
     clones: a LoRA is a no-op on a stand-in), VAELoader, UNETLoader, CLIPLoader (family from the
-    file name, or ``family`` for all). Yields a ``StandInRegistry`` recording every load.
+    file name, or ``family`` for all), and the pack's FPDMCheckpointLoader (its real loader runs on a
+    tiny FPDM — or plain DiT for ``*DiT*`` names — written over the empty placeholder file).
+    Yields a ``StandInRegistry`` recording every load.
     """
     import nodes
     reg = StandInRegistry(family)
@@ -231,6 +283,24 @@ def stand_ins(family=None):
         fam = reg.family_for(clip_name)
         reg.loads.append(("clip", clip_name, fam))
         return (_cached("clip", fam).clone(),)
+
+    fpdm_loader = nodes.NODE_CLASS_MAPPINGS.get("FPDMCheckpointLoader")
+    if fpdm_loader is not None:
+        fpdm_fn_name = fpdm_loader.FUNCTION
+        fpdm_original = getattr(fpdm_loader, fpdm_fn_name)
+
+        def load_fpdm(self, ckpt_name, *args, **kwargs):
+            # the pack's real loader runs, on a tiny checkpoint written over the harness's empty
+            # placeholder (never over a real file)
+            import os
+            path = _fpdm_file_for(ckpt_name)
+            plain = is_plain_dit_name(ckpt_name)
+            if path and os.path.isfile(path) and os.path.getsize(path) == 0:
+                write_tiny_fpdm_checkpoint(path, fixed_point=not plain, anchor=fpdm_loader)
+            reg.loads.append(("fpdm", ckpt_name, "dit" if plain else "fpdm"))
+            return fpdm_original(self, ckpt_name, *args, **kwargs)
+
+        patch("FPDMCheckpointLoader", fpdm_fn_name, load_fpdm)
 
     patch("CheckpointLoaderSimple", "load_checkpoint", load_checkpoint)
     patch("CheckpointLoader", "load_checkpoint", lambda self, config_name, ckpt_name: load_checkpoint(self, ckpt_name))

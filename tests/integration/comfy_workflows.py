@@ -28,11 +28,10 @@ import types
 import uuid
 from types import SimpleNamespace
 
-# Nodes that live only in the browser: graphToPrompt never sends them to the server.
-FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode", "PrimitiveString",
-                       "PrimitiveInt", "PrimitiveFloat", "PrimitiveBoolean"}
-# Only these are *virtual* in the frontend (the last four above are real core nodes in 0.3.6x).
+# Nodes that live only in the browser (virtual nodes): graphToPrompt never sends them to the server.
+# (PrimitiveInt/PrimitiveString/... are different: real core nodes of comfy_extras/nodes_primitive.py.)
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+FRONTEND_ONLY_NODES = VIRTUAL_NODES
 # Values of the extra "control after generate" widget the frontend adds after seed-like widgets.
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 SEED_NAMES = {"seed", "noise_seed"}
@@ -126,6 +125,12 @@ def bootstrap_comfyui(path, work_dir) -> SimpleNamespace:
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     _STATE.torchvision_stand_in = install_torchvision_stand_in_if_needed()
+    # Tiny models gain nothing from intra-op threads, and on shared CI cores oversubscribed OpenMP
+    # threads make each step 10-50x slower. COMFYUI_TEST_THREADS overrides (0 = torch's default).
+    import torch
+    threads = int(os.environ.get("COMFYUI_TEST_THREADS", "1") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     # main.py imports its own ``utils`` package first; do the same before anything can shadow it.
     import utils.install_util  # noqa: F401
@@ -143,6 +148,7 @@ def bootstrap_comfyui(path, work_dir) -> SimpleNamespace:
     folder_paths.set_temp_directory(str(work_dir / "temp"))
     folder_paths.set_user_directory(str(work_dir / "user"))
     models = work_dir / "models"
+    folder_paths.models_dir = str(models)  # folders a pack registers later land here too
     for key, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
         if key in MODEL_FOLDERS_SKIPPED:
             continue
@@ -411,6 +417,14 @@ def ensure_files_for(api_prompt: dict, image_size=(64, 64)) -> list[str]:
     placeholder model fails loudly — use ``comfy_tiny.stand_ins()`` to execute such workflows.
     """
     import folder_paths
+    import nodes
+    for node in api_prompt.values():  # INPUT_TYPES may register a pack's model folder lazily
+        cls = nodes.NODE_CLASS_MAPPINGS.get(node.get("class_type"))
+        if cls is not None:
+            try:
+                cls.INPUT_TYPES()
+            except Exception:
+                pass  # validation reports it
     created = []
     model_exts = tuple(folder_paths.supported_pt_extensions)
     for node in api_prompt.values():
@@ -519,17 +533,39 @@ def _unwrap(slot_values):
     return slot_values
 
 
-def run_workflow(workflow, outputs=None, node_classes=None, validate=True, extra_data=None) -> SimpleNamespace:
+SHRINK_INPUTS = ("width", "height")
+
+
+def shrink_prompt(api_prompt: dict, size=64, batch_size=None) -> dict:
+    """Cap every ``width``/``height`` widget value at ``size`` (and ``batch_size`` if given), in
+    place: shipped workflows ask for 512–1024 px, the tiny stand-ins only need a few latent pixels.
+    Returns the prompt."""
+    for node in api_prompt.values():
+        inputs = node.get("inputs", {})
+        for key in SHRINK_INPUTS:
+            value = inputs.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > size:
+                inputs[key] = size
+        if batch_size is not None and isinstance(inputs.get("batch_size"), int) and inputs["batch_size"] > batch_size:
+            inputs["batch_size"] = batch_size
+    return api_prompt
+
+
+def run_workflow(workflow, outputs=None, node_classes=None, validate=True, extra_data=None,
+                 shrink=None) -> SimpleNamespace:
     """Validate and execute a workflow (path, UI dict or API dict) through ComfyUI's PromptExecutor.
 
     ``outputs``: node ids to execute (with their inputs); default: every valid output node.
     Returns a namespace with ``outputs`` {node_id: tuple of that node's output values} for every
     node that executed (list outputs stay lists), ``ui`` {node_id: ui dict} (e.g. SaveImage's
     images), ``prompt`` (the API prompt), ``messages`` (server events) and ``executor``.
+    ``shrink``: an image size (e.g. 64) passed to ``shrink_prompt`` before validation.
     Raises AssertionError with ComfyUI's own messages when validation or execution fails.
     """
     import execution
     prompt = to_api_prompt(workflow, node_classes)
+    if shrink:
+        shrink_prompt(prompt, size=shrink)
     ensure_files_for(prompt)
     targets = [str(o) for o in outputs] if outputs is not None else None
     if validate:

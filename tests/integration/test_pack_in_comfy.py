@@ -94,6 +94,22 @@ def test_workflow_validates_in_comfyui(comfy_env, pack_nodes, workflow):
     assert not result.node_errors
 
 
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_executes_on_tiny_stand_ins(comfy_env, pack_nodes, stand_ins, workflow):
+    """The shipped graph runs end to end in ComfyUI's executor (tiny models, 64 px)."""
+    import torch
+    result = cw.run_workflow(workflow, shrink=64)
+    classes = comfy_env.nodes.NODE_CLASS_MAPPINGS
+    outputs = [k for k, v in result.prompt.items() if getattr(classes[v["class_type"]], "OUTPUT_NODE", False)]
+    assert outputs and all(k in result.outputs for k in outputs), "not every output node executed"
+    used = {v["class_type"] for v in result.prompt.values()}
+    assert used & set(pack_nodes), f"{workflow.name} uses none of the pack's nodes"
+    for node_id, values in result.outputs.items():
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                assert bool(value.isfinite().all()), f"node {node_id} produced non-finite values"
+
+
 # ---------------------------------------------------------------- the harness itself
 def _core_ui_workflow(ckpt="v1-5-pruned-emaonly.safetensors"):
     """A UI-format core txt2img graph with the frontend's quirks: a Note, a Reroute, a PrimitiveNode
