@@ -271,6 +271,12 @@ def _apply_model_wrapper(ctx: PixelContext):
     def wrapper(executor, x, t, *args, **kwargs):
         if not ctx.active:
             return executor(x, t, *args, **kwargs)
+        if tuple(x.shape[-2:]) != tuple(ctx.sigma_map.shape[-2:]):
+            raise UnsupportedModelError(
+                f"AsynDM got a {tuple(x.shape[-2:])} crop of the {tuple(ctx.sigma_map.shape[-2:])} latent: area "
+                "conditioning (Conditioning Set Area, or Set Mask with set_cond_area 'mask bounds') crops the latent "
+                "and is not supported. Use Conditioning (Set Mask) with set_cond_area 'default' instead."
+            )
         sampling = executor.class_obj.model_sampling
         sd2 = sampling.sigma_data**2
         sigma_pix = ctx.tiled(ctx.sigma_map.to(x.device, torch.float32), x.shape[0])[:, None]

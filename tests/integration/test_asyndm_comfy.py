@@ -267,7 +267,6 @@ def test_asyndm_cancel_stops_between_steps(setup):
     import comfy.model_management as mm
 
     model, clip, pos, neg = setup["sd15"]
-    calls = []
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
 
     mm.interrupt_current_processing(True)
@@ -277,4 +276,14 @@ def test_asyndm_cancel_stops_between_steps(setup):
                                     "timestep 0 (paper)", pos, neg, empty_latent(1))
     finally:
         mm.interrupt_current_processing(False)
-    assert not calls
+
+
+def test_asyndm_area_conditioning_is_refused_clearly(setup):
+    import nodes
+
+    from asyndm_fpdm.samplers.backends.comfy_unet import UnsupportedModelError
+
+    model, clip, pos, neg = setup["sd15"]
+    area = nodes.ConditioningSetArea().append(pos, 32, 32, 0, 0, 1.0)[0]
+    with pytest.raises(UnsupportedModelError, match="area conditioning"):
+        sampler_node(model, area, neg, empty_latent(1))
