@@ -225,6 +225,12 @@ def asyndm_sample(
             with ctx.call(t, s, capture):
                 x0 = model_k(x_ve, s.flatten(1).amin(dim=1), **extra_args)
                 maps = ctx.item_maps()
+            if ctx.capture and maps is None:
+                raise RuntimeError(
+                    "AsynDM captured no cross-attention of the positive prompt in this step (another patch may "
+                    "bypass the UNet's cross-attention, or the positive was not part of the model call). "
+                    "Use mask source 'mask input' instead of 'dynamic'/'static' with this model."
+                )
             return x0, maps
 
         def step_callback(i, x_i, x0, t):
