@@ -287,3 +287,13 @@ def test_asyndm_area_conditioning_is_refused_clearly(setup):
     area = nodes.ConditioningSetArea().append(pos, 32, 32, 0, 0, 1.0)[0]
     with pytest.raises(UnsupportedModelError, match="area conditioning"):
         sampler_node(model, area, neg, empty_latent(1))
+
+
+@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+def test_asyndm_odd_latent_sizes(setup, fam):
+    """Strided timestep maps and attention grids follow the UNet's ceil-sized feature maps."""
+    model, clip, pos, neg = setup[fam]
+    lat = {"samples": torch.zeros(1, 4, 9, 7)}
+    out, info = sampler_node(model, pos, neg, lat, steps=3)
+    assert out.shape == (1, 4, 9, 7) and torch.isfinite(out).all()
+    assert info.masks[-1].shape[-2:] == (9, 7)
