@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
-        if HERE in pathlib.Path(str(item.fspath)).resolve().parents:
+        if HERE in pathlib.Path(str(getattr(item, "path", item.fspath))).resolve().parents:
             item.add_marker(skip)
 
 

@@ -15,10 +15,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 PACK_NODE_NAMES = sorted(asyndm_fpdm.NODE_CLASS_MAPPINGS)
 CATEGORY_ROOT = "AsynDM & FPDM"
-# comfy_extras files that need optional packages (torchaudio, spandrel → torchvision) a CPU test
-# machine may lack. Anything else failing to import means the environment is broken.
+# comfy_extras files that need optional packages a CPU test machine may lack: torchaudio (audio),
+# spandrel (needs torchvision), kornia (canny, morphology). Anything else failing to import means a
+# required package is missing (README: integration tests).
 OPTIONAL_EXTRAS = {"nodes_audio.py", "nodes_audio_encoder.py", "nodes_upscale_model.py",
-                   "nodes_canny.py", "nodes_morphology.py", "nodes_video.py", "nodes_images.py"}
+                   "nodes_canny.py", "nodes_morphology.py"}
 
 
 # ---------------------------------------------------------------- ComfyUI itself
@@ -37,6 +38,9 @@ def test_pack_loads_through_comfyui_custom_node_loader(comfy_env, pack_load):
     assert pack_load.ok, "nodes.load_custom_node reported an import failure:\n" + "\n".join(pack_load.log)
     assert pack_load.module is not None
     assert not [m for m in pack_load.log if "Cannot import" in m or "Traceback" in m], pack_load.log
+    import importlib.util
+    if importlib.util.find_spec("pydantic_settings") is not None:  # ComfyUI reads [tool.comfy] with it
+        assert not [m for m in pack_load.log if "pyproject.toml" in m], pack_load.log
     # loaded from a folder named as a git clone names it (hyphens), not as the package asyndm_fpdm
     assert pack_load.module_name == "ComfyUI-AsynDM-FPDM"
     assert pack_load.module.__name__ != "asyndm_fpdm"
@@ -161,6 +165,32 @@ def test_ui_to_api_conversion_matches_the_frontend(comfy_env):
     assert api["8"]["inputs"]["samples"] == ["3", 0]  # through the Reroute
     assert api["5"]["inputs"] == {"width": 64, "height": 64, "batch_size": 1}
     assert cw.validate_prompt(api).ok
+
+
+def test_ui_to_api_conversion_handles_bypassed_and_muted_nodes(comfy_env):
+    ui = _core_ui_workflow()
+    # a bypassed LatentUpscaleBy between EmptyLatentImage and KSampler, and a muted second SaveImage
+    ui["nodes"].append({"id": 13, "type": "LatentUpscaleBy", "mode": 4,
+                        "inputs": [{"name": "samples", "type": "LATENT", "link": 12}],
+                        "outputs": [{"name": "LATENT", "type": "LATENT", "links": [6]}],
+                        "widgets_values": ["nearest-exact", 1.5]})
+    ui["nodes"].append({"id": 14, "type": "SaveImage", "mode": 2,
+                        "inputs": [{"name": "images", "type": "IMAGE", "link": 13}], "outputs": [],
+                        "widgets_values": ["muted"]})
+    ui["links"] = [link for link in ui["links"] if link[0] != 6]
+    ui["links"] += [[12, 5, 0, 13, 0, "LATENT"], [6, 13, 0, 3, 3, "LATENT"], [13, 8, 0, 14, 0, "IMAGE"]]
+    api = cw.ui_to_api_prompt(ui)
+    assert "13" not in api and "14" not in api
+    assert api["3"]["inputs"]["latent_image"] == ["5", 0]
+
+
+def test_widget_values_map_in_input_order(comfy_env):
+    ks = comfy_env.nodes.NODE_CLASS_MAPPINGS["KSampler"]
+    assert [n for n, _ in cw.widget_inputs(ks)] == ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"]
+    mapped = cw.map_widget_values(ks, [7, "randomize", 5, 1.5, "ddim", "karras", 0.5])
+    assert mapped == {"seed": 7, "steps": 5, "cfg": 1.5, "sampler_name": "ddim", "scheduler": "karras", "denoise": 0.5}
+    load_image = comfy_env.nodes.NODE_CLASS_MAPPINGS["LoadImage"]
+    assert cw.map_widget_values(load_image, ["example.png", "image"]) == {"image": "example.png"}
 
 
 def test_validation_rejects_bad_widget_values(comfy_env):
