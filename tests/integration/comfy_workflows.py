@@ -460,8 +460,17 @@ def ensure_files_for(api_prompt: dict, image_size=(64, 64)) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # validation and execution
 # ----------------------------------------------------------------------------------------------
+class _Routes:
+    """Accepts ``@PromptServer.instance.routes.get(...)`` decorators that packs use at import time."""
+
+    def __getattr__(self, method):
+        def register(*args, **kwargs):
+            return lambda handler: handler
+        return register
+
+
 class DummyServer:
-    """What PromptExecutor needs from server.PromptServer; records every message."""
+    """What PromptExecutor (and nodes using ``PromptServer.instance``) need; records every message."""
 
     def __init__(self):
         self.client_id = None
@@ -469,6 +478,7 @@ class DummyServer:
         self.last_prompt_id = None
         self.sockets_metadata = {}
         self.messages = []
+        self.routes = _Routes()
 
     def send_sync(self, event, data, sid=None):
         self.messages.append((event, data))
@@ -527,6 +537,37 @@ def format_node_errors(node_errors) -> str:
     return "\n".join(lines)
 
 
+def _progress_hook(server):
+    """main.py's progress hook, minus the websocket: honours interrupts, records ("progress", {...})."""
+    import comfy.model_management
+    try:
+        from comfy_execution.utils import get_executing_context
+        from comfy_execution.progress import get_progress_state
+    except ImportError:  # older ComfyUI
+        get_executing_context = get_progress_state = None
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        ctx = get_executing_context() if get_executing_context else None
+        if prompt_id is None and ctx is not None:
+            prompt_id = ctx.prompt_id
+        if node_id is None and ctx is not None:
+            node_id = ctx.node_id
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        prompt_id = prompt_id or server.last_prompt_id
+        node_id = node_id or server.last_node_id
+        if get_progress_state is not None:
+            get_progress_state().update_progress(node_id, value, total, preview_image)
+        server.messages.append(("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id}))
+
+    return hook
+
+
+def progress_events(result, node_id=None) -> list:
+    """The ("progress") events of a ``run_workflow`` result, optionally for one node: [(value, max)]."""
+    return [(d["value"], d["max"]) for ev, d in result.messages
+            if ev == "progress" and (node_id is None or str(d.get("node")) == str(node_id))]
+
+
 def _unwrap(slot_values):
     if isinstance(slot_values, list) and len(slot_values) == 1:
         return slot_values[0]
@@ -558,7 +599,8 @@ def run_workflow(workflow, outputs=None, node_classes=None, validate=True, extra
     ``outputs``: node ids to execute (with their inputs); default: every valid output node.
     Returns a namespace with ``outputs`` {node_id: tuple of that node's output values} for every
     node that executed (list outputs stay lists), ``ui`` {node_id: ui dict} (e.g. SaveImage's
-    images), ``prompt`` (the API prompt), ``messages`` (server events) and ``executor``.
+    images), ``prompt`` (the API prompt), ``messages`` (server events, including ("progress",
+    {value, max, node}) from ProgressBar — see ``progress_events``) and ``executor``.
     ``shrink``: an image size (e.g. 64) passed to ``shrink_prompt`` before validation.
     Raises AssertionError with ComfyUI's own messages when validation or execution fails.
     """
@@ -581,7 +623,14 @@ def run_workflow(workflow, outputs=None, node_classes=None, validate=True, extra
     server = DummyServer()
     executor = execution.PromptExecutor(server, cache_type=False)
     prompt_id = str(uuid.uuid4())
-    executor.execute(prompt, prompt_id, extra_data or {}, targets)
+    server.last_prompt_id = prompt_id
+    import comfy.utils
+    previous_hook = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
+    try:
+        executor.execute(prompt, prompt_id, extra_data or {}, targets)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous_hook)
     if not executor.success:
         errs = [d for ev, d in executor.status_messages if ev == "execution_error"]
         if errs:

@@ -216,6 +216,7 @@ def test_core_workflow_runs_on_tiny_stand_ins(comfy_env, stand_ins, ckpt, family
     assert tuple(image.shape) == (1, 64, 64, 3)
     latent = result.outputs["3"][0]["samples"]
     assert tuple(latent.shape) == (1, 4, 8, 8) and bool(latent.isfinite().all())
+    assert cw.progress_events(result, "3")[-1] == (3, 3)  # KSampler's ProgressBar, via the hook
     saved = result.ui["9"]["images"]
     assert len(saved) == 1
     assert (pathlib.Path(comfy_env.folder_paths.get_output_directory()) / saved[0]["filename"]).is_file()
