@@ -45,29 +45,43 @@ _STATE = SimpleNamespace(bootstrapped=False, path=None, work_dir=None, torchvisi
 # ----------------------------------------------------------------------------------------------
 # torchvision stand-in (test process only)
 # ----------------------------------------------------------------------------------------------
-class _UnavailableModule(types.ModuleType):
-    """A module whose every attribute is a callable that raises: importing works, using does not."""
+def _unavailable_error(name):
+    return RuntimeError(
+        f"{name} is not available: torchvision could not be imported in this test process, so the "
+        "integration harness gave ComfyUI an import-only stand-in (see tests/integration/conftest.py)")
+
+
+class _Unavailable:
+    """Any attribute chain works (``torchvision.transforms.InterpolationMode.BICUBIC``); calling raises."""
+
+    def __init__(self, name):
+        self._name = name
 
     def __getattr__(self, attr):
         if attr.startswith("__"):
             raise AttributeError(attr)
-        name = f"{self.__name__}.{attr}"
+        return _Unavailable(f"{self._name}.{attr}")
 
-        def unavailable(*args, **kwargs):
-            raise RuntimeError(
-                f"{name} is not available: torchvision could not be imported in this test process, so "
-                "the integration harness installed an import-only stand-in (see tests/integration/conftest.py)")
+    def __call__(self, *args, **kwargs):
+        raise _unavailable_error(self._name)
 
-        unavailable.__name__ = attr
-        unavailable.__qualname__ = name
-        return unavailable
+    def __repr__(self):
+        return f"<stand-in {self._name}>"
+
+
+class _UnavailableModule(types.ModuleType):
+    """A module whose every attribute is an ``_Unavailable``: importing works, using does not."""
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Unavailable(f"{self.__name__}.{attr}")
 
 
 class _StandInLoader(importlib.abc.Loader):
     def create_module(self, spec):
         module = _UnavailableModule(spec.name)
         module.__path__ = []
-        module.__version__ = "0.0.0+stand-in"
         module.IS_STAND_IN = True
         return module
 
@@ -75,35 +89,80 @@ class _StandInLoader(importlib.abc.Loader):
         pass
 
 
+def _importer_file():
+    """File of the code running the import statement (skipping importlib's own frames)."""
+    frame = sys._getframe(2)
+    importlib_dir = os.path.dirname(importlib.__file__)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith("<frozen") or name.startswith(importlib_dir) or name == __file__):
+            return name
+        frame = frame.f_back
+    return ""
+
+
 class _StandInFinder(importlib.abc.MetaPathFinder):
-    def __init__(self, top):
+    """Serves the stand-in only to imports written in ComfyUI's own files. Anything else probing for
+    the package (transformers' and diffusers' ``find_spec`` availability checks) sees it missing."""
+
+    def __init__(self, top, comfy_root):
         self.top = top
+        self.comfy_root = os.path.abspath(comfy_root) + os.sep
 
     def find_spec(self, name, path, target=None):
         if name == self.top or name.startswith(self.top + "."):
-            return importlib.machinery.ModuleSpec(name, _StandInLoader(), is_package=True)
+            if os.path.abspath(_importer_file()).startswith(self.comfy_root):
+                return importlib.machinery.ModuleSpec(name, _StandInLoader(), is_package=True)
         return None
 
 
-def install_torchvision_stand_in_if_needed() -> bool:
-    """If ``import torchvision`` fails, make it (and its submodules) importable as inert stand-ins.
+def install_torchvision_stand_in_if_needed(comfy_root) -> bool:
+    """If ``import torchvision`` fails, let ComfyUI's files import it (and its submodules) as inert
+    stand-ins.
 
     ComfyUI 0.3.x imports torchvision at start-up (``comfy.sd`` → Stable Cascade's coder, Cosmos,
     ACE) but uses it only when those models run. On machines where no torchvision build matches the
     installed torch (e.g. the CPU torch 2.13 wheel) the real import raises; the stand-in lets
-    ComfyUI start while any *use* of torchvision raises a clear RuntimeError. It lives only in the
-    test process. Returns True when the stand-in was installed.
+    ComfyUI start while any *use* of torchvision raises a clear RuntimeError. It exists only in the
+    test process, is served only to imports in ComfyUI's files, and is removed from ``sys.modules``
+    once ComfyUI has started (``hide_stand_ins``) so that other libraries still see no torchvision.
+    Returns True when the stand-in was installed.
     """
+    if any(isinstance(f, _StandInFinder) for f in sys.meta_path):
+        return True
     try:
         import torchvision  # noqa: F401
         return False
     except Exception as exc:  # ModuleNotFoundError, or RuntimeError from a mismatched build
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
-        sys.meta_path.insert(0, _StandInFinder("torchvision"))
-        logging.getLogger(__name__).warning("torchvision unusable (%s: %s); using an import-only stand-in",
+        _settle_availability_checks("torchvision")
+        sys.meta_path.insert(0, _StandInFinder("torchvision", comfy_root))
+        logging.getLogger(__name__).warning("torchvision unusable (%s: %s); ComfyUI gets an import-only stand-in",
                                             type(exc).__name__, exc)
         return True
+
+
+def _settle_availability_checks(package):
+    """transformers caches ``is_torchvision_available()`` (lru_cache) the first time it is asked, and
+    ComfyUI imports transformers while the stand-in sits in sys.modules: ask now, while the true
+    answer (not available) is what it sees."""
+    try:
+        import transformers.utils.import_utils as tiu
+    except Exception:
+        return
+    for name in dir(tiu):
+        if name.startswith(f"is_{package}") and callable(getattr(tiu, name)):
+            try:
+                getattr(tiu, name)()
+            except Exception:
+                pass
+
+
+def hide_stand_ins():
+    """Drop stand-in modules from sys.modules (modules that imported them keep their reference)."""
+    for name in [n for n, m in list(sys.modules.items()) if isinstance(m, _UnavailableModule)]:
+        del sys.modules[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +183,7 @@ def bootstrap_comfyui(path, work_dir) -> SimpleNamespace:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-    _STATE.torchvision_stand_in = install_torchvision_stand_in_if_needed()
+    _STATE.torchvision_stand_in = install_torchvision_stand_in_if_needed(path)
     # Tiny models gain nothing from intra-op threads, and on shared CI cores oversubscribed OpenMP
     # threads make each step 10-50x slower. COMFYUI_TEST_THREADS overrides (0 = torch's default).
     import torch
@@ -175,6 +234,7 @@ def bootstrap_comfyui(path, work_dir) -> SimpleNamespace:
     except Exception as exc:  # server.py needs aiohttp; nodes that talk to the UI would fail anyway
         logging.getLogger(__name__).warning("server.PromptServer unavailable: %s", exc)
 
+    hide_stand_ins()
     _STATE.bootstrapped = True
     _STATE.path = path
     _STATE.work_dir = work_dir

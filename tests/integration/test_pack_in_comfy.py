@@ -33,6 +33,23 @@ def test_comfyui_started_with_core_and_extra_nodes(comfy_env):
     assert comfy_env.folder_paths.get_output_directory().startswith(str(comfy_env.work_dir))
 
 
+def test_torchvision_is_real_or_a_stand_in_only_comfyui_sees(comfy_env):
+    import importlib.util
+    import comfy.ldm.cascade.stage_c_coder as coder  # does `import torchvision` at module level
+    if not comfy_env.torchvision_stand_in:
+        assert not isinstance(coder.torchvision, cw._UnavailableModule)
+        return
+    assert isinstance(coder.torchvision, cw._UnavailableModule)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        coder.torchvision.models.efficientnet_v2_s(weights=None)
+    # invisible to everyone else: availability probes and imports outside ComfyUI's files
+    assert importlib.util.find_spec("torchvision") is None
+    with pytest.raises(ImportError):
+        import torchvision  # noqa: F401
+    from transformers.utils import import_utils
+    assert not import_utils.is_torchvision_available()
+
+
 # ---------------------------------------------------------------- loading the pack
 def test_pack_loads_through_comfyui_custom_node_loader(comfy_env, pack_load):
     assert pack_load.ok, "nodes.load_custom_node reported an import failure:\n" + "\n".join(pack_load.log)
