@@ -93,6 +93,15 @@ def test_node_registered_with_inputs_and_outputs(comfy_env, pack_nodes, node_nam
     assert cls.CATEGORY.split("/")[0] == CATEGORY_ROOT
     assert comfy_env.nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node_name), f"{node_name} has no display name"
     assert cls.RETURN_TYPES or getattr(cls, "OUTPUT_NODE", False), f"{node_name} has no outputs and is no output node"
+    # what /object_info sends the frontend (server.py's node_info) must be JSON: otherwise ComfyUI
+    # logs an error and the node silently disappears from the node library
+    import json
+    info = {"input": types_, "input_order": {k: list(v) for k, v in types_.items()},
+            "output": cls.RETURN_TYPES, "output_name": getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES),
+            "output_is_list": getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES)),
+            "output_tooltips": getattr(cls, "OUTPUT_TOOLTIPS", None), "description": getattr(cls, "DESCRIPTION", ""),
+            "category": cls.CATEGORY, "output_node": bool(getattr(cls, "OUTPUT_NODE", False))}
+    json.dumps(info)
 
 
 # ---------------------------------------------------------------- shipped workflows
