@@ -17,8 +17,15 @@ Fixtures (session-scoped; other test files build on these names):
 - ``tiny_models`` ``comfy_tiny`` module (tiny SD1.5 / SD2.x v-pred / SDXL stand-ins), after comfy_env.
 - ``stand_ins``   function-scoped: inside the test, core loader nodes (CheckpointLoaderSimple,
                   LoraLoader, VAELoader, ...) return tiny models for any file name.
-- ``run_workflow``/``validate_prompt``/``ui_to_api_prompt``: the helpers of ``comfy_workflows``
-                  (import them directly: ``from comfy_workflows import run_workflow``).
+Helpers are plain functions (``from comfy_workflows import run_workflow``):
+``comfy_workflows.run_workflow(path_or_dict, outputs=None, shrink=None)`` → ``.outputs`` {node id:
+tuple of output values}, ``.ui``, ``.prompt``, ``.messages``; ``progress_events(result, node_id)``;
+``validate_prompt(api, outputs=None)``; ``ui_to_api_prompt(ui)``; ``load_ui_workflow(path)``;
+``shrink_prompt(api, size=64)``. ``comfy_tiny.tiny_model/tiny_clip/tiny_vae/tiny_checkpoint(family)``
+with families sd15, sd20, sd21v (v-prediction), sdxl; ``comfy_tiny.stand_ins()``.
+
+Threads: the harness sets ``torch.set_num_threads(1)`` (tiny models; shared CI cores make
+oversubscribed OpenMP threads 10-50x slower); ``COMFYUI_TEST_THREADS=N`` overrides, 0 keeps torch's.
 
 torchvision: ComfyUI 0.3.x imports torchvision at start-up (``comfy.sd`` imports Stable Cascade's
 coder, Cosmos and ACE modules) but uses it only when those models run. Where ``import torchvision``
