@@ -27,6 +27,7 @@ import torch
 from .backends.comfy_unet import PixelContext, patch_model, sigma_table
 from .loop import sample as loop_sample
 from .schedule import AsyncSchedule, ddim_leading_timesteps
+from .tokens import parse_strength
 
 MODE_NAMES = {"AsynDM": "asyn", "DMconcave": "concave", "vanilla": "vanilla"}
 MASK_NAMES = {"dynamic": "dynamic", "static": "static", "mask input": "external"}
@@ -71,18 +72,7 @@ def targets_of(conditioning) -> Optional[Targets]:
 
 def parse_ks(text: str) -> List[float]:
     """``"0.7, 0.5"`` → [0.7, 0.5]; blank → []."""
-    out = []
-    for part in (p.strip() for p in (text or "").split(",")):
-        if not part:
-            continue
-        try:
-            k = float(part)
-        except ValueError:
-            raise ValueError(f"strengths: {part!r} is not a number; write e.g. '0.7' or '0.7, 0.5'") from None
-        if not 0 <= k <= 1:
-            raise ValueError(f"strengths: {k} is outside 0..1")
-        out.append(k)
-    return out
+    return [parse_strength(p, "strengths") for p in (text or "").split(",") if p.strip()]
 
 
 def resolve_ks(targets: Optional[Targets], override: Sequence[float], n_needed: Optional[int] = None) -> List[float]:

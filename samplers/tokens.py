@@ -11,6 +11,17 @@ class UnknownWordError(ValueError):
     pass
 
 
+def parse_strength(text, where: str) -> float:
+    """One strength k in [0, 1] from text; ``where`` names it in the error."""
+    try:
+        k = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: {str(text).strip()!r} is not a number; write a strength such as 0.7") from None
+    if not 0 <= k <= 1:
+        raise ValueError(f"{where}: the strength k={k} must be between 0 and 1")
+    return k
+
+
 def parse_targets(text: str, default_k: float = 0.7) -> List[Tuple[str, float]]:
     """``"rabbit:0.7, basketball"`` → [("rabbit", 0.7), ("basketball", default_k)]."""
     targets = []
@@ -20,13 +31,7 @@ def parse_targets(text: str, default_k: float = 0.7) -> List[Tuple[str, float]]:
         word, sep, k = part.rpartition(":")
         if not sep:
             word, k = part, default_k
-        try:
-            k = float(k)
-        except ValueError:
-            raise ValueError(f"target {part!r}: the strength after ':' must be a number, e.g. 'rabbit:0.7'") from None
-        if not 0 <= k <= 1:
-            raise ValueError(f"target {part!r}: the strength k must be between 0 and 1")
-        targets.append((word.strip(), k))
+        targets.append((word.strip(), parse_strength(k, f"target {part!r}")))
     return targets
 
 
