@@ -18,7 +18,7 @@ def parse_strength(text, where: str) -> float:
     except ValueError:
         raise ValueError(f"{where}: {str(text).strip()!r} is not a number; write a strength such as 0.7") from None
     if not 0 <= k <= 1:
-        raise ValueError(f"{where}: the strength k={k} must be between 0 and 1")
+        raise ValueError(f"{where}: k={k} is outside 0..1: a strength must be between 0 and 1")
     return k
 
 
