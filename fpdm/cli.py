@@ -63,6 +63,7 @@ def load_vae(path: str, device="cpu"):
 def run(args) -> int:
     import torch
 
+    from ..seeding import seeded_noise
     from .classes import imagenet_classes, parse_classes
     from .loading import CheckpointError, load_fpdm
     from .pipeline import SampleOptions, generate
@@ -78,8 +79,7 @@ def run(args) -> int:
     if bad:
         raise SystemExit(f"error: classes {bad} are outside 0..{model.config.num_classes - 1}")
     size = (args.image_size or model.config.input_size * 8) // 8
-    noise = torch.stack([torch.randn(model.config.in_channels, size, size, generator=torch.Generator().manual_seed(args.seed + i))
-                         for i in range(len(labels))]).to(args.device)
+    noise = seeded_noise(args.seed, (len(labels), model.config.in_channels, size, size)).to(args.device)
     settings = SolverSettings(iterations=args.iterations, reuse=args.reuse, allocation=args.allocation,
                               tolerance=args.tolerance, anderson=args.anderson,
                               reference_double_count=args.reference_double_count)

@@ -13,19 +13,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..seeding import image_generators, per_image_randn
 from .backends.diffusers_unet import DiffusersDenoiser
 from .loop import SampleResult, extract_static_masks, sample
 from .schedule import AsyncSchedule
 from .tokens import locate_word
-
-
-def image_generators(seed: int, batch: int, device="cpu") -> List[torch.Generator]:
-    """One generator per image, seeded seed + i: image i never depends on the batch size."""
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(batch)]
-
-
-def per_image_randn(generators, shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generators])
 
 
 def token_positions(tokenizer, prompt: str, word: str, occurrence: int = 0) -> List[int]:

@@ -128,6 +128,7 @@ def _run(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from ..seeding import seeded_noise
     from .api import asyn_generate, token_positions
     from .images import chosen_steps, grid, map_to_pil, to_pil
     from .tokens import UnknownWordError
@@ -179,8 +180,7 @@ def _run(args) -> int:
         uncond = encode([args.negative] * args.batch_size)
         seed = args.seed + (idx % args.num_batches) * args.batch_size  # the reference's per-prompt seeds
         shape = (args.batch_size, pipe.unet.config.in_channels, latent_size, latent_size)
-        gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(args.batch_size)]
-        latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device) for g in gens]).to(dtype)
+        latents = seeded_noise(seed, shape, device).to(dtype)
         images, results = {}, {}
         for mode in modes:
             bar = tqdm(total=args.steps, desc=mode, leave=False)
