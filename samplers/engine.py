@@ -1,0 +1,57 @@
+"""One asynchronous run, for every front end (Python API, CLI, ComfyUI's KSAMPLER and SAMPLER).
+
+A backend supplies ``model_fn(x, sigma_map, capture, **extra) -> (denoised, item_maps)``;
+``plan_model`` turns it into the plain ``model(x, sigma, **extra) -> denoised`` that the
+per-pixel samplers call, asking for attention only on the first evaluation of a step where the
+plan wants it. ``static_prepass`` is the paper's static mode: one vanilla run that records the
+items' attention at every step, averaged into fixed masks.
+"""
+
+import inspect
+from typing import Callable, Optional
+
+import torch
+
+from .masks import build_item_masks
+from .pixel_samplers import get_sampler
+
+
+def plan_model(model_fn: Callable, plan):
+    def model(x, sigma, **extra):
+        capture = plan.capture_pending
+        denoised, maps = model_fn(x, sigma, capture, **extra)
+        if capture:
+            plan.observe(maps)
+        return denoised
+
+    return model
+
+
+def initial_latent(plan, noise, latent=None, noise_scaling=None):
+    """x at the first step, per pixel: pure noise at each pixel's own first sigma (txt2img, the
+    paper's start) or the latent noised to the first sigma (img2img)."""
+    latent = torch.zeros_like(noise) if latent is None else latent
+    scaling = noise_scaling or plan.schedule.noise_scaling
+    max_denoise = plan.from_noise and not plan.schedule.flow
+    return scaling(plan.initial_sigma().to(noise.dtype), noise, latent, max_denoise)
+
+
+def run(model_fn: Callable, x: torch.Tensor, plan, sampler: str = "ddim", *, extra_args: Optional[dict] = None,
+        callback=None, noise_sampler=None, **options) -> torch.Tensor:
+    """Sample from x (already at the plan's first sigmas) along the plan; returns the final latent."""
+    fn = get_sampler(sampler)
+    if noise_sampler is not None and "noise_sampler" in inspect.signature(fn).parameters:
+        options["noise_sampler"] = noise_sampler
+    return fn(plan_model(model_fn, plan), x, plan, extra_args=extra_args or {}, callback=callback, **options)
+
+
+def static_prepass(run_vanilla: Callable, make_plan: Callable, ks, size, mask_thr: float = 1.0):
+    """The paper's static masks. ``make_plan(mode, capture_all)`` builds a plan; ``run_vanilla(plan)``
+    samples along it. Returns (masks (B, N, H, W), mean attention maps (B, N, h, w), the plan)."""
+    plan = make_plan(mode="vanilla", capture_all=True)
+    run_vanilla(plan)
+    mean = plan.mean_item_maps()
+    if mean is None:
+        raise RuntimeError("no attention was captured in the static pre-pass: the prompt carries no targets, or "
+                           "another patch bypasses the model's cross-attention; use an external mask instead")
+    return build_item_masks(mean, ks, size, mask_thr), mean, plan

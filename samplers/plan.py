@@ -1,0 +1,204 @@
+"""The sigma plan of an asynchronous run: which noise level every latent pixel is at, step by step.
+
+The background follows the run's sigmas S_0 > ... > S_N (any scheduler, any SIGMAS) exactly.
+Prompt-item pixels lag behind on the paper's concave curves (curves.py). The curves live in
+the paper's *virtual timestep* space y (1001 → 0, the linear curve gives the background's
+knots K_i); a pixel's y is mapped to the model's own timestep by interpolating, between the
+knots, the offset T_i − K_i where T_i = timestep(S_i), then rounded to the model's timestep grid
+and turned into a sigma (DESIGN.md, "AsynDM in sigma space"):
+
+- a pixel exactly on the step's knot gets S_i itself (the background is the scheduler's);
+- in the paper's configuration (DDIM leading timesteps) T_i = K_i, so t = y exactly and the
+  rounded timestep maps are the reference's, bit for bit;
+- from pure noise (txt2img) the first evaluation is one curve step from the virtual start
+  y = 1001, as in the paper; from a partly noised latent (denoise < 1, img2img) every pixel
+  starts on S_0 and items lag from there.
+
+Masks: ``vanilla`` (none), ``concave`` (every pixel on the strongest item's curve), ``asyn``
+with fixed masks (static / external) or dynamic ones rebuilt from the attention the model
+reports after the first evaluation of each step (``observe``), as in the paper: step i's
+next state uses the masks built from step i−1's attention.
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .masks import build_item_masks, initial_dynamic_masks
+from .schedule import AsyncSchedule
+
+MODES = ("asyn", "concave", "vanilla")
+DEFAULT_K = 0.7
+
+
+class SigmaPlan:
+    def __init__(
+        self,
+        sigmas: torch.Tensor,
+        schedule,
+        batch: int,
+        size,
+        *,
+        mode: str = "asyn",
+        ks: Sequence[float] = (),
+        masks: Optional[torch.Tensor] = None,
+        dynamic: bool = False,
+        anchors: Optional[Sequence[int]] = None,
+        curve: str = "bin",
+        mask_thr: float = 1.0,
+        from_noise: Optional[bool] = None,
+        capture_all: bool = False,
+        discrete: Optional[bool] = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+        if len(sigmas) < 2:
+            raise ValueError(f"the SIGMAS have {len(sigmas)} value(s): a run needs at least 2 (one step); "
+                             "give more steps or a longer SIGMAS")
+        if bool((sigmas[1:] > sigmas[:-1]).any()):
+            raise ValueError("the SIGMAS must not increase: AsynDM denoises from noisy to clean")
+        self.device = sigmas.device
+        self.sigmas, self.schedule = sigmas, schedule
+        self.batch, self.size = batch, tuple(size)
+        self.steps = len(sigmas) - 1
+        self.mode, self.mask_thr, self.dynamic = mode, mask_thr, dynamic and mode == "asyn"
+        self.capture_all = capture_all
+        self.ks = [float(k) for k in ks]
+        self.curves = AsyncSchedule(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
+        self._init_masks(masks, anchors)
+
+        timesteps = torch.stack([self._timestep(s) for s in sigmas])
+        self.t_max = float(schedule.timestep(torch.as_tensor(schedule.sigma_max, dtype=torch.float32)))
+        if discrete is None:
+            discrete = not getattr(schedule, "flow", False)
+        self.grid = 1.0 if discrete else self.t_max / 1000.0  # items' timesteps are rounded to it
+
+        start = float(self.curves.start_value)
+        first = float(self.curves.step(torch.tensor([start]), self.steps)[0])
+        if from_noise is None:  # txt2img: the first sigma is at or above the paper's first timestep
+            from_noise = float(timesteps[0]) >= first / start * self.t_max - 0.5
+        self.from_noise = bool(from_noise)
+        knots = [first if self.from_noise else start]
+        for i in range(self.steps):
+            knots.append(float(self.curves.step(torch.tensor([knots[-1]]), self.steps - i - 1)[0]))
+        k = torch.tensor(knots)
+        t = timesteps.float().cpu()
+        if self.from_noise:  # the virtual start y = 1001, extrapolated along the first segment
+            slope = (t[0] - t[1]) / (k[0] - k[1]) if self.steps > 1 else torch.tensor(1.0)
+            t_start = t[0] + slope * (start - k[0])
+            k, t = torch.cat([torch.tensor([start]), k]), torch.cat([(t_start.round() if discrete else t_start)[None], t])
+        self.knots = k  # descending y
+        # timestep − y at each knot; on a discrete grid against the rounded knot, so that in the
+        # paper's configuration it is exactly 0 and t = y (float32 knots drift by ~1e-4)
+        self.offsets = t - (k.round() if discrete else k)
+
+        self._y: List[torch.Tensor] = []
+        self._sig: List[torch.Tensor] = []
+        self.capture_pending = False
+        self.timestep_maps: List[torch.Tensor] = []  # (B, H, W) model timestep of every pixel, per step
+        self.mask_history: List[Optional[torch.Tensor]] = []  # masks that set each step's next state
+        self.item_maps: List[Optional[torch.Tensor]] = []  # attention observed at each step
+        y0 = torch.full((batch, *self.size), start, device=self.device)
+        if self.from_noise:
+            y0 = self.curves.step(y0, self.steps, self.masks, self.ks)
+        self._push(y0, 0)
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _init_masks(self, masks, anchors):
+        b, size = self.batch, self.size
+        self.masks = None
+        if self.mode == "concave":
+            self.masks = torch.ones(b, 1, *size, device=self.device)
+            self.ks = [max(self.ks) if self.ks else DEFAULT_K]
+        elif self.mode == "asyn" and self.ks:
+            if self.dynamic:
+                anchors = list(anchors) if anchors is not None else list(range(len(self.ks)))
+                self.masks = initial_dynamic_masks(b, anchors, size, self.device)
+            elif masks is not None:
+                self.masks = fit_masks(masks, b, size, len(self.ks)).to(self.device)
+            else:
+                raise ValueError("mode 'asyn' with fixed masks needs masks (static pre-pass or a MASK input)")
+
+    def _timestep(self, sigma):
+        if float(sigma) <= 0:
+            return torch.tensor(0.0)
+        return torch.as_tensor(self.schedule.timestep(torch.as_tensor(sigma, dtype=torch.float32)),
+                               dtype=torch.float32).cpu()
+
+    # ------------------------------------------------------------------------------ y → sigma
+    def _sigma_of(self, y: torch.Tensor, i: int):
+        """(sigma map (B,1,H,W), timestep map (B,H,W)) of virtual states y at step i."""
+        k = self.knots.to(y.device)
+        d = self.offsets.to(y.device)
+        # segment j with k[j] >= y >= k[j+1] (knots descend)
+        j = (torch.searchsorted(-k, -y.contiguous(), right=True) - 1).clamp(0, len(k) - 2)
+        f = ((k[j] - y) / (k[j] - k[j + 1])).clamp(0, 1)
+        t = (y + d[j] + f * (d[j + 1] - d[j])).clamp(0, self.t_max)
+        t = (t / self.grid).round() * self.grid
+        sig = torch.as_tensor(self.schedule.sigma(t.flatten()), dtype=torch.float32).to(y.device).view_as(y)
+        knot = self.knots[i + 1 if self.from_noise else i].item()
+        on_knot = y == knot
+        sig = torch.where(on_knot, self.sigmas[i].to(y.device), sig)
+        if i == self.steps:
+            sig = torch.where(y <= 0, self.sigmas[-1].to(y.device), sig)
+            t = torch.where(y <= 0, torch.zeros_like(t), t)
+        t = torch.where(on_knot, self._timestep(self.sigmas[i]).to(y.device), t)
+        return sig[:, None], t
+
+    def _push(self, y, i):
+        sig, t = self._sigma_of(y, i)
+        self._y.append(y)
+        self._sig.append(sig)
+        if i < self.steps:
+            self.timestep_maps.append(t)
+
+    # ------------------------------------------------------------------------- sampler side
+    def __len__(self):
+        return self.steps
+
+    def initial_sigma(self) -> torch.Tensor:
+        return self._sig[0]
+
+    def background(self, i: int) -> torch.Tensor:
+        return self.sigmas[i]
+
+    def step(self, i: int):
+        """(σ_i, σ_{i+1}) maps (B, 1, H, W) of step i; call in order, once per step."""
+        if i == len(self._y) - 1:
+            self.mask_history.append(self.masks)
+            self.item_maps.append(None)
+            y = self.curves.step(self._y[i], self.steps - i - 1, self.masks, self.ks)
+            self._push(y, i + 1)
+            self.capture_pending = self.dynamic or self.capture_all
+        return self._sig[i], self._sig[i + 1]
+
+    def observe(self, maps: Optional[torch.Tensor]):
+        """Attention maps (B, N, h, w) of the step's first evaluation."""
+        self.capture_pending = False
+        if maps is None:
+            return
+        self.item_maps[-1] = maps
+        if self.dynamic:
+            self.masks = build_item_masks(maps.to(self.device), self.ks, self.size, self.mask_thr)
+
+    def mean_item_maps(self) -> Optional[torch.Tensor]:
+        maps = [m for m in self.item_maps if m is not None]
+        return torch.stack(maps).mean(dim=0) if maps else None
+
+
+def fit_masks(masks: torch.Tensor, batch: int, size, n_items: int) -> torch.Tensor:
+    """Accept (N,H,W), (B,N,H,W) or (H,W) masks of any size; binarise at 0.5 and fit the latent."""
+    from .masks import resize_masks
+
+    m = torch.as_tensor(masks, dtype=torch.float32)
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[None]
+    if m.shape[1] != n_items:
+        raise ValueError(f"got masks for {m.shape[1]} items but {n_items} strengths k: give one mask per item")
+    if m.shape[0] not in (1, batch):
+        raise ValueError(f"mask batch {m.shape[0]} does not match the latent batch {batch}: give 1 or {batch}")
+    m = resize_masks(m, size).expand(batch, -1, -1, -1)
+    return (m > 0.5).float()
