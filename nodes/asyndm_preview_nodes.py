@@ -1,6 +1,6 @@
 """AsynDM preview nodes: timestep curves and per-step regions as IMAGEs."""
 
-from ..samplers.comfy_sampling import parse_ks
+from ..samplers.comfyui.conditioning import parse_ks
 from ..samplers.curves import CURVE_TYPES
 from .asyndm_sampler_nodes import RUN_TYPE
 from .common import CATEGORY_ASYNDM

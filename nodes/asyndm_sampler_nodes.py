@@ -1,6 +1,8 @@
 """AsynDM nodes that generate: targets text-encode, Asynchronous KSampler, mask extractor."""
 
-from ..samplers.comfy_sampling import LAST_STEPS, MASK_NAMES, MODE_NAMES, asyndm_sample, extract_masks, parse_ks
+from ..samplers.comfyui.conditioning import parse_ks
+from ..samplers.comfyui.sampler import (LAST_STEPS, MASK_NAMES, MODE_NAMES, PAPER_SCHEDULER, SAMPLER_NAMES, AsynOptions,
+                                        asyn_sampler, asyndm_sample, extract_masks, scheduler_names)
 from ..samplers.curves import CURVE_TYPES
 from .common import CATEGORY_ASYNDM
 
@@ -9,10 +11,18 @@ RUN_TYPE = "ASYNDM_RUN"
 TIPS = {
     "seed": "Random seed of the starting noise (per batch index, as the core KSampler: image i of a batch is the "
             "same whatever the batch size).",
-    "steps": "Number of DDIM steps. Every pixel starts noisy at the first step and is clean after the last one.",
+    "steps": "Number of sampling steps. Every pixel starts noisy at the first step and is clean after the last one.",
     "cfg": "Classifier-free guidance scale, as in the core KSampler.",
-    "eta": "DDIM eta: 0 = deterministic DDIM (identical to Euler per pixel); 1 = fully stochastic (identical to "
-           "Euler ancestral per pixel). The paper uses 0.",
+    "eta": "Noise of the stochastic samplers (ddim, euler_ancestral, dpmpp_2m_sde, dpmpp_sde, dpmpp_2s_ancestral). "
+           "ddim: 0 = deterministic DDIM as in the paper (identical to euler per pixel), 1 = fully stochastic "
+           "(identical to euler_ancestral). ComfyUI's own samplers use 1 for the others. Ignored by the rest.",
+    "sampler_name": "The per-pixel sampler: ComfyUI's sampler of that name with a sigma per latent pixel. ddim is the "
+                    "paper's sampler (with eta). dpmpp_2m and the SDE samplers keep their history per pixel.",
+    "scheduler": "Where the background's noise levels go: asyndm_paper = the paper's DDIM timesteps (981, 961, ... "
+                 "for 50 steps; see last_step), or any of ComfyUI's schedulers (karras, normal, ...). The key "
+                 "objects lag behind this schedule on the concave curve.",
+    "denoise": "As in the core KSampler: below 1, the input latent is noised to the matching point of the schedule "
+               "(img2img, hires fix) and only the rest of the schedule is run; the key objects lag from there.",
     "mode": "AsynDM: the prompt's key objects are denoised more slowly than the background, so they form while "
             "looking at an already-clear scene (better text-image alignment). DMconcave: every pixel follows the "
             "slow curve. vanilla: every pixel follows the usual schedule (for comparison).",
@@ -27,8 +37,9 @@ TIPS = {
                  "per target, comma-separated.",
     "mask_threshold": "A pixel belongs to an object when its attention to the object's word is at least this "
                       "times the object's average attention (the paper uses 1.0). Higher = smaller regions.",
-    "last_step": "Where the last step lands. 'timestep 0 (paper)': DDIM's final timestep 0 as the reference "
-                 "(a trace of noise, sigma ≈ 0.03, remains). 'clean': sigma 0 like ComfyUI's own samplers.",
+    "last_step": "Where the last step of the asyndm_paper schedule lands. 'timestep 0 (paper)': DDIM's final "
+                 "timestep 0 as the reference (a trace of noise, sigma ≈ 0.03, remains). 'clean': sigma 0 like "
+                 "ComfyUI's own schedulers (which always end at sigma 0).",
     "mask": "Optional MASK for mask source 'mask input': white = key-object region (lags behind). One frame "
             "for all images, one per image, one per target, or one per image and target. Resized to the latent.",
 }
@@ -77,8 +88,8 @@ class AsynDMTextEncode:
     DESCRIPTION = "Encode a prompt and name its key objects (targets) for AsynDM."
 
     def encode(self, clip, text, targets):
-        from ..samplers.comfy_sampling import TARGETS_KEY
-        from ..samplers.comfy_tokens import locate_targets
+        from ..samplers.comfyui.conditioning import TARGETS_KEY
+        from ..samplers.comfyui.tokens import locate_targets
 
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader node "
@@ -86,6 +97,32 @@ class AsynDMTextEncode:
         info = locate_targets(clip, text, targets)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         return ([[c, dict(d, **{TARGETS_KEY: info})] for c, d in cond],)
+
+
+def _asyn_inputs():
+    """The AsynDM controls shared by the KSampler and the SAMPLER node."""
+    return {
+        "mode": (list(MODE_NAMES), {"default": "AsynDM", "tooltip": TIPS["mode"]}),
+        "mask_source": (list(MASK_NAMES), {"default": "dynamic", "tooltip": TIPS["mask_source"]}),
+        "curve": (list(CURVE_TYPES), {"default": "bin", "tooltip": TIPS["curve"]}),
+        "strengths": ("STRING", {"default": "", "tooltip": TIPS["strengths"]}),
+        "mask_threshold": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                     "tooltip": TIPS["mask_threshold"]}),
+    }
+
+
+def _schedule_inputs():
+    # appended after the original widgets, so workflows saved before they existed keep their values
+    return {
+        "sampler_name": (SAMPLER_NAMES, {"default": "ddim", "tooltip": TIPS["sampler_name"]}),
+        "scheduler": (scheduler_names(), {"default": PAPER_SCHEDULER, "tooltip": TIPS["scheduler"]}),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": TIPS["denoise"]}),
+    }
+
+
+def _options(mode, mask_source, curve, strengths, mask_threshold, mask=None, **extra):
+    return AsynOptions(mode=MODE_NAMES[mode], mask_source=MASK_NAMES[mask_source], curve=curve,
+                       strengths=parse_ks(strengths), mask=mask, mask_thr=mask_threshold, **extra)
 
 
 class AsynDMKSampler:
@@ -96,21 +133,17 @@ class AsynDMKSampler:
                                            "are kept."}),
         }
         inputs.update(_common_inputs())
+        inputs["eta"] = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": TIPS["eta"]})
+        inputs.update(_asyn_inputs())
         inputs.update({
-            "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": TIPS["eta"]}),
-            "mode": (list(MODE_NAMES), {"default": "AsynDM", "tooltip": TIPS["mode"]}),
-            "mask_source": (list(MASK_NAMES), {"default": "dynamic", "tooltip": TIPS["mask_source"]}),
-            "curve": (list(CURVE_TYPES), {"default": "bin", "tooltip": TIPS["curve"]}),
-            "strengths": ("STRING", {"default": "", "tooltip": TIPS["strengths"]}),
-            "mask_threshold": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                                         "tooltip": TIPS["mask_threshold"]}),
             "last_step": (list(LAST_STEPS), {"default": LAST_STEPS[0], "tooltip": TIPS["last_step"]}),
             "positive": ("CONDITIONING", {"tooltip": "Positive prompt; encode it with 'AsynDM Text Encode "
                                                      "(targets)' to name the key objects."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative prompt (any CONDITIONING)."}),
-            "latent_image": ("LATENT", {"tooltip": "The latent to denoise (e.g. Empty Latent Image). Latents with "
-                                                   "a noise mask (inpainting) are refused."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent to denoise: Empty Latent Image, an encoded image "
+                                                   "(with denoise < 1) or an inpainting latent with a noise mask."}),
         })
+        inputs.update(_schedule_inputs())
         return {"required": inputs, "optional": {"mask": ("MASK", {"tooltip": TIPS["mask"]})}}
 
     RETURN_TYPES = ("LATENT", RUN_TYPE)
@@ -119,19 +152,64 @@ class AsynDMKSampler:
                        "The run's per-pixel timesteps and masks, for the AsynDM preview nodes.")
     FUNCTION = "sample"
     CATEGORY = CATEGORY_ASYNDM
-    DESCRIPTION = ("Asynchronous diffusion (AsynDM): every latent pixel has its own timestep; the prompt's key "
-                   "objects are denoised more slowly than the background.")
+    DESCRIPTION = ("Asynchronous diffusion (AsynDM): every latent pixel has its own noise level; the prompt's key "
+                   "objects are denoised more slowly than the background. Any per-pixel sampler and scheduler.")
 
     def sample(self, model, seed, steps, cfg, eta, mode, mask_source, curve, strengths, mask_threshold, last_step,
-               positive, negative, latent_image, mask=None):
+               positive, negative, latent_image, sampler_name="ddim", scheduler=PAPER_SCHEDULER, denoise=1.0,
+               mask=None):
         callback, disable = _callback(model, steps)
         out, info = asyndm_sample(
-            model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg, eta=eta, curve=curve,
-            mode=mode, mask_source=mask_source, strengths=parse_ks(strengths), mask=mask,
-            mask_thr=mask_threshold, last_step=last_step, callback=callback, disable_pbar=disable,
+            model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+            scheduler=scheduler, denoise=denoise, eta=eta, last_step=last_step, callback=callback, disable_pbar=disable,
+            options=_options(mode, mask_source, curve, strengths, mask_threshold, mask),
         )
-        info.latents = None  # keep only what previews need
         return (out, info)
+
+
+class AsynDMSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = {
+            "sampler_name": (SAMPLER_NAMES, {"default": "euler", "tooltip": TIPS["sampler_name"]}),
+            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": TIPS["eta"]}),
+            "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                  "tooltip": "Noise multiplier of the stochastic samplers, as in ComfyUI's own."}),
+        }
+        inputs.update(_asyn_inputs())
+        return {"required": inputs, "optional": {"mask": ("MASK", {"tooltip": TIPS["mask"]})}}
+
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced: any SIGMAS, any guider (CFGGuider, "
+                       "DualCFGGuider, BasicGuider); the targets come from the positive conditioning.",)
+    FUNCTION = "get_sampler"
+    CATEGORY = CATEGORY_ASYNDM
+    DESCRIPTION = "AsynDM as a SAMPLER: every latent pixel on its own sigma, key objects lagging behind the SIGMAS."
+
+    def get_sampler(self, sampler_name, eta, s_noise, mode, mask_source, curve, strengths, mask_threshold, mask=None):
+        return (asyn_sampler(sampler_name, _options(mode, mask_source, curve, strengths, mask_threshold, mask),
+                             eta=eta, s_noise=s_noise),)
+
+
+class AsynDMPaperSigmas:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model whose noise levels are used."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": TIPS["steps"]}),
+            "last_step": (list(LAST_STEPS), {"default": LAST_STEPS[0], "tooltip": TIPS["last_step"]}),
+        }}
+
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The paper's DDIM timesteps (981, 961, ... for 50 steps) as SIGMAS.",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = CATEGORY_ASYNDM
+    DESCRIPTION = "The AsynDM paper's schedule as SIGMAS, for SamplerCustom with the AsynDM Sampler."
+
+    def get_sigmas(self, model, steps, last_step):
+        from ..samplers.comfyui.sampler import node_sigmas
+
+        return (node_sigmas(model, PAPER_SCHEDULER, steps, 1.0, "ddim", last_step),)
 
 
 class AsynDMMaskExtractor:
@@ -149,7 +227,10 @@ class AsynDMMaskExtractor:
             "latent_image": ("LATENT", {"tooltip": "The latent of the plain (vanilla) run; use the same seed and "
                                                    "latent as the sampler to reproduce the paper's static mode."}),
         })
-        return {"required": inputs}
+        inputs.update(_schedule_inputs())
+        return {"required": inputs, "optional": {
+            "sigmas": ("SIGMAS", {"tooltip": "Optional SIGMAS (e.g. from a scheduler node): used instead of steps, "
+                                             "scheduler and denoise."})}}
 
     RETURN_TYPES = ("MASK", "MASK", "MASK", "LATENT", RUN_TYPE)
     RETURN_NAMES = ("item_masks", "priority_mask", "attention", "vanilla_latent", "run")
@@ -166,15 +247,17 @@ class AsynDMMaskExtractor:
     DESCRIPTION = ("Run a plain sampling and read which pixels attend to each target word (averaged over the "
                    "steps): AsynDM's static masks.")
 
-    def extract(self, model, seed, steps, cfg, strengths, mask_threshold, positive, negative, latent_image):
+    def extract(self, model, seed, steps, cfg, strengths, mask_threshold, positive, negative, latent_image,
+                sampler_name="ddim", scheduler=PAPER_SCHEDULER, denoise=1.0, sigmas=None):
         import torch.nn.functional as F
 
         from ..samplers.masks import priority_map
 
-        callback, disable = _callback(model, steps)
+        callback, disable = _callback(model, steps if sigmas is None else max(len(sigmas) - 1, 1))
         masks, mean_maps, (out, info) = extract_masks(
             model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
-            strengths=parse_ks(strengths), mask_thr=mask_threshold, callback=callback, disable_pbar=disable,
+            strengths=parse_ks(strengths), mask_thr=mask_threshold, sampler_name=sampler_name, scheduler=scheduler,
+            denoise=denoise, sigmas=sigmas, callback=callback, disable_pbar=disable,
         )
         b, n, h, w = masks.shape
         size = (h * 8, w * 8)
@@ -182,7 +265,6 @@ class AsynDMMaskExtractor:
         prio = F.interpolate(priority_map(masks, info.ks)[:, None], size=size, mode="nearest")[:, 0]
         peak = mean_maps.flatten(2).amax(dim=2).clamp(min=1e-12)[..., None, None]
         soft = F.interpolate(mean_maps / peak, size=size, mode="bilinear", align_corners=False)
-        info.latents = None
         return (item.cpu(), prio.cpu(), soft.reshape(b * n, *size).clamp(0, 1).cpu(), out, info)
 
 
@@ -190,9 +272,13 @@ NODE_CLASS_MAPPINGS = {
     "AsynDMTextEncode": AsynDMTextEncode,
     "AsynDMKSampler": AsynDMKSampler,
     "AsynDMMaskExtractor": AsynDMMaskExtractor,
+    "AsynDMSampler": AsynDMSampler,
+    "AsynDMPaperSigmas": AsynDMPaperSigmas,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AsynDMTextEncode": "AsynDM Text Encode (targets)",
     "AsynDMKSampler": "Asynchronous KSampler (AsynDM)",
     "AsynDMMaskExtractor": "AsynDM Prompt-Attention Mask Extractor",
+    "AsynDMSampler": "AsynDM Sampler (SAMPLER)",
+    "AsynDMPaperSigmas": "AsynDM Paper Sigmas (DDIM leading)",
 }

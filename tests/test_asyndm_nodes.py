@@ -9,7 +9,9 @@ import torch
 
 from asyndm_fpdm.nodes import asyndm_nodes
 from asyndm_fpdm.nodes.common import CATEGORY_ASYNDM
-from asyndm_fpdm.samplers import comfy_plots, comfy_sampling, comfy_tokens
+from asyndm_fpdm.samplers import comfy_plots
+from asyndm_fpdm.samplers.comfyui import conditioning as comfy_sampling
+from asyndm_fpdm.samplers.comfyui import tokens as comfy_tokens
 from asyndm_fpdm.samplers.tokens import UnknownWordError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

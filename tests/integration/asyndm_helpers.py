@@ -25,7 +25,8 @@ def sampler_node(model, pos, neg, latent, **kw):
     """Run the Asynchronous KSampler node; returns (latent tensor, run info)."""
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
 
-    args = dict(seed=3, steps=5, cfg=2.0, eta=0.0, mode="AsynDM", mask_source="dynamic", curve="bin",
+    args = dict(seed=3, steps=5, cfg=2.0, eta=0.0, mode="AsynDM", mask_source="dynamic", curve="bin", sampler_name="ddim",
+                scheduler="asyndm_paper", denoise=1.0,
                 strengths="", mask_threshold=1.0, last_step="timestep 0 (paper)")
     args.update(kw)
     mask = args.pop("mask", None)
@@ -33,10 +34,22 @@ def sampler_node(model, pos, neg, latent, **kw):
     return out["samples"], info
 
 
-def core_ksampler(model, pos, neg, latent, seed=3, steps=5, cfg=2.0, sampler="ddim", scheduler="ddim_uniform"):
+def core_ksampler(model, pos, neg, latent, seed=3, steps=5, cfg=2.0, sampler="ddim", scheduler="ddim_uniform",
+                  denoise=1.0):
     import nodes
 
-    return nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)[0]["samples"]
+    return nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent,
+                                   denoise=denoise)[0]["samples"]
+
+
+def custom_nodes():
+    import comfy_extras.nodes_custom_sampler as cs
+
+    return cs
+
+
+def unwrap(res):
+    return res.result if hasattr(res, "result") else res
 
 
 def core_custom_euler_like_paper(model, pos, neg, latent, seed=3, steps=5, cfg=2.0):

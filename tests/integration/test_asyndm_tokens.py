@@ -20,7 +20,7 @@ def clips(comfy_env, tiny_models):
 
 
 def _locate(clip, prompt, targets):
-    from asyndm_fpdm.samplers.comfy_tokens import locate_targets
+    from asyndm_fpdm.samplers.comfyui.tokens import locate_targets
 
     return locate_targets(clip, prompt, targets)
 

@@ -10,7 +10,7 @@ change weights, never ids; a word that splits into several tokens is matched as 
 
 from typing import List
 
-from .tokens import UnknownWordError, locate_word, parse_targets
+from ..tokens import UnknownWordError, locate_word, parse_targets
 
 KEY_ORDER = ("l", "g", "h")
 

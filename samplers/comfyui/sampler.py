@@ -1,0 +1,309 @@
+"""AsynDM as a ComfyUI sampler: one KSAMPLER subclass serves the Asynchronous KSampler node, the
+SAMPLER node (SamplerCustom / SamplerCustomAdvanced with any guider and SIGMAS) and the mask
+extractor.
+
+ComfyUI does what it does for every sampler (model loading, conditioning with areas, masks,
+ControlNet and timestep ranges, CFG or the guider, model wrappers, progress, previews). Our
+``sample`` builds the run's sigma plan from the SIGMAS it is given, asks the guider for a
+denoised latent with a per-pixel sigma map riding in transformer_options (the backend turns it
+into per-pixel timesteps), and steps with the per-pixel sampler of the chosen name.
+
+- Start: from pure noise every pixel starts at its own first sigma (the paper's start); a
+  partly noised latent (denoise < 1) starts every pixel at the first sigma.
+- Inpainting: the latent's noise mask is applied per pixel — outside it the input latent is
+  re-noised to each pixel's own sigma, as ComfyUI does with the image's sigma.
+- Noise: ComfyUI's own noise samplers (seeded default / Brownian tree), driven by the
+  background's sigmas (pixel_samplers.py).
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..engine import initial_latent, run as engine_run, static_prepass
+from ..pixel_samplers import BROWNIAN, ETA_SAMPLERS, SAMPLERS
+from ..plan import DEFAULT_K, SigmaPlan
+from .conditioning import external_item_masks, resolve_ks, targets_of
+
+MODE_NAMES = {"AsynDM": "asyn", "DMconcave": "concave", "vanilla": "vanilla"}
+MASK_NAMES = {"dynamic": "dynamic", "static": "static", "mask input": "external"}
+LAST_STEPS = ("timestep 0 (paper)", "clean (sigma 0, like ComfyUI)")
+PAPER_SCHEDULER = "asyndm_paper"
+SAMPLER_NAMES = list(SAMPLERS)
+DISCARD_PENULTIMATE = ("dpm_2",)  # as the core KSampler does for these samplers
+
+
+# ComfyUI 0.3.6x's schedulers, for node schemas read without ComfyUI (tests, docs)
+COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                    "linear_quadratic", "kl_optimal")
+
+
+def scheduler_names() -> List[str]:
+    try:
+        import comfy.samplers
+
+        names = list(comfy.samplers.KSampler.SCHEDULERS)
+    except ImportError:
+        names = list(COMFY_SCHEDULERS)
+    return [PAPER_SCHEDULER] + names
+
+
+class ComfySchedule:
+    """ComfyUI's model_sampling seen as the plan's schedule (sigma <-> timestep, noise scaling)."""
+
+    def __init__(self, model_sampling):
+        import comfy.model_sampling as ms
+
+        from ..backends.comfy_unet import pixelwise
+
+        self.ms, self._pixelwise = model_sampling, pixelwise
+        self.flow = isinstance(model_sampling, ms.CONST)
+        self.sigma_min, self.sigma_max = model_sampling.sigma_min, model_sampling.sigma_max
+        self.sigmas = model_sampling.sigmas
+
+    def timestep(self, sigma):
+        return self.ms.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)).float().view(
+            torch.as_tensor(sigma).shape)
+
+    def sigma(self, t):
+        return self.ms.sigma(torch.as_tensor(t, dtype=torch.float32))
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise=False):
+        if not torch.is_tensor(sigma) or sigma.numel() == 1:
+            return self.ms.noise_scaling(torch.as_tensor(sigma).reshape(-1)[:1], noise, latent, max_denoise)
+        return self._pixelwise(lambda s, n, l: self.ms.noise_scaling(s, n, l, max_denoise), sigma, noise,
+                               latent.expand_as(noise).to(noise.dtype))
+
+
+@dataclass
+class AsynOptions:
+    mode: str = "asyn"  # asyn | concave | vanilla
+    mask_source: str = "dynamic"  # dynamic | static | external
+    curve: str = "bin"
+    strengths: Sequence[float] = ()
+    mask: Optional[torch.Tensor] = None  # a ComfyUI MASK for mask_source "external"
+    static_masks: Optional[torch.Tensor] = None  # (B, N, H, W): skip the static pre-pass
+    mask_thr: float = 1.0
+    capture_all: bool = False  # record attention at every step (the mask extractor)
+
+
+@dataclass
+class RunInfo:
+    """What a run leaves for the preview nodes."""
+
+    ks: List[float]
+    words: List[str]
+    timestep_maps: List[torch.Tensor] = field(default_factory=list)
+    masks: List[Optional[torch.Tensor]] = field(default_factory=list)
+    item_maps: List[Optional[torch.Tensor]] = field(default_factory=list)
+
+
+def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str = "ddim",
+                last_step: str = LAST_STEPS[0]) -> torch.Tensor:
+    """The core KSampler's sigmas (denoise → the tail of a longer schedule), plus the paper's
+    schedule; ``last_step`` applies to the paper's schedule (other schedules end at sigma 0)."""
+    import comfy.samplers
+
+    from ..schedulers import paper_sigmas
+
+    ms = model.get_model_object("model_sampling")
+
+    def full(n):
+        discard = sampler_name in DISCARD_PENULTIMATE
+        n = n + 1 if discard else n
+        if scheduler == PAPER_SCHEDULER:
+            sig = paper_sigmas(ComfySchedule(ms), n, last_timestep_zero=last_step == LAST_STEPS[0])
+        elif scheduler in comfy.samplers.KSampler.SCHEDULERS:
+            sig = comfy.samplers.calculate_sigmas(ms, scheduler, n).float().cpu()
+        else:
+            raise ValueError(f"unknown scheduler {scheduler!r}: use one of {', '.join(scheduler_names())}")
+        return torch.cat([sig[:-2], sig[-1:]]) if discard else sig
+
+    if denoise is None or denoise > 0.9999:
+        return full(steps)
+    if denoise <= 0:
+        raise ValueError("denoise must be above 0: at 0 nothing would be denoised")
+    return full(int(steps / denoise))[-(steps + 1):]
+
+
+def _areas(conds: dict, size):
+    """(h, w, y, x) of every area condition, clamped as ComfyUI's get_area_and_mult does."""
+    out = set()
+    for entries in (conds or {}).values():
+        for c in entries or []:
+            a = c.get("area") if isinstance(c, dict) else None
+            if a is None or isinstance(a[0], str) or len(a) != 4:
+                continue
+            h, w, y, x = (int(v) for v in a)
+            out.add((min(size[0] - y, h), min(size[1] - x, w), y, x))
+    return sorted(out)
+
+
+def _sampler_class():
+    import comfy.samplers
+
+    class AsynKSAMPLER(comfy.samplers.KSAMPLER):
+        """A KSAMPLER whose sampler steps every latent pixel on its own sigma."""
+
+        def __init__(self, name: str, options: AsynOptions, extra_options=None):
+            super().__init__(None, extra_options or {})
+            self.name, self.options, self.info = name, options, None
+            self.batch_index = None  # the latent's batch_index, for per-image noise streams
+
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            return _sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask)
+
+    return AsynKSAMPLER
+
+
+def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s_noise: float = 1.0):
+    """The SAMPLER object (for SamplerCustom, or comfy.sample.sample_custom)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"the sampler {name!r} has no per-pixel version: use one of {', '.join(SAMPLERS)}")
+    extra = {}
+    if name in ETA_SAMPLERS and eta is not None:
+        extra["eta"] = float(eta)
+    if name not in ("dpmpp_2m", "lcm"):
+        extra["s_noise"] = float(s_noise)
+    return _sampler_class()(name, options, extra)
+
+
+def _noise_sampler(name, x, sigmas, seed, batch_index=None):
+    """ComfyUI's noise samplers, one stream per image (seed + batch index), so image i never
+    depends on the batch size (DESIGN.md invariant 5); for one image they are ComfyUI's exactly."""
+    from comfy.k_diffusion import sampling as kd
+
+    seed = 0 if seed is None else int(seed)
+    seeds = [seed + int(i) for i in (batch_index if batch_index is not None else range(x.shape[0]))]
+    if name in BROWNIAN:
+        positive = sigmas[sigmas > 0]
+        return kd.BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seeds, cpu=True)
+    gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
+
+    def draw(sigma, sigma_next):
+        return torch.cat([torch.randn((1, *x.shape[1:]), dtype=x.dtype, device=x.device, generator=g) for g in gens])
+
+    return draw
+
+
+def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask):
+    import comfy.model_management
+
+    from ..backends.comfy_unet import ComfyUNetBackend, PixelCall
+
+    opts = sampler.options
+    ms = model_wrap.inner_model.model_sampling
+    schedule = ComfySchedule(ms)
+    sigmas = sigmas.float()
+    batch, _, height, width = noise.shape
+    size = (height, width)
+    conds = getattr(model_wrap, "conds", {}) or {}
+    targets = targets_of(conds.get("positive"))
+    ks = resolve_ks(targets, opts.strengths)
+    mode, source = opts.mode, opts.mask_source
+    if ((mode == "asyn" and source in ("dynamic", "static")) or opts.capture_all) and not targets:
+        raise ValueError(
+            "AsynDM with a dynamic or static mask needs to know the prompt's key words: encode the positive prompt "
+            "with 'AsynDM Text Encode (targets)', e.g. targets 'rabbit:0.7, basketball:0.7' (or use mask source "
+            "'mask input' with a MASK).")
+    external = None
+    if mode == "asyn" and source == "external":
+        if opts.mask is None:
+            raise ValueError("mask source 'mask input' needs a MASK connected to the 'mask' input")
+        ks = ks or [DEFAULT_K]
+        external = external_item_masks(opts.mask, len(ks), batch)
+        if external.shape[1] == 1 and len(ks) > 1:
+            ks = [max(ks)]  # one painted region: it lags with the strongest strength
+    backend = ComfyUNetBackend(model_wrap.model_patcher)
+    areas = _areas(conds, size)
+    latent = torch.zeros_like(noise) if latent_image is None else latent_image
+    seed = extra_args.get("seed")
+    batch_index = sampler.batch_index
+    total = len(sigmas) - 1
+
+    def model_fn(x, sigma, capture, model_options=None, seed=None, denoise_mask=None, **_):
+        call = PixelCall(sigma, capture, targets.positions if targets else (), targets.context_len if targets else 77,
+                         targets.uuids if targets else None, x, areas)
+        if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
+            x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
+        out = model_wrap(x, sigma.flatten(1).amin(dim=1), model_options=backend.model_options(model_options or {}, call),
+                         seed=seed)
+        if denoise_mask is not None:
+            out = out * denoise_mask + latent * (1 - denoise_mask)
+        maps = call.item_maps()
+        if capture and maps is None:
+            raise RuntimeError(
+                "AsynDM captured no cross-attention of the positive prompt in this step (another patch may bypass the "
+                "UNet's cross-attention, or the positive was not part of the model call). Use mask source 'mask input' "
+                "instead of 'dynamic'/'static' with this model.")
+        return out, maps
+
+    def step_callback(d):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if callback is not None:
+            callback(d["i"], d["denoised"], d["x"], total)
+
+    def run(plan):
+        x = initial_latent(plan, noise, latent, schedule.noise_scaling)
+        return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
+                          noise_sampler=_noise_sampler(sampler.name, x, sigmas, seed, batch_index), **sampler.extra_options)
+
+    def make_plan(mode, capture_all=False, masks=None, dynamic=False):
+        return SigmaPlan(sigmas, schedule, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
+                         anchors=targets.anchors if targets else None, curve=opts.curve, mask_thr=opts.mask_thr,
+                         capture_all=capture_all)
+
+    static = opts.static_masks
+    if mode == "asyn" and source == "static" and static is None:
+        static, _, _ = static_prepass(run, make_plan, ks, size, opts.mask_thr)
+    plan = make_plan(mode, opts.capture_all, static if source == "static" else external, source == "dynamic")
+    samples = run(plan)
+    sampler.info = RunInfo(
+        ks=list(plan.ks), words=list(targets.words) if targets else [],
+        timestep_maps=[t.cpu() for t in plan.timestep_maps],
+        masks=[m.cpu() if m is not None else None for m in plan.mask_history],
+        item_maps=[m.cpu() if m is not None else None for m in plan.item_maps])
+    return ms.inverse_noise_scaling(sigmas[-1], samples)
+
+
+def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
+                  sampler_name: str = "ddim", scheduler: str = PAPER_SCHEDULER, denoise: float = 1.0,
+                  eta: float = 0.0, options: Optional[AsynOptions] = None, last_step: str = LAST_STEPS[0],
+                  sigmas: Optional[torch.Tensor] = None, callback=None, disable_pbar: bool = False):
+    """The Asynchronous KSampler: (latent dict, RunInfo)."""
+    import comfy.sample
+
+    options = options or AsynOptions()
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    if sigmas is None:
+        sigmas = node_sigmas(model, scheduler, steps, denoise, sampler_name, last_step)
+    sampler = asyn_sampler(sampler_name, options, eta)
+    sampler.batch_index = latent.get("batch_index")
+    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
+                                         noise_mask=latent.get("noise_mask"), callback=callback,
+                                         disable_pbar=disable_pbar, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples
+    return out, sampler.info
+
+
+def extract_masks(model, positive, negative, latent, *, seed, steps, cfg, strengths=(), mask_thr=1.0, **kwargs):
+    """A vanilla run that records the items' attention at every step (the static pre-pass as a node).
+
+    Returns (binary item masks (B, N, H, W) at latent size, one item per pixel by priority k;
+    mean attention maps (B, N, h, w); (latent dict, RunInfo) of the vanilla run).
+    """
+    from ..masks import build_item_masks
+
+    options = AsynOptions(mode="vanilla", strengths=strengths, mask_thr=mask_thr, capture_all=True)
+    out, info = asyndm_sample(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg, options=options,
+                              **kwargs)
+    maps = [m for m in info.item_maps if m is not None]
+    if not maps:
+        raise RuntimeError("no attention was captured: the positive conditioning carries no targets")
+    mean_maps = torch.stack(maps).mean(dim=0)
+    masks = build_item_masks(mean_maps, info.ks, latent["samples"].shape[-2:], mask_thr)
+    return masks, mean_maps, (out, info)
