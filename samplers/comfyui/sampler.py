@@ -220,6 +220,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     areas = _areas(conds, size)
     latent = torch.zeros_like(noise) if latent_image is None else latent_image
     seed = extra_args.get("seed")
+    extra_args = dict(extra_args, denoise_mask=denoise_mask)  # as KSAMPLER passes it to its model
     batch_index = sampler.batch_index
     total = len(sigmas) - 1
 
