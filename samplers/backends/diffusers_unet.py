@@ -85,7 +85,7 @@ def _pixel_embedding_rows(unet, sample, timestep_map, encoder_hidden_states, add
         _, _, index = distinct_rows(timestep_map, per_image=False)
     else:
         row_t, row_img, index = distinct_rows(timestep_map, per_image=True)
-        emb = emb[torch.searchsorted(uniq, row_t)] + vec[row_img]
+        emb = emb[torch.searchsorted(uniq, row_t.contiguous())] + vec[row_img]
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     return emb, index
