@@ -43,6 +43,11 @@ def test_sdxl_added_conditioning_per_pixel():
     stock = unet(x, torch.tensor([300, 300]), encoder_hidden_states=ctx, added_cond_kwargs=added).sample
     out, _ = pixel_forward(unet, x, torch.full((2, 16, 16), 300), ctx, added_cond_kwargs=added, force_per_pixel=True)
     assert (out - stock).abs().max() <= 1e-5
+    # the API with SDXL's added conditioning (per-image vectors on per-pixel rows), CFG and dynamic masks
+    neg = {"text_embeds": torch.randn(2, tm.CROSS_DIM), "time_ids": added["time_ids"]}
+    res = asyn_generate(unet, CFG, ctx, tm.embeds(2, seed=3), items=ITEMS, steps=3, seed=7, added_cond=added,
+                        negative_added_cond=neg, sampler="euler", scheduler="karras")
+    assert torch.isfinite(res.latents).all() and res.item_maps[0].shape == (2, 2, 4, 4)
 
 
 def test_per_pixel_timesteps_act_locally(unet):
