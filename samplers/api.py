@@ -6,18 +6,33 @@
     result.latents, result.masks, result.timestep_maps
 
 ``items`` are (token positions, k) pairs; positions count the start-of-text token as 0
-(``token_positions`` turns words into positions with a tokenizer).
+(``token_positions`` turns words into positions with a tokenizer). Runs on the sigma-space
+engine (plan.py, pixel_samplers.py, engine.py): any per-pixel sampler on any scheduler's sigmas;
+the defaults (ddim, the paper's timesteps, eta 0) are the paper's configuration.
 """
 
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..seeding import image_generators, per_image_randn
-from .backends.diffusers_unet import DiffusersDenoiser
-from .loop import SampleResult, extract_static_masks, sample
-from .schedule import AsyncSchedule
+from . import engine
+from .backends.diffusers_unet import DiffusersDenoiser, schedule_of
+from .pixel_samplers import ETA_SAMPLERS, get_sampler
+from .plan import MODES, SigmaPlan
+from .schedulers import make_sigmas
 from .tokens import locate_word
+
+MASK_SOURCES = ("dynamic", "static", "external")
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor  # what vae.decode(latents / scaling_factor) takes
+    timestep_maps: List[torch.Tensor] = field(default_factory=list)  # (B,H,W) per step
+    masks: List[Optional[torch.Tensor]] = field(default_factory=list)  # masks that set each step's next state
+    item_maps: List[Optional[torch.Tensor]] = field(default_factory=list)  # captured attention per step
 
 
 def token_positions(tokenizer, prompt: str, word: str, occurrence: int = 0) -> List[int]:
@@ -39,6 +54,8 @@ def asyn_generate(
     seed: int = 0,
     steps: int = 50,
     guidance_scale: float = 5.0,
+    sampler: str = "ddim",
+    scheduler: str = "paper",
     eta: float = 0.0,
     curve: str = "bin",
     mode: str = "asyn",
@@ -50,45 +67,69 @@ def asyn_generate(
     negative_added_cond=None,
     callback=None,
 ) -> SampleResult:
-    """Run vanilla / DMconcave / AsynDM sampling; returns latents, masks and timestep maps."""
+    """Run vanilla / DMconcave / AsynDM sampling; returns latents, masks and timestep maps.
+
+    ``sampler`` is a per-pixel sampler (pixel_samplers.SAMPLERS), ``scheduler`` a schedule name
+    (schedulers.SCHEDULERS); ``eta`` is the noise of ddim and the ancestral/SDE samplers.
+    ``latents`` is the initial noise (unit variance), drawn from ``seed`` (seed + i for image i)
+    when not given. ``callback(info)`` gets k-diffusion's step dict (x, i, sigma, sigma_map,
+    denoised) after each step's first evaluation.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mask_source not in MASK_SOURCES:
+        raise ValueError(f"unknown mask source {mask_source!r}: use one of {', '.join(MASK_SOURCES)}")
+    get_sampler(sampler)  # unknown names fail before any model work
+    options = {}
+    if sampler in ETA_SAMPLERS:
+        options["eta"] = float(eta)
+    elif eta:
+        raise ValueError(f"the sampler {sampler!r} takes no eta: use eta=0, or one of {', '.join(ETA_SAMPLERS)}")
+    if mode == "asyn" and mask_source == "external" and external_masks is None:
+        raise ValueError("mask_source='external' needs external_masks (one mask per item)")
+
     batch = prompt_embeds.shape[0]
     device = prompt_embeds.device
     size = unet.config.sample_size
     shape = latents.shape if latents is not None else (batch, unet.config.in_channels, size, size)
+    hw = tuple(shape[-2:])
 
-    def fresh_run():
-        # like the reference, every run re-seeds its generators: they draw the initial latents
-        # (unless given) and then, for eta > 0, each step's noise
-        gens = image_generators(seed, batch, device)
-        drawn = per_image_randn(gens, shape, device)  # drawn even when given: keeps the noise stream in step
-        x = latents if latents is not None else drawn
-        sampler = (lambda i: per_image_randn(gens, shape, device, x.dtype)) if eta > 0 else None
-        return x, sampler
-
-    ac = alphas_cumprod_from_config(scheduler_config).to(device)
-    schedule = AsyncSchedule(
-        steps,
-        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-        steps_offset=scheduler_config.get("steps_offset", 0),
-        curve=curve,
-    )
+    schedule = schedule_of(scheduler_config)
+    sigmas = make_sigmas(schedule, scheduler, steps, steps_offset=scheduler_config.get("steps_offset", 0))
     denoise = DiffusersDenoiser(
-        unet, prompt_embeds, negative_embeds, guidance_scale=guidance_scale,
+        unet, schedule, prompt_embeds, negative_embeds, guidance_scale=guidance_scale,
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
         token_groups=[list(p) for p, _ in items], attn_fraction=attn_fraction,
         added_cond=added_cond, uncond_added_cond=negative_added_cond,
     )
     ks = [float(k) for _, k in items]
-    common = dict(mask_thr=mask_thr, eta=eta, prediction_type=scheduler_config.get("prediction_type", "epsilon"))
-    static = None
-    if mode == "asyn" and mask_source == "static":
-        x, noise_sampler = fresh_run()
-        static, _, _ = extract_static_masks(denoise, x, ac, schedule, ks, noise_sampler=noise_sampler, **common)
-    x, noise_sampler = fresh_run()
-    return sample(
-        denoise, x, ac, schedule, ks, mode=mode, mask_source=mask_source,
-        static_masks=static, external_masks=external_masks,
-        anchors=[min(p) for p, _ in items], noise_sampler=noise_sampler, callback=callback, **common,
-    )
+
+    def make_plan(mode=mode, capture_all=False, masks=None):
+        return SigmaPlan(sigmas.to(device), schedule, batch, hw, mode=mode, ks=ks, masks=masks,
+                         dynamic=mask_source == "dynamic", anchors=[min(p) for p, _ in items], curve=curve,
+                         mask_thr=mask_thr, from_noise=True, capture_all=capture_all)
+
+    def sample_along(plan, report=None):
+        # like the reference, every run re-seeds its generators: they draw the initial latents
+        # (drawn even when given, to keep the noise stream in step) and then each step's noise
+        gens = image_generators(seed, batch, device)
+        drawn = per_image_randn(gens, shape, device)
+        noise = latents if latents is not None else drawn
+        noise_sampler = lambda s, s_next: per_image_randn(gens, shape, device, noise.dtype)  # noqa: E731
+        x = engine.initial_latent(plan, noise)
+        x = engine.run(denoise, x, plan, sampler, callback=report, noise_sampler=noise_sampler, **options)
+        # the returned latent is the VP latent at the last sigma (DESIGN.md): x / sqrt(1 + σ²)
+        return x / (1 + plan.sigmas[-1] ** 2) ** 0.5
+
+    masks = None
+    if mode == "asyn" and ks and mask_source == "static":
+        masks, _, _ = engine.static_prepass(sample_along, make_plan, ks, hw, mask_thr)
+    elif mode == "asyn" and ks and mask_source == "external":
+        masks = external_masks
+    plan = make_plan(masks=masks)
+    out = sample_along(plan, callback)
+    return SampleResult(latents=out, timestep_maps=[t.long() for t in plan.timestep_maps],
+                        masks=plan.mask_history, item_maps=plan.item_maps)
 
 
 def alphas_cumprod_from_config(config: dict) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``python -m asyndm_fpdm asyn``: AsynDM with a local diffusers Stable Diffusion folder.
 
 For every prompt it writes, per image j (names as the reference's base/base2/tgt):
-  {j:05}_vanilla.png   all pixels on DDIM's usual timesteps        (reference: _base)
+  {j:05}_vanilla.png   all pixels on the scheduler's sigmas        (reference: _base)
   {j:05}_concave.png   DMconcave: all pixels on the concave curve  (reference: _base2)
   {j:05}_asyn.png      AsynDM                                      (reference: _tgt)
   {j:05}_compare.png   the generated modes side by side
@@ -22,6 +22,9 @@ class CliError(Exception):
 
 
 def add_parser(sub):
+    from .pixel_samplers import SAMPLERS
+    from .schedulers import SCHEDULERS
+
     p = sub.add_parser(
         "asyn",
         help="AsynDM sampling with a local diffusers Stable Diffusion folder",
@@ -37,7 +40,12 @@ def add_parser(sub):
     p.add_argument("--negative", default="", help="negative prompt (the reference uses '')")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (reference default 1.0; 0 = deterministic)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+                   help="per-pixel sampler (default ddim, the paper's)")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="paper",
+                   help="sigma schedule of the background (default paper: DDIM leading timesteps ending at 0)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise of ddim and the ancestral/SDE samplers (default 1.0, the reference's; 0 = deterministic)")
     p.add_argument("--curve", choices=["bin", "lin", "exp"], default="bin")
     p.add_argument("--mask", choices=["dynamic", "static"], default="dynamic")
     p.add_argument("--mask-thr", type=float, default=1.0, help="mask threshold as a multiple of the mean attention")
@@ -137,6 +145,12 @@ def _run(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise CliError(f"unknown mode(s) {bad}: use vanilla, concave, asyn")
+    from .pixel_samplers import ETA_SAMPLERS
+
+    if args.eta is None:
+        args.eta = 1.0 if args.sampler in ETA_SAMPLERS else 0.0
+    elif args.eta and args.sampler not in ETA_SAMPLERS:
+        raise CliError(f"--sampler {args.sampler} takes no --eta: drop it, or use one of {', '.join(ETA_SAMPLERS)}")
     jobs = jobs_from_args(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -186,7 +200,8 @@ def _run(args) -> int:
             bar = tqdm(total=args.steps, desc=mode, leave=False)
             res = asyn_generate(
                 pipe.unet, sched_cfg, cond, uncond, items=resolved, latents=latents,
-                seed=seed, steps=args.steps, guidance_scale=args.cfg, eta=args.eta, curve=args.curve,
+                seed=seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
+                eta=args.eta, curve=args.curve,
                 mode=MODES[mode], mask_source=args.mask, mask_thr=args.mask_thr, attn_fraction=args.attn_fraction,
                 callback=lambda *a: bar.update(1),
             )

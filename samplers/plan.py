@@ -140,6 +140,9 @@ class SigmaPlan:
         knot = self.knots[i + 1 if self.from_noise else i].item()
         on_knot = y == knot
         sig = torch.where(on_knot, self.sigmas[i].to(y.device), sig)
+        # a lagging pixel is never ahead of the background: σ(t) from the model's table can be an
+        # ulp below a scheduler's own σ at the same timestep (karras' σ_min vs σ(0))
+        sig = torch.maximum(sig, self.sigmas[i].to(y.device))
         if i == self.steps:
             sig = torch.where(y <= 0, self.sigmas[-1].to(y.device), sig)
             t = torch.where(y <= 0, torch.zeros_like(t), t)

@@ -84,3 +84,33 @@ def _package_parent(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.symlink(root, link / "asyndm_fpdm")
     return str(link)
+
+
+def test_cli_sampler_and_scheduler_reach_the_engine(model_dir, tmp_path, monkeypatch):
+    from asyndm_fpdm.samplers import api
+
+    calls = []
+    real = api.asyn_generate
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "asyn_generate", recording)
+    base = ["asyn", "--model", model_dir, "--prompt", "a rabbit playing basketball", "--targets", "rabbit:0.7",
+            "--steps", "3", "--modes", "asyn"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    # the reference's defaults: DDIM on the paper's timesteps with eta 1
+    assert {k: calls[-1][k] for k in ("sampler", "scheduler", "eta")} == {"sampler": "ddim", "scheduler": "paper", "eta": 1.0}
+    assert main(base + ["--sampler", "dpmpp_2m", "--scheduler", "karras", "--out", str(tmp_path / "b")]) == 0
+    assert {k: calls[-1][k] for k in ("sampler", "scheduler", "eta")} == {"sampler": "dpmpp_2m", "scheduler": "karras", "eta": 0.0}
+    assert (tmp_path / "b" / "00000_asyn.png").is_file()
+
+
+def test_cli_eta_for_a_sampler_without_noise_is_a_clear_error(model_dir, tmp_path, capsys):
+    rc = main(["asyn", "--model", model_dir, "--prompt", "a rabbit", "--targets", "rabbit", "--steps", "2",
+               "--sampler", "euler", "--eta", "0.5", "--out", str(tmp_path)])
+    assert rc == 2 and "takes no --eta" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["asyn", "--model", model_dir, "--prompt", "a rabbit", "--sampler", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

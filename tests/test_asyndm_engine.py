@@ -1,16 +1,17 @@
-"""AsynDM engine on a tiny random UNet: invariants 1, 2, 5 and 6, modes, mask sources, eta."""
+"""AsynDM with the diffusers backend on a tiny random UNet: invariants 1, 2, 5 and 6, the
+sigma-space model_fn (eps and v), modes, mask sources, samplers, schedulers, eta."""
 
 import pytest
 import torch
 
 from asyndm_fpdm import tiny as tm
 from asyndm_fpdm.samplers.api import asyn_generate
-from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, pixel_forward
-from asyndm_fpdm.samplers.ddim import ddim_step
-from asyndm_fpdm.samplers.loop import sample
+from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, capture_stride, pixel_forward, schedule_of
+from asyndm_fpdm.samplers.pixel_samplers import SAMPLERS
 from asyndm_fpdm.samplers.schedule import AsyncSchedule
 
 CFG = tm.sd_scheduler_config()
+SCHED = schedule_of(CFG)
 ITEMS = [([2], 0.7), ([4], 0.5)]
 
 
@@ -42,6 +43,11 @@ def test_sdxl_added_conditioning_per_pixel():
     stock = unet(x, torch.tensor([300, 300]), encoder_hidden_states=ctx, added_cond_kwargs=added).sample
     out, _ = pixel_forward(unet, x, torch.full((2, 16, 16), 300), ctx, added_cond_kwargs=added, force_per_pixel=True)
     assert (out - stock).abs().max() <= 1e-5
+    # the API with SDXL's added conditioning (per-image vectors on per-pixel rows), CFG and dynamic masks
+    neg = {"text_embeds": torch.randn(2, tm.CROSS_DIM), "time_ids": added["time_ids"]}
+    res = asyn_generate(unet, CFG, ctx, tm.embeds(2, seed=3), items=ITEMS, steps=3, seed=7, added_cond=added,
+                        negative_added_cond=neg, sampler="euler", scheduler="karras")
+    assert torch.isfinite(res.latents).all() and res.item_maps[0].shape == (2, 2, 4, 4)
 
 
 def test_per_pixel_timesteps_act_locally(unet):
@@ -58,28 +64,64 @@ def test_per_pixel_timesteps_act_locally(unet):
     assert left > 0 and left > right
 
 
-def test_invariant6_embeddings_only_for_distinct_timesteps(unet):
+def _time_mlp_rows(unet, tmap, **kw):
     rows = []
     handle = unet.time_embedding.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     try:
-        tmap = torch.full((2, 16, 16), 800)
-        tmap[:, :4] = 950
-        tmap[1, 8:] = 120
-        pixel_forward(unet, tm.latents(2), tmap, tm.embeds(2))
+        pixel_forward(unet, tm.latents(2), tmap, tm.embeds(2), **kw)
     finally:
         handle.remove()
-    # 2 images: {800, 950} and {800, 950, 120} -> 5 (image, timestep) rows (+2 for the stock per-image pass)
-    assert max(rows) == 5 and sum(rows) <= 7, rows
+    return rows
 
 
-def test_attention_capture_only_selected_tokens_shapes(unet):
-    den = DiffusersDenoiser(unet, tm.embeds(2), tm.embeds(2, seed=9), token_groups=[[2], [3, 4]])
-    out, maps = den(tm.latents(2), torch.full((2, 16, 16), 700), capture=True)
+def test_invariant6_embeddings_only_for_distinct_timesteps(unet):
+    tmap = torch.full((2, 16, 16), 800)
+    tmap[:, :4] = 950
+    tmap[1, 8:] = 120
+    # the time MLP runs once on the 3 distinct timesteps (+ the stock forward's 2 per-image rows)
+    assert _time_mlp_rows(unet, tmap) == [3, 2]
+    sdxl = tm.tiny_unet(sdxl=True)
+    added = {"text_embeds": torch.randn(2, tm.CROSS_DIM), "time_ids": torch.randn(2, 6)}
+    from asyndm_fpdm.samplers.backends.diffusers_unet import _pixel_embedding_rows
+
+    rows, index = _pixel_embedding_rows(sdxl, tm.latents(2), tmap, tm.embeds(2), added, None)
+    # SDXL adds a per-image vector: rows are the 5 (image, timestep) pairs {800, 950} and {800, 950, 120}
+    assert rows.shape[0] == 5 and index.shape == (2, 16, 16) and _time_mlp_rows(sdxl, tmap, added_cond_kwargs=added) == [3, 2]
+
+
+def test_attention_capture_only_selected_tokens_and_stride_rule(unet):
+    den = DiffusersDenoiser(unet, SCHED, tm.embeds(2), tm.embeds(2, seed=9), token_groups=[[2], [3, 4]])
+    out, maps = den(tm.latents(2), torch.full((2, 1, 16, 16), 4.0), capture=True)
     assert out.shape == (2, 4, 16, 16) and maps.shape == (2, 2, 4, 4)
     assert (maps > 0).all() and (maps < 1).all()
-    with pytest.raises(ValueError, match="query grid"):
-        DiffusersDenoiser(unet, tm.embeds(1), token_groups=[[2]], attn_fraction=3)(
-            tm.latents(1), torch.full((1, 16, 16), 700), True)
+    # the tiny UNet has cross-attention at strides 1, 2, 4 (down/up) and 8 (mid): a missing wanted
+    # stride takes the nearest finer level, a too-fine one the coarsest... of those that fit the latent
+    assert [capture_stride(unet, (16, 16), w) for w in (4, 3, 16, 1)] == [4, 2, 8, 1]
+    assert capture_stride(unet, (4, 4), 8) == 4
+    _, maps3 = DiffusersDenoiser(unet, SCHED, tm.embeds(1), token_groups=[[2]], attn_fraction=3)(
+        tm.latents(1), torch.full((1, 1, 16, 16), 4.0), True)
+    assert maps3.shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_model_fn_denoised_matches_diffusers_x0(unet, prediction_type):
+    """x_VE = x_VP·sqrt(1 + σ²) at σ(t): the denoised latent is diffusers' pred_original_sample."""
+    from diffusers import DDIMScheduler
+
+    cfg = tm.sd_scheduler_config(prediction_type)
+    sched = DDIMScheduler.from_config(cfg)
+    sched.set_timesteps(10)
+    t = int(sched.timesteps[3])
+    x_vp, ctx = tm.latents(1), tm.embeds(1)
+    model_out = unet(x_vp, t, encoder_hidden_states=ctx).sample
+    ref = sched.step(model_out, t, x_vp).pred_original_sample
+    schedule = schedule_of(cfg)
+    sigma = schedule.sigma(torch.tensor(float(t)))
+    den = DiffusersDenoiser(unet, schedule, ctx, prediction_type=prediction_type)
+    ours, maps = den(x_vp * (1 + sigma**2) ** 0.5, torch.full((1, 1, 16, 16), float(sigma)))
+    assert maps is None and (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    scalar, _ = den(x_vp * (1 + sigma**2) ** 0.5, sigma)  # one sigma per image is a constant map
+    assert torch.equal(scalar, ours)
 
 
 def test_invariant2_empty_mask_equals_synchronous_sampling(unet):
@@ -105,29 +147,17 @@ def test_vanilla_matches_diffusers_ddim_scheduler(unet):
     assert (ours.latents - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def test_ddim_step_v_prediction_matches_diffusers():
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(tm.sd_scheduler_config("v_prediction"))
-    sched.set_timesteps(10)
-    x, v = tm.latents(1), tm.latents(1, seed=5)
-    t = sched.timesteps[3]
-    ref = sched.step(v, t, x).prev_sample
-    ours, _ = ddim_step(v, x, int(t), int(t) - 100, sched.alphas_cumprod, prediction_type="v_prediction")
-    assert (ours - ref).abs().max() <= 1e-5
-    per_pixel, _ = ddim_step(v, x, torch.full((1, 1, 16, 16), int(t)), torch.full((1, 1, 16, 16), int(t) - 100),
-                             sched.alphas_cumprod, prediction_type="v_prediction")
-    assert torch.equal(per_pixel, ours)
-
-
-@pytest.mark.parametrize("mode,source", [("asyn", "dynamic"), ("asyn", "static"), ("concave", "dynamic")])
-def test_invariant5_seed_and_batch_independence(unet, mode, source):
-    one = run(unet, mode=mode, mask_source=source, batch=1)
-    again = run(unet, mode=mode, mask_source=source, batch=1)
+@pytest.mark.parametrize("mode,source,eta,sampler", [
+    ("asyn", "dynamic", 0.0, "ddim"), ("asyn", "static", 0.0, "ddim"), ("concave", "dynamic", 0.0, "ddim"),
+    ("asyn", "dynamic", 1.0, "ddim"), ("asyn", "dynamic", 1.0, "dpmpp_2m_sde")])
+def test_invariant5_seed_and_batch_independence(unet, mode, source, eta, sampler):
+    kw = dict(mode=mode, mask_source=source, eta=eta, sampler=sampler)
+    one = run(unet, batch=1, **kw)
+    again = run(unet, batch=1, **kw)
     assert torch.equal(one.latents, again.latents)
     two = asyn_generate(unet, CFG, tm.embeds(1).repeat(2, 1, 1), tm.embeds(1, seed=3).repeat(2, 1, 1),
-                        items=ITEMS, steps=6, seed=7, mode=mode, mask_source=source)
-    assert (two.latents[0] - one.latents[0]).abs().max() <= 1e-4
+                        items=ITEMS, steps=6, seed=7, **kw)
+    assert (two.latents[0] - one.latents[0]).abs().max() <= 1e-5 * one.latents.abs().max()
     assert not torch.allclose(two.latents[0], two.latents[1]), "image 1 gets its own noise (seed + 1)"
 
 
@@ -154,9 +184,10 @@ def test_static_and_external_masks_fix_the_schedule(unet):
 
 
 def test_concave_mode_puts_every_pixel_on_the_strongest_curve(unet):
-    res = run(unet, mode="concave")
-    plan = AsyncSchedule(6).plan(torch.ones(1, 1, 16, 16), [0.7], 1, 16, 16).round().long()
-    assert all(torch.equal(t, plan[i]) for i, t in enumerate(res.timestep_maps))
+    # 8 steps divide the 1000 training steps: DDIM's leading timesteps are the paper's linear curve
+    res = run(unet, mode="concave", steps=8)
+    plan = AsyncSchedule(8).plan(torch.ones(1, 1, 16, 16), [0.7], 1, 16, 16).round().long()
+    assert len(res.timestep_maps) == 8 and all(torch.equal(t, plan[i]) for i, t in enumerate(res.timestep_maps))
 
 
 def test_eta_is_seeded_and_stochastic(unet):
@@ -171,10 +202,37 @@ def test_eta_is_seeded_and_stochastic(unet):
 def test_bad_settings_are_clear_errors(unet):
     with pytest.raises(ValueError, match="asyn, concave, vanilla"):
         run(unet, mode="fast")
+    with pytest.raises(ValueError, match="dynamic, static, external"):
+        run(unet, mask_source="file")
     with pytest.raises(ValueError, match="one mask per item"):
         run(unet, mask_source="external", external_masks=torch.zeros(3, 16, 16))
-    with pytest.raises(ValueError, match="noise_sampler"):
-        sample(lambda x, t, c: (x, None), tm.latents(1), tm.alphas_cumprod(), AsyncSchedule(2), [], eta=0.5)
+    with pytest.raises(ValueError, match="needs external_masks"):
+        run(unet, mask_source="external")
+    with pytest.raises(ValueError, match="no per-pixel version: use one of ddim, euler"):
+        run(unet, sampler="uni_pc")
+    with pytest.raises(ValueError, match="takes no eta: use eta=0"):
+        run(unet, sampler="euler", eta=0.5)
+    with pytest.raises(ValueError, match="unknown scheduler 'simple'.*karras"):
+        run(unet, scheduler="simple")
+    with pytest.raises(ValueError, match="does not match the latent"):
+        DiffusersDenoiser(unet, SCHED, tm.embeds(1))(tm.latents(1), torch.ones(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
+        DiffusersDenoiser(unet, SCHED, tm.embeds(1), prediction_type="flow")
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_asynchronously_on_karras(unet, sampler):
+    """Any per-pixel sampler on a non-paper schedule: items lag (timestep maps), the result is
+    finite, and an empty mask is exactly vanilla (invariant 2 beyond DDIM)."""
+    kw = dict(sampler=sampler, scheduler="karras", steps=4, eta=0.5 if sampler in ("ddim", "euler_ancestral") else 0.0)
+    ext = torch.zeros(2, 16, 16)
+    ext[0, :, :8] = 1
+    res = run(unet, mode="asyn", mask_source="external", external_masks=ext, **kw)
+    assert torch.isfinite(res.latents).all() and res.latents.abs().max() > 0
+    assert (res.timestep_maps[1][0, :, :8] > res.timestep_maps[1][0, :, 8:].max()).all()
+    empty = run(unet, mode="asyn", mask_source="external", external_masks=torch.zeros(2, 16, 16), **kw)
+    vanilla = run(unet, mode="vanilla", **kw)
+    assert torch.equal(empty.latents, vanilla.latents)
 
 
 def test_non_square_latents_and_capture_grid(unet):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from asyndm_fpdm import tiny
-from asyndm_fpdm.samplers.backends.diffusers_unet import pixel_forward
-from asyndm_fpdm.samplers.ddim import ddim_step
+from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, pixel_forward, schedule_of
+from asyndm_fpdm.samplers.pixel_samplers import sample_ddim
 
 REF = os.environ.get("ASYNDM_REFERENCE_PATH")
 pytestmark = pytest.mark.skipif(
@@ -51,9 +51,37 @@ def test_per_pixel_forward_and_attention_maps_match_reference(ref):
             extra_input={"used_layer_size": 4, "item_idx": [1, 3]}, return_extra_inf=True,
         )
     ours, maps = pixel_forward(unet, x2, tmap, ctx, capture_tokens=[[2], [4]], capture_slice=slice(1, 2))
-    assert (ours - theirs).abs().max() <= 1e-4
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     their_maps = extra["cross_mask"].permute(0, 2, 1).reshape(1, 2, 4, 4)
-    assert (maps - their_maps).abs().max() <= 1e-5
+    assert (maps - their_maps).abs().max() <= 1e-5 * their_maps.abs().max()
+
+
+class _FixedOutput(DiffusersDenoiser):
+    """The backend's sigma-space conversion around a given raw model output."""
+
+    def __init__(self, schedule, out, prediction_type):
+        super().__init__(None, schedule, None, prediction_type=prediction_type)
+        self.out, self.seen_t = out, []
+
+    def raw(self, x_in, timesteps, capture=False):
+        self.seen_t.append(timesteps)
+        return self.out, None
+
+
+class _OneStep:
+    """A plan of one step between two per-pixel sigma maps."""
+
+    def __init__(self, schedule, sigma, sigma_next):
+        self.schedule, self.maps = schedule, (sigma, sigma_next)
+
+    def __len__(self):
+        return 1
+
+    def step(self, i):
+        return self.maps
+
+    def background(self, i):
+        return self.maps[i].min()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -61,10 +89,17 @@ def test_asynchronous_ddim_step_matches_reference(ref, prediction_type):
     from diffusers import DDIMScheduler
 
     _, asyn_step = ref
-    sched = DDIMScheduler.from_config(tiny.sd_scheduler_config(prediction_type))
+    config = tiny.sd_scheduler_config(prediction_type)
+    sched = DDIMScheduler.from_config(config)
     x, out = tiny.latents(2, seed=4), tiny.latents(2, seed=5)
     t = random_map(2, 16, 1)[:, None].expand(2, 4, 16, 16)
     t_prev = (t - 37).clamp(min=0)
     theirs, _, _ = asyn_step(sched, out, t, t_prev, x, eta=0.0)
-    ours, _ = ddim_step(out, x, t, t_prev, sched.alphas_cumprod, prediction_type=prediction_type)
-    assert (ours - theirs).abs().max() <= 1e-6
+
+    schedule = schedule_of(config)
+    sigma, sigma_next = (schedule.sigma(m[:, :1].float()) for m in (t, t_prev))
+    model = _FixedOutput(schedule, out, prediction_type)
+    x_ve = sample_ddim(lambda v, s: model(v, s)[0], x * (1 + sigma**2) ** 0.5, _OneStep(schedule, sigma, sigma_next))
+    ours = x_ve / (1 + sigma_next**2) ** 0.5
+    assert torch.equal(model.seen_t[0], t[:, 0]), "sigma -> timestep gives back the reference's timesteps"
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()

@@ -1,19 +1,27 @@
 """AsynDM backend for diffusers' UNet2DConditionModel (SD1.x, SD2.x incl. v-prediction, SDXL).
 
+``DiffusersDenoiser`` is the engine's ``model_fn(x, sigma_map, capture) -> (denoised, item_maps)``
+(engine.py): x is in sigma space (x = x0 + σ·ε), σ a per-pixel map (B, 1, H, W). The UNet sees
+x / sqrt(1 + σ²) at the per-pixel integer timesteps ``schedule.timestep(σ)``, as ComfyUI's
+discrete models do, and its output becomes a denoised latent per pixel.
+
 Per-pixel timesteps without copying the UNet's forward: the stock forward runs, and for the
 duration of one call hooks make every ResnetBlock2D add a per-pixel time embedding instead of
-its per-image one. Embeddings are computed only for the distinct (image, timestep) pairs of
-the step and gathered per pixel (a feature map at a coarser level takes the top-left latent
-pixel of each block, as the AsynDM reference does). Attention capture hooks the cross-attention
-layers whose query grid is latent/``attn_fraction`` and computes probabilities only there, only
-for the conditional half of the CFG batch and only for the item tokens.
+its per-image one. Embeddings are computed only for the distinct timesteps of the call (per
+image only where a per-image vector such as SDXL's size embedding is added) and gathered per
+pixel (pixel_math.py). Attention capture hooks the cross-attention layers at one stride
+(``pick_capture_stride``) and computes probabilities only there, only for the conditional half
+of the CFG batch and only for the item tokens.
 """
 
-import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import List, Optional, Sequence
 
 import torch
+
+from .pixel_math import distinct_rows, gather_rows, item_attention, pick_capture_stride, strided_index, token_weights
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _resnets(unet):
@@ -29,36 +37,58 @@ def _resnets(unet):
             yield module
 
 
-def _cross_attentions(unet):
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and hasattr(module, "to_q"):
-            yield module
+def cross_attention_strides(unet) -> dict:
+    """{cross-attention module: its stride (latent pixels per feature pixel)}.
+
+    Down block i runs at stride 2^i, the mid block at the deepest stride, up block j at
+    2^(n-1-j) (each up block upsamples only at its end)."""
+    n = len(unet.down_blocks)
+    levels = [(block, 2**i) for i, block in enumerate(unet.down_blocks)]
+    levels += [(block, 2 ** (n - 1 - j)) for j, block in enumerate(unet.up_blocks)]
+    if unet.mid_block is not None:
+        levels.append((unet.mid_block, 2 ** (n - 1)))
+    found = {}
+    for block, stride in levels:
+        for name, module in block.named_modules():
+            if name.endswith("attn2") and hasattr(module, "to_q"):
+                found[module] = stride
+    return found
 
 
-def _pixel_embedding_rows(unet, sample, timestep_map, encoder_hidden_states, added_cond_kwargs, class_labels):
-    """Embedding rows for the distinct (image, timestep) pairs and the row index of every pixel."""
-    b = timestep_map.shape[0]
-    span = int(timestep_map.max().item()) + 1
-    key = torch.arange(b, device=timestep_map.device).view(b, 1, 1) * span + timestep_map
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    row_t, row_b = uniq % span, uniq // span
-    emb = unet.time_embedding(unet.time_proj(row_t).to(dtype=sample.dtype), None)
-    per_image = 0
+def _per_image_vector(unet, sample, dtype, encoder_hidden_states, added_cond_kwargs, class_labels):
+    """The (B, D) vector the stock forward adds to every image's time embedding, or None."""
+    vec = None
     class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
     if class_emb is not None:
         if unet.config.class_embeddings_concat:
             raise NotImplementedError("per-pixel timesteps do not support class_embeddings_concat")
-        per_image = per_image + class_emb
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {})
+        vec = class_emb
+    probe = torch.zeros(1, dtype=dtype, device=sample.device)  # get_aug_embed reads only emb's dtype
+    aug = unet.get_aug_embed(emb=probe, encoder_hidden_states=encoder_hidden_states,
+                             added_cond_kwargs=added_cond_kwargs or {})
     if isinstance(aug, tuple):
         raise NotImplementedError("per-pixel timesteps do not support image_hint conditioning")
     if aug is not None:
-        per_image = per_image + aug
-    if torch.is_tensor(per_image):
-        emb = emb + per_image[row_b]
+        vec = aug if vec is None else vec + aug
+    return vec
+
+
+def _pixel_embedding_rows(unet, sample, timestep_map, encoder_hidden_states, added_cond_kwargs, class_labels):
+    """Embedding rows and the row index (B, H, W) of every pixel (DESIGN.md invariant 6): the time
+    MLP runs once per distinct timestep; rows are (image, timestep) pairs only where a per-image
+    vector is added."""
+    dtype = sample.dtype
+    uniq, _, _ = distinct_rows(timestep_map, per_image=False)
+    emb = unet.time_embedding(unet.time_proj(uniq).to(dtype=dtype), None)
+    vec = _per_image_vector(unet, sample, dtype, encoder_hidden_states, added_cond_kwargs, class_labels)
+    if vec is None:
+        _, _, index = distinct_rows(timestep_map, per_image=False)
+    else:
+        row_t, row_img, index = distinct_rows(timestep_map, per_image=True)
+        emb = emb[torch.searchsorted(uniq, row_t.contiguous())] + vec[row_img]
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    return emb, inverse.view_as(timestep_map)
+    return emb, index
 
 
 @contextmanager
@@ -75,8 +105,8 @@ def _pixel_timestep_hooks(unet, emb_rows, index_map):
                 rows = resnet.time_emb_proj(rows)
             finally:
                 bypass[0] = False
-            idx = index_map[:, :: max(height // h, 1), :: max(width // w, 1)][:, :h, :w]
-            return output + rows[idx].permute(0, 3, 1, 2).to(output.dtype)
+            idx = strided_index(index_map, max(height // h, 1), h, w)
+            return output + gather_rows(rows, idx).to(output.dtype)
 
         return hook
 
@@ -95,34 +125,34 @@ def _pixel_timestep_hooks(unet, emb_rows, index_map):
 
 
 @contextmanager
-def _attention_capture(unet, query_len, batch_slice, token_groups, store: List):
+def _attention_capture(layers, batch_slice, token_groups, store: List):
     """Record, per hooked layer, (b, Q, N) head-averaged probabilities of each token group."""
-    positions = sorted({p for group in token_groups for p in group})
-    column = {p: i for i, p in enumerate(positions)}
-    group_cols = [[column[p] for p in group] for group in token_groups]
 
     def hook(attn, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states")
-        if context is None or hidden.ndim != 3 or hidden.shape[1] != query_len:
+        if context is None or hidden.ndim != 3:
             return
         hidden, context = hidden[batch_slice], context[batch_slice]
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q, k = attn.to_q(hidden), attn.to_k(context)
-        b, heads = q.shape[0], attn.heads
-        q = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
-        k = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
-        probs = torch.softmax(q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1])), dim=-1)
-        probs = probs[..., positions].mean(dim=1)  # (b, Q, P)
-        store.append(torch.stack([probs[..., cols].mean(dim=-1) for cols in group_cols], dim=-1))
+        length = context.shape[1]  # diffusers never repeats the context: every token once
+        weights = token_weights(token_groups, length, length, hidden.device)
+        store.append(item_attention(attn.to_q(hidden), attn.to_k(context), attn.heads, weights))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in _cross_attentions(unet)]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def capture_stride(unet, size, wanted: int = 4) -> int:
+    """The stride attention is read at for a latent of ``size`` (H, W): ``wanted`` if a
+    cross-attention level has it, else pixel_math's one rule for a missing level."""
+    strides = [s for s in cross_attention_strides(unet).values() if s <= min(size)]
+    return pick_capture_stride(strides, wanted)
 
 
 def pixel_forward(
@@ -138,10 +168,11 @@ def pixel_forward(
     attn_fraction: int = 4,
     force_per_pixel: bool = False,
 ):
-    """UNet output for per-pixel timesteps ``timestep_map`` (B, H, W).
+    """Raw UNet output for integer per-pixel timesteps ``timestep_map`` (B, H, W).
 
     With ``capture_tokens`` (one list of token positions per item) also returns the item maps
-    (b, N, H/attn_fraction, W/attn_fraction) of the ``capture_slice`` images, else None.
+    (b, N, ⌈H/s⌉, ⌈W/s⌉) of the ``capture_slice`` images, s = the capture stride for the wanted
+    ``attn_fraction`` (see ``capture_stride``), else None.
     """
     _, _, height, width = sample.shape
     timestep_map = timestep_map.to(sample.device).long()
@@ -152,51 +183,60 @@ def pixel_forward(
     per_image_t = flat[:, 0]
 
     store: List[torch.Tensor] = []
-    gh, gw = height // attn_fraction, width // attn_fraction
-    with torch.no_grad():
-        capture = (
-            _attention_capture(unet, gh * gw, capture_slice, capture_tokens, store)
-            if capture_tokens
-            else _nullcontext()
-        )
-        with capture:
-            if constant and not force_per_pixel:
-                out = unet(sample, per_image_t, encoder_hidden_states=encoder_hidden_states,
-                           added_cond_kwargs=added_cond_kwargs, class_labels=class_labels, return_dict=False)[0]
-            else:
-                rows, index_map = _pixel_embedding_rows(
-                    unet, sample, timestep_map, encoder_hidden_states, added_cond_kwargs, class_labels
-                )
-                with _pixel_timestep_hooks(unet, rows, index_map):
-                    out = unet(sample, per_image_t, encoder_hidden_states=encoder_hidden_states,
-                               added_cond_kwargs=added_cond_kwargs, class_labels=class_labels, return_dict=False)[0]
+    capture = nullcontext()
+    if capture_tokens:
+        stride = capture_stride(unet, (height, width), attn_fraction)
+        layers = [m for m, s in cross_attention_strides(unet).items() if s == stride]
+        capture = _attention_capture(layers, capture_slice, [list(g) for g in capture_tokens], store)
+    kwargs = dict(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                  class_labels=class_labels, return_dict=False)
+    with torch.no_grad(), capture:
+        if constant and not force_per_pixel:
+            out = unet(sample, per_image_t, **kwargs)[0]
+        else:
+            rows, index_map = _pixel_embedding_rows(
+                unet, sample, timestep_map, encoder_hidden_states, added_cond_kwargs, class_labels
+            )
+            with _pixel_timestep_hooks(unet, rows, index_map):
+                out = unet(sample, per_image_t, **kwargs)[0]
     maps = None
     if capture_tokens:
         if not store:
-            raise ValueError(
-                f"no cross-attention layer has a {gh}x{gw} query grid (latent/{attn_fraction}); "
-                "choose another attention fraction for this model and latent size"
-            )
+            raise RuntimeError("no cross-attention layer ran at the capture stride: another hook or processor "
+                               "bypasses the UNet's attention modules")
+        gh, gw = -(-height // stride), -(-width // stride)
         maps = torch.stack(store, dim=0).mean(dim=0)  # (b, Q, N)
         maps = maps.permute(0, 2, 1).reshape(maps.shape[0], maps.shape[2], gh, gw)
     return out, maps
 
 
-@contextmanager
-def _nullcontext():
-    yield
+def schedule_of(scheduler_config: dict):
+    """The model's sigma <-> timestep map (schedulers.DiscreteSchedule) from a diffusers scheduler
+    config; ᾱ computed by diffusers' DDIMScheduler itself."""
+    from diffusers import DDIMScheduler
+
+    from ..schedulers import DiscreteSchedule
+
+    return DiscreteSchedule(DDIMScheduler.from_config(dict(scheduler_config)).alphas_cumprod)
 
 
 class DiffusersDenoiser:
-    """A loop.sample denoiser for a diffusers UNet with classifier-free guidance.
+    """The engine's ``model_fn`` for a diffusers UNet with classifier-free guidance.
 
-    ``cond``/``uncond`` are prompt embeddings (B, L, D); the CFG batch is [uncond; cond] as in
-    the reference, and attention is captured from the cond half.
+    ``schedule`` is a ``DiscreteSchedule`` (or a diffusers scheduler config); ``cond``/``uncond``
+    are prompt embeddings (B, L, D); the CFG batch is [uncond; cond] as in the reference, and
+    attention is captured from the cond half. ``attn_fraction`` is the wanted capture stride.
     """
 
-    def __init__(self, unet, cond, uncond=None, *, guidance_scale=5.0, token_groups=(), attn_fraction=4,
-                 added_cond=None, uncond_added_cond=None, force_per_pixel=False):
-        self.unet, self.cond, self.uncond = unet, cond, uncond
+    def __init__(self, unet, schedule, cond, uncond=None, *, prediction_type="epsilon", guidance_scale=5.0,
+                 token_groups=(), attn_fraction=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction type {prediction_type!r} is not supported: use one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
+        if isinstance(schedule, dict):
+            schedule = schedule_of(schedule)
+        self.unet, self.schedule, self.cond, self.uncond = unet, schedule, cond, uncond
+        self.prediction_type = prediction_type
         self.guidance_scale = guidance_scale
         self.token_groups = [list(g) for g in token_groups]
         self.attn_fraction = attn_fraction
@@ -206,26 +246,51 @@ class DiffusersDenoiser:
     def _use_cfg(self):
         return self.uncond is not None and self.guidance_scale != 1.0
 
-    def __call__(self, x, timesteps, capture):
-        b = x.shape[0]
+    def timesteps(self, sigma_map: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) sigmas → (B, H, W) nearest integer timesteps, looked up once per distinct sigma."""
+        uniq, inverse = torch.unique(sigma_map[:, 0].float(), return_inverse=True)
+        t = self.schedule.timestep(uniq.cpu()).to(sigma_map.device)
+        t = torch.where(uniq.to(t.device) > 0, t, torch.zeros_like(t))  # σ = 0 is timestep 0
+        return t[inverse].long()
+
+    def raw(self, x_in, timesteps, capture=False):
+        """Guided model output for the UNet input ``x_in`` (VP space) at integer timesteps (B, H, W)."""
+        b = x_in.shape[0]
         dtype = next(self.unet.parameters()).dtype
         if self._use_cfg():
-            x_in, t_in = torch.cat([x, x]), torch.cat([timesteps, timesteps])
+            x2, t2 = torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps])
             context = torch.cat([self.uncond, self.cond])
             added = _cat_added(self.uncond_added_cond, self.added_cond)
             cond_slice = slice(b, 2 * b)
         else:
-            x_in, t_in, context, added, cond_slice = x, timesteps, self.cond, self.added_cond, slice(None)
+            x2, t2, context, added, cond_slice = x_in, timesteps, self.cond, self.added_cond, slice(None)
         out, maps = pixel_forward(
-            self.unet, x_in.to(dtype), t_in, context.to(dtype), added_cond_kwargs=added,
+            self.unet, x2.to(dtype), t2, context.to(dtype), added_cond_kwargs=added,
             capture_tokens=self.token_groups if (capture and self.token_groups) else None,
             capture_slice=cond_slice, attn_fraction=self.attn_fraction, force_per_pixel=self.force_per_pixel,
         )
-        out = out.to(x.dtype)
+        out = out.to(x_in.dtype)
         if self._use_cfg():
             uncond_out, cond_out = out.chunk(2)
             out = uncond_out + self.guidance_scale * (cond_out - uncond_out)
         return out, (maps.float() if maps is not None else None)
+
+    def __call__(self, x, sigma_map, capture=False):
+        sigma = torch.as_tensor(sigma_map, dtype=x.dtype, device=x.device)
+        if sigma.ndim == 0 or sigma.numel() == x.shape[0]:  # one sigma per image: a constant map
+            sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[-2:])
+        if sigma.shape != (x.shape[0], 1, *x.shape[-2:]):
+            raise ValueError(f"sigma map {tuple(sigma.shape)} does not match the latent {tuple(x.shape)}: "
+                             "give (B, 1, H, W)")
+        scale = (sigma**2 + 1) ** 0.5
+        out, maps = self.raw(x / scale, self.timesteps(sigma), capture)
+        if self.prediction_type == "epsilon":
+            denoised = x - sigma * out
+        elif self.prediction_type == "v_prediction":
+            denoised = x / (sigma**2 + 1) - out * sigma / scale
+        else:
+            denoised = out
+        return denoised, maps
 
 
 def _cat_added(uncond, cond):
