@@ -1,14 +1,15 @@
-"""Asynchronous KSampler (dynamic mask) against the core KSampler inside ComfyUI.
+"""Per sampler: the Asynchronous KSampler (AsynDM, dynamic masks) against ComfyUI's own sampler
+of the same name inside ComfyUI.
 
-Same model, same steps, same latent, same conditioning, one process, runs interleaved; prints the
-median wall times side by side and their ratio (design target: AsynDM dynamic ≤ 1.10× core).
+Same model, sigmas, latent and conditioning, one process, runs interleaved; prints per sampler
+the median wall time per step of each and their ratio (target: AsynDM dynamic ≤ 1.05× per step).
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm.py \
-        [--size 256] [--steps 10] [--repeats 5] [--channels 64]
+        [--size 256] [--steps 4] [--repeats 3] [--channels 320] [--samplers euler,dpmpp_2m]
 
-The model is an SD1.5-shaped UNet built from ComfyUI's own SD15 config with random weights
-(three levels, attention at latent/1, /2, /4 like SD1.5 at 512 px, 768-wide context), small
-enough for a CPU and large enough that the UNet, not Python, dominates a step.
+The model is SD1.5's UNet (ComfyUI's own SD15 config: 320 base channels, two ResBlocks per
+level, attention at latent/1, /2, /4, 768-wide context) with random weights; --channels and
+--light shrink it for a quick look on a small CPU.
 """
 
 import argparse
@@ -32,17 +33,19 @@ def bootstrap(comfy_path):
     comfy_workflows.bootstrap_comfyui(comfy_path, pathlib.Path(tempfile.mkdtemp(prefix="bench_asyndm_")))
 
 
-def build_model(channels, seed=0):
+def build_model(channels, seed=0, light=False):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models as sm
     import torch
 
+    levels = [1, 2, 4] if light else [1, 2, 4, 4]
     unet = {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "in_channels": 4,
         "use_spatial_transformer": True, "legacy": False, "model_channels": channels,
-        "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 4], "context_dim": 768,
-        "transformer_depth": [1, 1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1],
+        "num_res_blocks": [1 if light else 2] * len(levels), "channel_mult": levels, "context_dim": 768,
+        "transformer_depth": [1, 1, 1] if light else [1, 1, 1, 0], "transformer_depth_middle": 1,
+        "transformer_depth_output": [1] * 6 if light else [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_linear_in_transformer": False, "use_temporal_resblock": False, "use_temporal_attention": False,
         "adm_in_channels": None, "num_heads": 8, "num_head_channels": -1,
     }
@@ -68,9 +71,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
     ap.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--channels", type=int, default=64, help="UNet base channels (SD1.5: 320)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--channels", type=int, default=320, help="UNet base channels (SD1.5: 320)")
+    ap.add_argument("--light", action="store_true", help="three levels, one ResBlock each (quick look)")
+    ap.add_argument("--scheduler", default="karras")
+    ap.add_argument("--samplers", default="ddim,euler,euler_ancestral,heun,dpm_2,dpmpp_2m,dpmpp_2m_sde,dpmpp_sde,"
+                                          "dpmpp_2s_ancestral,lcm")
     args = ap.parse_args()
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
@@ -81,37 +88,38 @@ def main():
 
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
 
-    model = build_model(args.channels)
+    model = build_model(args.channels, light=args.light)
     gen = torch.Generator().manual_seed(1)
     targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": 77}
     pos = [[torch.randn(1, 77, 768, generator=gen), {"asyndm_targets": targets}]]
     neg = [[torch.randn(1, 77, 768, generator=gen), {}]]
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
 
-    def core():
-        return nodes.KSampler().sample(model, 7, args.steps, 7.5, "ddim", "ddim_uniform", pos, neg, latent)
+    def core(name):
+        return lambda: nodes.KSampler().sample(model, 7, args.steps, 7.5, name, args.scheduler, pos, neg, latent)
 
-    def asyn(mode="AsynDM"):
-        return AsynDMKSampler().sample(model, 7, args.steps, 7.5, 0.0, mode, "dynamic", "bin", "", 1.0,
-                                       "timestep 0 (paper)", pos, neg, latent)
+    def asyn(name):
+        return lambda: AsynDMKSampler().sample(model, 7, args.steps, 7.5, 1.0 if name != "ddim" else 0.0, "AsynDM",
+                                               "dynamic", "bin", "", 1.0, "timestep 0 (paper)", pos, neg, latent,
+                                               sampler_name=name, scheduler=args.scheduler)
 
-    runs = {"core KSampler (ddim, ddim_uniform)": core, "Asynchronous KSampler (AsynDM, dynamic)": asyn,
-            "Asynchronous KSampler (vanilla)": lambda: asyn("vanilla")}
-    times = {k: [] for k in runs}
+    names = [n.strip() for n in args.samplers.split(",") if n.strip()]
+    print(f"SD1.5-shaped UNet, base channels {args.channels}{' (light)' if args.light else ''}, latent "
+          f"{args.size // 8}x{args.size // 8}, {args.steps} steps ({args.scheduler}), cfg 7.5, threads "
+          f"{torch.get_num_threads()}, {args.repeats} interleaved rounds (median per step)")
+    print(f"  {'sampler':20s} {'core ms/step':>13s} {'AsynDM ms/step':>15s} {'ratio':>7s}")
     with torch.inference_mode():
-        for fn in runs.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["core KSampler (ddim, ddim_uniform)"])
-    print(f"latent {args.size // 8}x{args.size // 8}, {args.steps} steps, cfg 7.5, base channels {args.channels}, "
-          f"threads {torch.get_num_threads()}, {args.repeats} repeats (median)")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"  {name:42s} {med * 1000:9.1f} ms   ratio {med / base:5.3f}")
+        core("euler")()  # warm-up: model load
+        for name in names:
+            runs = {"core": core(name), "asyn": asyn(name)}
+            times = {k: [] for k in runs}
+            for _ in range(args.repeats):
+                for key, fn in runs.items():
+                    t = time.perf_counter()
+                    fn()
+                    times[key].append((time.perf_counter() - t) / args.steps)
+            c, a = statistics.median(times["core"]), statistics.median(times["asyn"])
+            print(f"  {name:20s} {c * 1000:13.1f} {a * 1000:15.1f} {a / c:7.3f}", flush=True)
 
 
 if __name__ == "__main__":
