@@ -45,13 +45,20 @@ def run(model_fn: Callable, x: torch.Tensor, plan, sampler: str = "ddim", *, ext
     return fn(plan_model(model_fn, plan), x, plan, extra_args=extra_args or {}, callback=callback, **options)
 
 
+def masks_from_attention(item_maps, ks, size, mask_thr: float = 1.0):
+    """The static masks from a run's recorded attention: (masks (B, N, H, W), mean maps (B, N, h, w))."""
+    maps = [m for m in item_maps if m is not None]
+    if not maps:
+        raise RuntimeError("no attention was captured: the positive conditioning carries no targets, or another "
+                           "patch bypasses the model's cross-attention; use an external mask instead")
+    mean = torch.stack(maps).mean(dim=0)
+    return build_item_masks(mean, ks, size, mask_thr), mean
+
+
 def static_prepass(run_vanilla: Callable, make_plan: Callable, ks, size, mask_thr: float = 1.0):
     """The paper's static masks. ``make_plan(mode, capture_all)`` builds a plan; ``run_vanilla(plan)``
     samples along it. Returns (masks (B, N, H, W), mean attention maps (B, N, h, w), the plan)."""
     plan = make_plan(mode="vanilla", capture_all=True)
     run_vanilla(plan)
-    mean = plan.mean_item_maps()
-    if mean is None:
-        raise RuntimeError("no attention was captured in the static pre-pass: the prompt carries no targets, or "
-                           "another patch bypasses the model's cross-attention; use an external mask instead")
-    return build_item_masks(mean, ks, size, mask_thr), mean, plan
+    masks, mean = masks_from_attention(plan.item_maps, ks, size, mask_thr)
+    return masks, mean, plan

@@ -297,14 +297,10 @@ def extract_masks(model, positive, negative, latent, *, seed, steps, cfg, streng
     Returns (binary item masks (B, N, H, W) at latent size, one item per pixel by priority k;
     mean attention maps (B, N, h, w); (latent dict, RunInfo) of the vanilla run).
     """
-    from ..masks import build_item_masks
+    from ..engine import masks_from_attention
 
     options = AsynOptions(mode="vanilla", strengths=strengths, mask_thr=mask_thr, capture_all=True)
     out, info = asyndm_sample(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg, options=options,
                               **kwargs)
-    maps = [m for m in info.item_maps if m is not None]
-    if not maps:
-        raise RuntimeError("no attention was captured: the positive conditioning carries no targets")
-    mean_maps = torch.stack(maps).mean(dim=0)
-    masks = build_item_masks(mean_maps, info.ks, latent["samples"].shape[-2:], mask_thr)
+    masks, mean_maps = masks_from_attention(info.item_maps, info.ks, latent["samples"].shape[-2:], mask_thr)
     return masks, mean_maps, (out, info)
