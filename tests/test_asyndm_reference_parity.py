@@ -14,6 +14,7 @@ import torch
 from asyndm_fpdm import tiny
 from asyndm_fpdm.samplers.backends.diffusers_unet import pixel_forward
 from asyndm_fpdm.samplers.ddim import ddim_step
+from numeric import ROUNDOFF_ELEMENTWISE, ROUNDOFF_ONE_PASS, assert_close
 
 REF = os.environ.get("ASYNDM_REFERENCE_PATH")
 pytestmark = pytest.mark.skipif(
@@ -51,9 +52,9 @@ def test_per_pixel_forward_and_attention_maps_match_reference(ref):
             extra_input={"used_layer_size": 4, "item_idx": [1, 3]}, return_extra_inf=True,
         )
     ours, maps = pixel_forward(unet, x2, tmap, ctx, capture_tokens=[[2], [4]], capture_slice=slice(1, 2))
-    assert (ours - theirs).abs().max() <= 1e-4
+    assert_close(ours, theirs, ROUNDOFF_ONE_PASS, "per-pixel UNet forward vs the reference's")
     their_maps = extra["cross_mask"].permute(0, 2, 1).reshape(1, 2, 4, 4)
-    assert (maps - their_maps).abs().max() <= 1e-5
+    assert_close(maps, their_maps, ROUNDOFF_ONE_PASS, "attention maps vs the reference's")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -67,4 +68,4 @@ def test_asynchronous_ddim_step_matches_reference(ref, prediction_type):
     t_prev = (t - 37).clamp(min=0)
     theirs, _, _ = asyn_step(sched, out, t, t_prev, x, eta=0.0)
     ours, _ = ddim_step(out, x, t, t_prev, sched.alphas_cumprod, prediction_type=prediction_type)
-    assert (ours - theirs).abs().max() <= 1e-6
+    assert_close(ours, theirs, ROUNDOFF_ELEMENTWISE, f"asynchronous DDIM step ({prediction_type}) vs the reference's")
