@@ -127,8 +127,9 @@ def test_reuse_state_is_reset_every_run(pack_nodes, fpdm_files):
     assert_differs(first, other, FAR_ABOVE_ROUNDOFF, "reuse vs no reuse")
 
 
+@pytest.mark.parametrize("steps", [1, 3, 7, 20])
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_fpdm_workflows_execute(pack_nodes, fpdm_files, stand_ins, path):
+def test_fpdm_workflows_execute(pack_nodes, fpdm_files, stand_ins, path, steps):
     from comfy_workflows import run_workflow
 
     ui = json.loads(path.read_text())
@@ -138,9 +139,8 @@ def test_fpdm_workflows_execute(pack_nodes, fpdm_files, stand_ins, path):
             node["widgets_values"][1] = 2
         if node["type"] == "EmptyLatentImage":
             node["widgets_values"][:2] = [64, 64]
-        for key in ("KSampler", "FPDMSampler"):
-            if node["type"] == key:
-                node["widgets_values"][2 if key == "FPDMSampler" else 2] = 3
+        if node["type"] in ("KSampler", "FPDMSampler"):  # seed, control, steps, ...
+            node["widgets_values"][2] = steps
     result = run_workflow(ui)
     assert result.ui, "the workflow produced no output images"
 
