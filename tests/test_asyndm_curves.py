@@ -1,4 +1,4 @@
-"""Curves and per-pixel schedules (invariant 3), checked against hand-derived values."""
+"""Curves and per-pixel schedules (DESIGN.md invariant 3), checked against hand-derived values."""
 
 import math
 

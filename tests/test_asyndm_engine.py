@@ -1,4 +1,4 @@
-"""AsynDM engine on a tiny random UNet: invariants 1, 2, 5 and 6, modes, mask sources, eta."""
+"""AsynDM engine on a tiny random UNet: DESIGN.md invariants 1, 2, 5 and 6, modes, mask sources, eta."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""AsynDM nodes inside a real ComfyUI (tiny SD1.5 / SD2.1-v / SDXL stand-ins): invariants 1–6.
+"""AsynDM nodes inside a real ComfyUI (tiny SD1.5 / SD2.1-v / SDXL stand-ins): DESIGN.md invariants 1–6.
 
 Run: COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/integration -k asyndm
 """

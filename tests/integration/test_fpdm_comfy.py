@@ -67,7 +67,7 @@ def test_core_ksampler_runs_and_input_model_is_untouched(comfy_env, pack_nodes, 
     p = ks.sample(patched, 3, 4, 3.0, "euler", "normal", pos, neg, _latent(2))[0]["samples"]
     assert_differs(p, a, FAR_ABOVE_ROUNDOFF, "fixed-point settings vs defaults")
     b = ks.sample(model, 3, 4, 3.0, "euler", "normal", pos, neg, _latent(2))[0]["samples"]
-    assert torch.equal(a, b)  # invariant 4: the settings node patched a clone only
+    assert torch.equal(a, b)  # DESIGN.md invariant 4: the settings node patched a clone only
 
 
 def test_plain_dit_through_samplercustom(comfy_env, pack_nodes, fpdm_files):
