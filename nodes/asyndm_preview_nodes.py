@@ -55,14 +55,19 @@ class AsynDMCurvePreview:
 
 
 class AsynDMMaskStepsPreview:
+    # The list of steps was called "steps" until it was renamed: that name means a step count
+    # everywhere else, and tools that set "steps" across a graph overwrote the list. Saved UI
+    # workflows keep loading because widget values are stored by position (at_steps and
+    # image_index keep their places; both are optional so that they follow "run" in that order
+    # while an API prompt without at_steps still validates). An API prompt that still says
+    # "steps" is read through the hidden input of that name.
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "run": (RUN_TYPE, {"tooltip": "A sampler's run (dynamic masks change every step)."}),
-                # Not called "steps": that name means a step count everywhere else, and tools that
-                # set "steps" across a graph would overwrite this list. Saved workflows keep
-                # loading: the UI stores widget values by position.
+            },
+            "optional": {
                 "at_steps": ("STRING", {"default": "",
                                         "tooltip": "Which steps of the run to show, comma-separated. A whole number "
                                                    "is a step (0 = first, -1 = last, -2 = the one before); a number "
@@ -72,7 +77,8 @@ class AsynDMMaskStepsPreview:
                                                    "the console."}),
                 "image_index": ("INT", {"default": 0, "min": 0, "max": 4095,
                                         "tooltip": "Which image of the batch to show (past the batch: the last)."}),
-            }
+            },
+            "hidden": {"steps": "STRING"},
         }
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
@@ -85,21 +91,21 @@ class AsynDMMaskStepsPreview:
     DESCRIPTION = "Show the AsynDM masks and per-pixel timesteps at chosen steps of a run."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, at_steps):
+    def VALIDATE_INPUTS(cls, at_steps=None, steps=None):
         """Checked when the prompt is queued, before anything runs: only the format, since the
         run's length is not known yet."""
         from ..samplers.comfy_plots import parse_step_list
 
         try:
-            parse_step_list(at_steps)
+            parse_step_list(_step_list(at_steps, steps))
         except ValueError as e:
             return str(e)
         return True
 
-    def preview(self, run, at_steps, image_index):
+    def preview(self, run, at_steps=None, image_index=0, steps=None):
         from ..samplers.comfy_plots import mark_frames, pick_steps, region_images, timestep_images
 
-        chosen, clamped, notes = pick_steps(at_steps, len(run.timestep_maps))
+        chosen, clamped, notes = pick_steps(_step_list(at_steps, steps), len(run.timestep_maps))
         batch = run.timestep_maps[0].shape[0]
         if image_index >= batch:
             notes.append(f"image_index {image_index} is outside the batch of {batch}: showing image {batch - 1}")
@@ -112,6 +118,13 @@ class AsynDMMaskStepsPreview:
             regions = region_images(run.masks, chosen, image_index)
         frames = [chosen.index(i) for i in clamped]
         return (mark_frames(regions, frames), mark_frames(timestep_images(run.timestep_maps, chosen, image_index), frames))
+
+
+def _step_list(at_steps, legacy_steps):
+    """at_steps, or the list an old API prompt gives under the former name "steps"."""
+    if at_steps is None and legacy_steps is not None:
+        return str(legacy_steps)
+    return at_steps or ""
 
 
 NODE_CLASS_MAPPINGS = {

@@ -125,7 +125,9 @@ def test_asyndm_preview_steps_follow_the_run():
 
 def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
     node = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]()
-    assert "steps" not in node.INPUT_TYPES()["required"], "a step list must not look like a step count"
+    spec = node.INPUT_TYPES()
+    assert "steps" not in {**spec["required"], **spec["optional"]}, "a step list must not look like a step count"
+    assert list(spec["optional"])[:2] == ["at_steps", "image_index"]  # widget order of saved workflows
     assert node.VALIDATE_INPUTS("0, 0.25, -1") is True and node.VALIDATE_INPUTS("") is True
     assert "is not a step" in node.VALIDATE_INPUTS("0; 10")
     for total in (1, 3, 7, 20):
@@ -141,6 +143,8 @@ def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
                 assert border == (i in clamped), (total, text, i)
                 assert torch.equal(times[f, 16, 16], (maps[i][1, 0, 0].float() / 1001.0).expand(3))  # image 1, step i
     assert "outside the run's 3 steps" in caplog.text and "outside the batch of 2" in caplog.text
+    # an API prompt written before the rename still says "steps"
+    assert node.preview(run, steps="0, -1")[1].shape[0] == 2 and node.VALIDATE_INPUTS(steps="0, x") is not True
 
 
 def test_asyndm_plots_shapes():
@@ -179,7 +183,8 @@ def test_asyndm_workflow_files_are_ui_format(path):
     assert any(n["type"] in ("Note", "MarkdownNote") for n in wf["nodes"]), "each workflow explains itself"
     for n in wf["nodes"]:
         if n["type"] in asyndm_nodes.NODE_CLASS_MAPPINGS:
-            spec = asyndm_nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()["required"]
+            types_ = asyndm_nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+            spec = {**types_["required"], **types_.get("optional", {})}
             widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in WIDGET_TYPES]
             extra = 1 if "seed" in spec else 0  # "control after generate"
             assert len(n["widgets_values"]) == len(widgets) + extra, n["type"]

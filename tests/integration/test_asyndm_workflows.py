@@ -92,3 +92,10 @@ def test_old_saved_workflows_keep_loading(comfy_env, pack_nodes, stand_ins):
     assert api[pid]["inputs"]["at_steps"] == "0, 10, 25, 49"
     regions, times = cw.run_workflow(api).outputs[pid]
     assert times.shape == (2, 64, 64, 3)  # steps 0 and 3 (10, 25 and 49 past the end: the last step)
+    # an API-format prompt of that time names the list "steps"
+    api[pid]["inputs"]["steps"] = api[pid]["inputs"].pop("at_steps")
+    regions, times = cw.run_workflow(api).outputs[pid]
+    assert times.shape == (2, 64, 64, 3)
+    api[pid]["inputs"]["steps"] = "0, ten"  # a list that is no list: refused when queued, with the fix
+    checked = cw.validate_prompt(api, create_files=False)
+    assert "'ten' is not a step" in cw.format_node_errors(checked.node_errors)
