@@ -28,10 +28,11 @@ import urllib.request
 
 import pytest
 
-import comfy_workflows as cw
-from workflow_layout import FRONTEND_MIN_SIZES, layout_problems
-
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # also when run as a script
+import comfy_workflows as cw  # noqa: E402
+from workflow_layout import FRONTEND_MIN_SIZES, layout_problems  # noqa: E402
+
 ROOT = HERE.parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 BROWSER = os.environ.get("COMFYUI_TEST_BROWSER", "").strip()
@@ -63,7 +64,7 @@ FIT_VIEW = """() => {
     x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]); x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]); }
   for (const n of window.app.graph._nodes) { x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 30);
     x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]); }
-  const s = Math.min((window.innerWidth - 120) / (x1 - x0), (window.innerHeight - 160) / (y1 - y0));
+  const s = Math.min((window.innerWidth - 160) / (x1 - x0), (window.innerHeight - 240) / (y1 - y0));
   c.ds.scale = s; c.ds.offset[0] = -x0 + 80 / s; c.ds.offset[1] = -y0 + 90 / s; c.setDirty(true, true);
 }"""
 
@@ -177,3 +178,7 @@ def test_a_workflow_saved_with_the_old_input_name_loads(page):
     queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")[str(node["id"])]
     assert queued["inputs"]["at_steps"] == "0, 10, 25, 49" and queued["inputs"]["image_index"] == 1
     assert "steps" not in queued["inputs"]
+
+
+if __name__ == "__main__":  # as a dev tool: python tests/integration/test_workflows_frontend.py [pytest options]
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
