@@ -1,9 +1,13 @@
 """AsynDM preview nodes: timestep curves and per-step regions as IMAGEs."""
 
+import logging
+
 from ..samplers.comfyui.conditioning import parse_ks
 from ..samplers.curves import CURVE_TYPES
 from .asyndm_sampler_nodes import RUN_TYPE
 from .common import CATEGORY_ASYNDM
+
+log = logging.getLogger(__name__)
 
 
 class AsynDMCurvePreview:
@@ -51,42 +55,76 @@ class AsynDMCurvePreview:
 
 
 class AsynDMMaskStepsPreview:
+    # The list of steps was called "steps" until it was renamed: that name means a step count
+    # everywhere else, and tools that set "steps" across a graph overwrote the list. Saved UI
+    # workflows keep loading because widget values are stored by position (at_steps and
+    # image_index keep their places; both are optional so that they follow "run" in that order
+    # while an API prompt without at_steps still validates). An API prompt that still says
+    # "steps" is read through the hidden input of that name.
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "run": (RUN_TYPE, {"tooltip": "A sampler's run (dynamic masks change every step)."}),
-                "steps": ("STRING", {"default": "",
-                                     "tooltip": "Steps to show, comma-separated, 0-based; negative counts from the "
-                                                "end ('-1' = last). Blank: 4 evenly spaced steps."}),
+            },
+            "optional": {
+                "at_steps": ("STRING", {"default": "",
+                                        "tooltip": "Which steps of the run to show, comma-separated. A whole number "
+                                                   "is a step (0 = first, -1 = last, -2 = the one before); a number "
+                                                   "with a point is a fraction of the run (0.5 = halfway, 1.0 = "
+                                                   "last). Blank: 4 evenly spaced steps. A step the run does not "
+                                                   "have shows the nearest one, with a red border and a note in "
+                                                   "the console."}),
                 "image_index": ("INT", {"default": 0, "min": 0, "max": 4095,
-                                        "tooltip": "Which image of the batch to show."}),
-            }
+                                        "tooltip": "Which image of the batch to show (past the batch: the last)."}),
+            },
+            "hidden": {"steps": "STRING"},
         }
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("regions", "timesteps")
     OUTPUT_TOOLTIPS = ("Which object owns each pixel at each chosen step (dark = background, colours = objects "
-                       "in target order).",
+                       "in target order; red border = the nearest step to one the run does not have).",
                        "Each pixel's timestep at each chosen step (white = noisy, black = clean).")
     FUNCTION = "preview"
     CATEGORY = CATEGORY_ASYNDM
     DESCRIPTION = "Show the AsynDM masks and per-pixel timesteps at chosen steps of a run."
 
-    def preview(self, run, steps, image_index):
-        from ..samplers.comfy_plots import parse_steps, region_images, timestep_images
+    @classmethod
+    def VALIDATE_INPUTS(cls, at_steps=None, steps=None):
+        """Checked when the prompt is queued, before anything runs: only the format, since the
+        run's length is not known yet."""
+        from ..samplers.comfy_plots import parse_step_list
 
-        total = len(run.timestep_maps)
-        chosen = parse_steps(steps, total)
+        try:
+            parse_step_list(_step_list(at_steps, steps))
+        except ValueError as e:
+            return str(e)
+        return True
+
+    def preview(self, run, at_steps=None, image_index=0, steps=None):
+        from ..samplers.comfy_plots import mark_frames, pick_steps, region_images, timestep_images
+
+        chosen, clamped, notes = pick_steps(_step_list(at_steps, steps), len(run.timestep_maps))
         batch = run.timestep_maps[0].shape[0]
         if image_index >= batch:
-            raise ValueError(f"image_index {image_index} is outside the batch of {batch}")
+            notes.append(f"image_index {image_index} is outside the batch of {batch}: showing image {batch - 1}")
+            image_index = batch - 1
+        for note in notes:
+            log.warning("AsynDM Masks at Steps: %s", note)
         if all(m is None for m in run.masks):
             regions = timestep_images([t * 0 for t in run.timestep_maps], chosen, image_index)
         else:
-            masks = [m if m is not None else None for m in run.masks]
-            regions = region_images(masks, chosen, image_index)
-        return (regions, timestep_images(run.timestep_maps, chosen, image_index))
+            regions = region_images(run.masks, chosen, image_index)
+        frames = [chosen.index(i) for i in clamped]
+        return (mark_frames(regions, frames), mark_frames(timestep_images(run.timestep_maps, chosen, image_index), frames))
+
+
+def _step_list(at_steps, legacy_steps):
+    """at_steps, or the list an old API prompt gives under the former name "steps"."""
+    if at_steps is None and legacy_steps is not None:
+        return str(legacy_steps)
+    return at_steps or ""
 
 
 NODE_CLASS_MAPPINGS = {

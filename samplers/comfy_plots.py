@@ -5,7 +5,8 @@
   timestep, at chosen steps.
 """
 
-from typing import List, Optional, Sequence
+import math
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -113,22 +114,66 @@ def _upscale(imgs, scale):
     return imgs.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
-def parse_steps(text: str, total: int) -> List[int]:
-    """``"0, 10, -1"`` → step indices (negative counts from the end); blank → 4 evenly spaced."""
-    if not (text or "").strip():
-        return sorted({round(i * (total - 1) / 3) for i in range(4)}) if total > 1 else [0]
-    out = []
-    for part in text.split(","):
+def parse_step_list(text: str) -> List[Union[int, float]]:
+    """``"0, 0.5, -1"`` → [0, 0.5, -1]: whole numbers are step indices (negative counts from the
+    end), numbers with a point or a ``%`` are fractions of the run. Blank → []. Only the format is
+    checked here, so a list written for a long run stays valid for a short one."""
+    out: List[Union[int, float]] = []
+    for part in (text or "").split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            i = int(part)
+            if part.endswith("%"):
+                out.append(float(part[:-1]) / 100)
+            elif "." in part or "e" in part.lower():
+                out.append(float(part))
+            else:
+                out.append(int(part))
         except ValueError:
-            raise ValueError(f"steps: {part!r} is not an integer; write e.g. '0, 10, 20, -1'") from None
-        if i < 0:
-            i += total
-        if not 0 <= i < total:
-            raise ValueError(f"steps: {part} is outside the run's {total} steps (0..{total - 1})")
-        out.append(i)
+            raise ValueError(f"at_steps: {part!r} is not a step; write step indices and fractions of the run, "
+                             "e.g. '0, 0.5, -1' (first, halfway, last) or leave it blank") from None
+        if not math.isfinite(out[-1]):
+            raise ValueError(f"at_steps: {part!r} is not a finite number; write e.g. '0, 0.5, -1'")
     return out
+
+
+def pick_steps(text: str, total: int) -> Tuple[List[int], List[int], List[str]]:
+    """The run's step indices to show, for a run of ``total`` steps.
+
+    Returns (steps, clamped, notes): ``clamped`` are the shown steps that stand in for a wish
+    outside the run (the nearest step of the run), ``notes`` say so in words. Never raises for a
+    step that the run does not have: a preview must not fail a generation because its list was
+    written for more steps. Blank: 4 evenly spaced steps (fewer for a shorter run). Repeats are
+    shown once."""
+    wishes = parse_step_list(text)
+    if not wishes:
+        return sorted({round(i * (total - 1) / 3) for i in range(4)}), [], []
+    last = total - 1
+    steps, clamped, notes = [], [], []
+    for wish in wishes:
+        if isinstance(wish, float):
+            i = round(min(max(wish, 0.0), 1.0) * last)
+            off = not 0.0 <= wish <= 1.0
+            said = f"fraction {wish:g}"
+        else:
+            i = wish + total if wish < 0 else wish
+            off = not 0 <= i <= last
+            i = min(max(i, 0), last)
+            said = f"step {wish}"
+        if off:
+            notes.append(f"{said} is outside the run's {total} steps (0..{last}): showing step {i}")
+        if i not in steps:
+            steps.append(i)
+            if off:
+                clamped.append(i)
+    return steps, clamped, notes
+
+
+def mark_frames(imgs: torch.Tensor, frames: Sequence[int], rgb=(0.95, 0.1, 0.1), width: int = 3) -> torch.Tensor:
+    """A coloured border on the chosen frames of an IMAGE batch (N, H, W, 3), in place."""
+    c = torch.tensor(rgb, dtype=imgs.dtype)
+    for f in frames:
+        img = imgs[f]
+        img[:width], img[-width:], img[:, :width], img[:, -width:] = c, c, c, c
+    return imgs

@@ -109,11 +109,47 @@ def test_asyndm_locate_targets_with_stand_in_tokenizer():
     assert comfy_tokens.split_occurrence("C#") == ("C#", -1)
 
 
-def test_asyndm_plots_shapes_and_steps():
-    assert comfy_plots.parse_steps("", 10) == [0, 3, 6, 9]
-    assert comfy_plots.parse_steps("0, -1", 10) == [0, 9]
-    with pytest.raises(ValueError, match="outside"):
-        comfy_plots.parse_steps("10", 10)
+def test_asyndm_preview_steps_follow_the_run():
+    pick = comfy_plots.pick_steps
+    assert pick("", 10) == ([0, 3, 6, 9], [], []) and pick("", 3) == ([0, 1, 2], [], []) and pick("", 1)[0] == [0]
+    assert pick("0, -1, -2", 10)[0] == [0, 9, 8]
+    assert pick("0.0, 0.5, 1.0", 11)[0] == [0, 5, 10] and pick("50%", 11)[0] == [5]
+    assert pick("0, 0.5, -1", 1)[0] == [0]  # repeats shown once
+    steps, clamped, notes = pick("0, 10, 25, 49", 4)  # a list written for 50 steps, a 4-step run
+    assert steps == [0, 3] and clamped == [3]
+    assert len(notes) == 3 and "step 10 is outside the run's 4 steps (0..3): showing step 3" in notes[0]
+    steps, clamped, notes = pick("-7, 1.5", 5)
+    assert steps == [0, 4] and clamped == [0, 4] and "fraction 1.5" in notes[1]
+    assert pick("2, 10", 20) == ([2, 10], [], [])
+    with pytest.raises(ValueError, match="'half' is not a step.*'0, 0.5, -1'"):
+        pick("0, half", 10)
+
+
+def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
+    node = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]()
+    spec = node.INPUT_TYPES()
+    assert "steps" not in {**spec["required"], **spec["optional"]}, "a step list must not look like a step count"
+    assert list(spec["optional"])[:2] == ["at_steps", "image_index"]  # widget order of saved workflows
+    assert node.VALIDATE_INPUTS("0, 0.25, -1") is True and node.VALIDATE_INPUTS("") is True
+    assert "is not a step" in node.VALIDATE_INPUTS("0; 10")
+    for total in (1, 3, 7, 20):
+        maps = [torch.full((2, 4, 4), 1000 - 50 * i) for i in range(total)]
+        masks = [torch.zeros(2, 1, 4, 4) for _ in range(total)]
+        run = comfy_sampling.RunInfo(ks=[0.7], words=["cat"], timestep_maps=maps, masks=masks, item_maps=[])
+        for text in ("", "0, 0.25, 0.5, -1", "0, 10, 25, 49"):
+            regions, times = node.preview(run, text, 5)  # image 5 of a batch of 2: the last one
+            chosen, clamped, _ = comfy_plots.pick_steps(text, total)
+            assert regions.shape == times.shape == (len(chosen), 32, 32, 3)
+            for f, i in enumerate(chosen):
+                border = bool((times[f, 0, :, 0] > 0.9).all() and (times[f, 0, :, 1] < 0.2).all())
+                assert border == (i in clamped), (total, text, i)
+                assert torch.equal(times[f, 16, 16], (maps[i][1, 0, 0].float() / 1001.0).expand(3))  # image 1, step i
+    assert "outside the run's 3 steps" in caplog.text and "outside the batch of 2" in caplog.text
+    # an API prompt written before the rename still says "steps"
+    assert node.preview(run, steps="0, -1")[1].shape[0] == 2 and node.VALIDATE_INPUTS(steps="0, x") is not True
+
+
+def test_asyndm_plots_shapes():
     img = comfy_plots.curves_image([[981, 500, 1], [1000, 800, 2]], 2)
     assert img.shape == (1, 256, 384, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
     tmaps = [torch.full((2, 4, 4), v) for v in (900, 500, 100)]
@@ -149,7 +185,12 @@ def test_asyndm_workflow_files_are_ui_format(path):
     assert any(n["type"] in ("Note", "MarkdownNote") for n in wf["nodes"]), "each workflow explains itself"
     for n in wf["nodes"]:
         if n["type"] in asyndm_nodes.NODE_CLASS_MAPPINGS:
-            spec = asyndm_nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()["required"]
+            types_ = asyndm_nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+            spec = {**types_["required"], **types_.get("optional", {})}
             widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in WIDGET_TYPES]
             extra = 1 if "seed" in spec else 0  # "control after generate"
             assert len(n["widgets_values"]) == len(widgets) + extra, n["type"]
+        if n["type"] == "AsynDMMaskStepsPreview":  # the list fits any run the sampler allows
+            for total in range(1, 151):
+                steps, clamped, _ = comfy_plots.pick_steps(n["widgets_values"][0], total)
+                assert steps and not clamped, (path.name, total)

@@ -14,6 +14,7 @@ import torch
 from asyndm_fpdm import tiny
 from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, pixel_forward, schedule_of
 from asyndm_fpdm.samplers.pixel_samplers import sample_ddim
+from numeric import ROUNDOFF_ELEMENTWISE, ROUNDOFF_ONE_PASS, assert_close
 
 REF = os.environ.get("ASYNDM_REFERENCE_PATH")
 pytestmark = pytest.mark.skipif(
@@ -51,9 +52,9 @@ def test_per_pixel_forward_and_attention_maps_match_reference(ref):
             extra_input={"used_layer_size": 4, "item_idx": [1, 3]}, return_extra_inf=True,
         )
     ours, maps = pixel_forward(unet, x2, tmap, ctx, capture_tokens=[[2], [4]], capture_slice=slice(1, 2))
-    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    assert_close(ours, theirs, ROUNDOFF_ONE_PASS, "per-pixel UNet forward vs the reference's")
     their_maps = extra["cross_mask"].permute(0, 2, 1).reshape(1, 2, 4, 4)
-    assert (maps - their_maps).abs().max() <= 1e-5 * their_maps.abs().max()
+    assert_close(maps, their_maps, ROUNDOFF_ONE_PASS, "attention maps vs the reference's")
 
 
 class _FixedOutput(DiffusersDenoiser):
@@ -102,4 +103,4 @@ def test_asynchronous_ddim_step_matches_reference(ref, prediction_type):
     x_ve = sample_ddim(lambda v, s: model(v, s)[0], x * (1 + sigma**2) ** 0.5, _OneStep(schedule, sigma, sigma_next))
     ours = x_ve / (1 + sigma_next**2) ** 0.5
     assert torch.equal(model.seen_t[0], t[:, 0]), "sigma -> timestep gives back the reference's timesteps"
-    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    assert_close(ours, theirs, ROUNDOFF_ONE_PASS, f"asynchronous DDIM step ({prediction_type}) vs the reference's")

@@ -6,6 +6,7 @@ import torch
 from asyndm_fpdm.fpdm.solver import (FixedPointRun, SolverSettings, allocation_schedule, make_solver,
                                      reference_budget_list)
 from fpdm_tiny import tiny_model
+from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, assert_close, assert_differs
 
 
 @pytest.mark.parametrize("kind", ["fixed", "increasing", "decreasing"])
@@ -39,6 +40,15 @@ def test_reference_double_count_spends_about_twice():
     assert twice[0] == lst[-1] + lst[-2]
 
 
+def _within_contraction_bound(z, star, lipschitz, tolerance):
+    """A solver output z = f(z_k) whose relative residual ||f(z_k) - z_k|| / ||f(z_k)|| is below
+    ``tolerance`` lies within L/(1-L) · tolerance · ||z|| of the fixed point (per sample, L2 norm),
+    since ||f(z_k) - z*|| <= L ||z_k - z*|| <= L/(1-L) ||f(z_k) - z_k||."""
+    err = (z - star).flatten(1).norm(dim=1)
+    bound = lipschitz / (1 - lipschitz) * tolerance * z.flatten(1).norm(dim=1) * (1 + ROUNDOFF_ONE_PASS)
+    assert (err <= bound).all(), (err.tolist(), bound.tolist())
+
+
 def _contractive_map(n=3, d=6, scale=0.5, seed=0):
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(n, d, d, generator=g)
@@ -60,7 +70,7 @@ def test_plain_iterations_count_and_tolerance_stops_early():
     z, info = make_solver(200, tolerance=1e-5)(f, z0)
     assert all(i < 200 for i in info["iterations"]) and max(info["residual"]) < 1e-5
     assert info["evaluations"] == sum(info["iterations"])
-    assert torch.allclose(z, star, atol=1e-4)
+    _within_contraction_bound(z, star, 0.5, 1e-5)
 
 
 def test_tolerance_is_per_sample_so_batch_mates_do_not_matter():
@@ -72,7 +82,7 @@ def test_tolerance_is_per_sample_so_batch_mates_do_not_matter():
 
     z_one, info_one = make_solver(100, tolerance=1e-3)(f_one, z0[2:3])
     assert info_one["iterations"][0] == info["iterations"][2]
-    assert torch.allclose(z_one[0], z_all[2], atol=1e-6)
+    assert_close(z_one[0], z_all[2], ROUNDOFF_ONE_PASS, "sample 2 solved alone vs in a batch of 4")
 
 
 def test_anderson_converges_in_fewer_evaluations():
@@ -80,12 +90,12 @@ def test_anderson_converges_in_fewer_evaluations():
     _, plain = make_solver(300, tolerance=1e-3)(f, z0)
     z, anderson = make_solver(300, tolerance=1e-3, anderson=5)(f, z0)
     assert anderson["evaluations"] < plain["evaluations"]
-    assert torch.allclose(z, star, atol=2e-2)
+    _within_contraction_bound(z, star, 0.95, 1e-3)
 
 
 def test_reuse_state_per_half_and_reset_per_run():
     model = tiny_model()
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500, 500, 500, 500])
     y = torch.tensor([1, 2, 10, 10])
     xin = torch.cat([x, x])
@@ -114,19 +124,19 @@ def test_reuse_state_per_half_and_reset_per_run():
 
 def test_reuse_changes_the_second_step_only():
     model = tiny_model()
-    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.tensor([4])
+    x, t, y = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300]), torch.tensor([4])
     outs = {}
     for reuse in (False, True):
         run = FixedPointRun(SolverSettings(iterations=2, reuse=reuse), steps=2, default_iterations=2)
         outs[reuse] = [model(x, t, y, fp=run.call(k)) for k in range(2)]
     assert torch.equal(outs[False][0], outs[True][0])
-    assert not torch.allclose(outs[False][1], outs[True][1])
+    assert_differs(outs[True][1], outs[False][1], FAR_ABOVE_ROUNDOFF, "second step with and without reuse")
 
 
 def test_run_counts_block_evaluations_from_the_schedule():
     model = tiny_model()
     run = FixedPointRun(SolverSettings(iterations=3, allocation="increasing"), steps=4, default_iterations=9)
-    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    x, y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
     for k in range(4):
         call = run.call(k)
         model(x, torch.tensor([999 - k * 250] * 2), y, fp=call)

@@ -187,3 +187,21 @@ def test_our_nodes_slots_and_widget_values_match_definitions(path):
             if kind in ("INT", "FLOAT"):
                 assert opts.get("min") is None or v >= opts["min"], f"{where}: {name}={v} < min {opts['min']}"
                 assert opts.get("max") is None or v <= opts["max"], f"{where}: {name}={v} > max {opts['max']}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_layout_nothing_overlaps_at_the_front_ends_node_sizes(path):
+    """Groups hold the parts of each comparison; no node covers another once the front end has
+    raised every node to its minimum size (the real front-end test checks the drawn sizes)."""
+    from workflow_layout import drawn_size, layout_problems
+
+    wf = _load(path)
+    assert wf["groups"], "groups name the parts of the comparison"
+    grown = [(n["id"], n["type"], n["size"], drawn_size(n)) for n in wf["nodes"] if drawn_size(n) != n["size"]]
+    assert not grown, f"the front end draws these bigger than saved: {grown}"
+    nodes = [(n["id"], n["type"], n["pos"], n["size"]) for n in wf["nodes"]]
+    groups = [(g["title"], g["bounding"]) for g in wf["groups"]]
+    assert layout_problems(nodes, groups) == []
+    # room for the Asynchronous KSampler to gain three widget rows without a new layout
+    grown = [(i, kind, pos, [w, h + 75] if kind == "AsynDMKSampler" else [w, h]) for i, kind, pos, (w, h) in nodes]
+    assert layout_problems(grown, groups) == []
