@@ -12,6 +12,7 @@ from asyndm_fpdm.nodes.common import CATEGORY_ASYNDM
 from asyndm_fpdm.samplers import comfy_plots
 from asyndm_fpdm.samplers.comfyui import conditioning as comfy_sampling
 from asyndm_fpdm.samplers.comfyui import tokens as comfy_tokens
+from asyndm_fpdm.samplers.comfyui.sampler import RunInfo
 from asyndm_fpdm.samplers.tokens import UnknownWordError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
     for total in (1, 3, 7, 20):
         maps = [torch.full((2, 4, 4), 1000 - 50 * i) for i in range(total)]
         masks = [torch.zeros(2, 1, 4, 4) for _ in range(total)]
-        run = comfy_sampling.RunInfo(ks=[0.7], words=["cat"], timestep_maps=maps, masks=masks, item_maps=[])
+        run = RunInfo(ks=[0.7], words=["cat"], timestep_maps=maps, masks=masks, item_maps=[])
         for text in ("", "0, 0.25, 0.5, -1", "0, 10, 25, 49"):
             regions, times = node.preview(run, text, 5)  # image 5 of a batch of 2: the last one
             chosen, clamped, _ = comfy_plots.pick_steps(text, total)

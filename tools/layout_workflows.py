@@ -28,14 +28,14 @@ FIRST_X = 500    # right of the Note
 # Wider or taller than the minimum where that reads better (text boxes, image previews).
 PREFERRED = {
     "CheckpointLoaderSimple": (315, 98), "AsynDMTextEncode": (400, 200), "CLIPTextEncode": (400, 130),
-    "EmptyLatentImage": (315, 106), "AsynDMKSampler": (340, 378), "AsynDMMaskExtractor": (340, 258),
+    "EmptyLatentImage": (315, 106), "AsynDMKSampler": (340, 450), "AsynDMMaskExtractor": (340, 330),
     "VAEDecode": (210, 46), "SaveImage": (300, 300), "PreviewImage": (300, 280), "AsynDMCurvePreview": (315, 106),
     "AsynDMMaskStepsPreview": (315, 102), "SolidMask": (315, 106), "MaskComposite": (315, 126),
     "MaskToImage": (210, 26), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
     "FPDMClassConditioning": (360, 126), "FPDMSampler": (320, 238), "KSampler": (320, 262), "VAELoader": (320, 58),
 }
-# Free space kept below a node type that is about to gain widgets (3 rows of ~25 px).
-ROOM_BELOW = {"AsynDMKSampler": 80}
+# Free space kept below a node type that is about to gain widgets (rows of ~25 px).
+ROOM_BELOW = {}
 
 BLUE, GREEN, PURPLE, BROWN, LAVENDER = "#3f789e", "#8A8", "#a1309b", "#b58b2a", "#88A"
 PREVIEW_TITLES = ("Timestep curves (grey = background)", "Regions at the chosen steps",
