@@ -334,12 +334,11 @@ def model_config(name: str, **overrides) -> FPDMConfig:
     return FPDMConfig(**base)
 
 
-def drop_labels(labels: torch.Tensor, prob: float, null_class: int, generator: Optional[torch.Generator] = None):
-    """Label dropout for classifier-free guidance: each label becomes the null class with ``prob``
-    (DiT's ``token_drop``; the draw comes from ``generator`` so data-parallel ranks agree)."""
-    if prob <= 0:
-        return labels
-    drop = torch.rand(labels.shape[0], generator=generator).to(labels.device) < prob
+def drop_labels(labels: torch.Tensor, prob: float, null_class: int, uniform: torch.Tensor):
+    """Label dropout for classifier-free guidance (DiT's ``token_drop``): label i becomes the null
+    class when its draw ``uniform[i]`` in [0, 1) is below ``prob``. The caller draws (training draws
+    for the global batch from one seeded generator, so data-parallel ranks agree)."""
+    drop = uniform.to(labels.device) < prob
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 

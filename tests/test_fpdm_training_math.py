@@ -149,7 +149,9 @@ def test_size_table_and_dit_initialisation():
 def test_label_dropout_rate_and_null_class():
     g = torch.Generator().manual_seed(0)
     labels = torch.zeros(4000, dtype=torch.long)
-    dropped = drop_labels(labels, 0.1, null_class=10, generator=g)
+    u = torch.rand(4000, generator=g)
+    dropped = drop_labels(labels, 0.1, null_class=10, uniform=u)
     assert set(dropped.unique().tolist()) == {0, 10}
     assert abs((dropped == 10).float().mean().item() - 0.1) < 0.02
-    assert torch.equal(drop_labels(labels, 0.0, 10), labels)
+    assert torch.equal(dropped == 10, u < 0.1)
+    assert torch.equal(drop_labels(labels, 0.0, 10, u), labels)
