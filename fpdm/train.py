@@ -181,8 +181,11 @@ def validate_args(args: dict) -> None:
         if int(args[key]) < 1:
             raise TrainError(f"--{key.replace('_', '-')} must be >= 1")
     if args["fixed_point"]:
-        draw_iterations(torch.Generator(), (args["fixed_point_no_grad_min_iters"], args["fixed_point_no_grad_max_iters"]),
-                        (args["fixed_point_with_grad_min_iters"], args["fixed_point_with_grad_max_iters"]))
+        try:
+            draw_iterations(torch.Generator(), (args["fixed_point_no_grad_min_iters"], args["fixed_point_no_grad_max_iters"]),
+                            (args["fixed_point_with_grad_min_iters"], args["fixed_point_with_grad_max_iters"]))
+        except ValueError as exc:
+            raise TrainError(f"{exc} (--no-grad-iters / --with-grad-iters MIN MAX)") from None
 
 
 def _seed(*parts: int) -> int:
