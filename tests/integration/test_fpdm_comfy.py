@@ -203,3 +203,23 @@ def test_v_prediction_zero_snr_options(pack_nodes, fpdm_files):
     pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
     out = pack_nodes["FPDMSampler"]().sample(model, pos, neg, _latent(1), 0, 4, 2.0, "ddpm")[0]["samples"]
     assert torch.isfinite(out).all()
+
+
+def test_a_checkpoint_trained_by_the_pack_loads_and_samples_in_comfyui(comfy_env, pack_nodes, fpdm_files, tmp_path):
+    """images -> `fpdm features` -> `fpdm train` -> models/fpdm/<run>/checkpoints/N.pt -> the loader node
+    (heads and conditioning from the run's args.json, no options set) -> core KSampler."""
+    from asyndm_fpdm.cli import main
+    from fpdm_train_tiny import IMAGE_SIZE, make_images, make_vae, train_argv
+
+    images, vae = make_images(str(tmp_path / "images"), per_class=3), make_vae(str(tmp_path / "vae"))
+    assert main(["fpdm", "features", "--images", images, "--vae", vae, "--out", str(tmp_path / "feat"),
+                 "--image-size", str(IMAGE_SIZE), "--device", "cpu"]) == 0
+    run = os.path.join(comfy_env_models(), "trained_run")
+    assert main(train_argv(tmp_path / "feat", run, "--engine", "torch", steps=3)) == 0
+    comfy_env.folder_paths.filename_list_cache.clear()
+    name = os.path.join("trained_run", "checkpoints", "0000003.pt")
+    model = pack_nodes["FPDMCheckpointLoader"]().load(name)[0]  # num_heads=0: auto, from args.json
+    assert model.model.fpdm_config.num_heads == 2 and model.model.fpdm_config.fixed_point
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("x", class_index=1)
+    out = comfy_env.nodes.KSampler().sample(model, 3, 3, 2.0, "euler", "normal", pos, neg, _latent(1))[0]["samples"]
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
