@@ -237,7 +237,7 @@ class DiT(nn.Module):
         else:
             self.blocks = nn.ModuleList(DiTBlock(d, h, r) for _ in range(c.depth))
         self.final_layer = FinalLayer(d, c.patch_size, c.out_channels)
-        self.gradient_checkpointing = False  # training: recompute pre/post (or DiT) blocks in backward
+        self.gradient_checkpointing = False  # training: recompute blocks (and fixed-point iterations) in backward
         self._pos_cache: dict = {}
 
     @property
@@ -306,7 +306,13 @@ class DiT(nn.Module):
         if init is not None:
             chunks = list(z0.chunk(len(init)))
             z0 = torch.cat([g if g is not None and g.shape == d.shape else d for g, d in zip(init, chunks)])
-        z, info = solver(self.fixed_point_map(injection, c), z0)
+        f = self.fixed_point_map(injection, c)
+        if self.gradient_checkpointing:  # each with-grad iteration keeps only its input for backward
+            raw = f
+
+            def f(z, index=None):
+                return checkpoint(raw, z, index, use_reentrant=False) if torch.is_grad_enabled() else raw(z, index)
+        z, info = solver(f, z0)
         out = z
         for block in self.blocks_post:
             out = self._block(block, out, c_outer)
