@@ -13,6 +13,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "fpdm":
+        from .fpdm import cli as fpdm_cli
+
+        if argv[1] in fpdm_cli.TOOLS:  # fpdm features / fpdm train; plain `fpdm --checkpoint ...` samples
+            args = fpdm_cli.tool_parser(argv[1]).parse_args(argv[2:])
+            return int(args.run(args) or 0)
     parser = argparse.ArgumentParser(
         prog="python -m asyndm_fpdm",
         description="AsynDM (asynchronous diffusion) and FPDM (fixed point diffusion) from the command line.",

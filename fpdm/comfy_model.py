@@ -36,6 +36,7 @@ class ComfyRun:
         self.settings = settings or SolverSettings()
         self.run: Optional[FixedPointRun] = None
         self.variance = {}  # CFG half -> learned-variance channels of the latest call
+        self.step: Optional[int] = None  # set by samplers that know it (the FPDM sampler); else from sigmas
 
     def fixed_point_run(self, steps: int, default_iterations: int) -> FixedPointRun:
         if self.run is None or self.run.steps != steps:
@@ -43,12 +44,19 @@ class ComfyRun:
         return self.run
 
 
-def _step_index(transformer_options, batch_sigma) -> tuple:
-    """(step index, number of steps) of this call within the run's sigma schedule."""
+def _step_index(transformer_options, batch_sigma, known: Optional[int] = None) -> tuple:
+    """(step index, number of steps) of this call within the run's sigma schedule.
+
+    ``known``: the index from a sampler that tells it (the FPDM sampler). Other samplers (core
+    KSampler) do not, so the step is the schedule entry nearest to this call's sigma: exact for
+    one-evaluation-per-step samplers; multi-evaluation ones (heun, dpm2) count their in-between
+    evaluations to the nearest step."""
     sample_sigmas = transformer_options.get("sample_sigmas")
     if sample_sigmas is None or len(sample_sigmas) < 2:
         return 0, 1
     sched = sample_sigmas[:-1].float().cpu()
+    if known is not None:
+        return min(known, len(sched) - 1), len(sched)
     sigma = float(batch_sigma.flatten()[0]) if batch_sigma is not None else float(sched[0])
     return int((sched - sigma).abs().argmin()), len(sched)
 
@@ -79,17 +87,16 @@ class ComfyDiT(torch.nn.Module):
                 raise ValueError(f"got {labels.numel()} class labels for a batch of {x.shape[0]}")
         holder: Optional[ComfyRun] = transformer_options.get(RUN_KEY)
         halves = list(transformer_options.get("cond_or_uncond") or [0])
-        call = run = None
+        x = x.to(dit.dtype)
         if cfg.fixed_point:
             if holder is None:  # no run wrapper (model built by hand): run settings, no reuse
                 s = transformer_options.get(SETTINGS_KEY) or SolverSettings()
                 holder = ComfyRun(SolverSettings(**{**s.__dict__, "reuse": False}))
-            step, steps = _step_index(transformer_options, transformer_options.get("sigmas"))
+            step, steps = _step_index(transformer_options, transformer_options.get("sigmas"), holder.step)
             run = holder.fixed_point_run(steps, cfg.iterations)
-            call = run.call(step, halves)
-        out = dit(x.to(dit.dtype), timesteps, labels, fp=call)
-        if run is not None:
-            run.record(call)
+            out = run.evaluate(dit, x, timesteps, labels, step, halves)
+        else:
+            out = dit(x, timesteps, labels)
         c = cfg.in_channels
         if out.shape[1] == 2 * c and holder is not None:
             for key, chunk in zip(halves, out[:, c:].chunk(len(halves))):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .diffusion import make_schedule
+from .diffusion import learned_log_variance, make_schedule, posterior
 
 RUN_KEY = "fpdm_run"
 
@@ -50,37 +50,35 @@ def sample_fpdm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     for i in trange(len(sigmas) - 1, disable=disable):
         _interrupt()
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        holder = to.get(RUN_KEY)
+        if holder is not None:
+            holder.step = i  # the fixed-point allocation reads the step from here
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         ab, ab_prev = 1.0 / (1.0 + s * s), 1.0 / (1.0 + s_next * s_next)
         x_vp = x * math.sqrt(ab)
-        beta = 1.0 - ab / ab_prev
-        posterior = beta * (1.0 - ab_prev) / (1.0 - ab)
+        beta, post_var, coef1, coef2 = (float(v) for v in posterior(ab, ab_prev))
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         if method == "ddim":
             eps = (x_vp - math.sqrt(ab) * denoised) / math.sqrt(1.0 - ab)
-            sigma_t = eta * math.sqrt(posterior) if s_next > 0 else 0.0
+            sigma_t = eta * math.sqrt(post_var) if s_next > 0 else 0.0
             x_vp = math.sqrt(ab_prev) * denoised + math.sqrt(max(1.0 - ab_prev - sigma_t**2, 0.0)) * eps + sigma_t * noise
         else:
-            coef1 = math.sqrt(ab_prev) * beta / (1.0 - ab)
-            coef2 = math.sqrt(1.0 - beta) * (1.0 - ab_prev) / (1.0 - ab)
             mean = coef1 * denoised + coef2 * x_vp
             if s_next > 0:
                 # log-variance clipped like the reference: at the last step use the previous posterior
-                min_log = math.log(posterior if posterior > 0 else (prev_posterior or beta))
+                min_log = math.log(post_var if post_var > 0 else (prev_posterior or beta))
                 max_log = math.log(beta)
-                holder = to.get(RUN_KEY)
                 v = holder.variance.get(0) if holder is not None else None
                 if v is not None and v.shape == x.shape:
-                    frac = (v.to(x) + 1) / 2
-                    log_var = frac * max_log + (1 - frac) * min_log
+                    log_var = learned_log_variance(v.to(x), min_log, max_log)
                 else:  # no learned variance: "fixed large"
                     log_var = torch.full_like(x, max_log)
                 x_vp = mean + torch.exp(0.5 * log_var) * noise
             else:
                 x_vp = mean
-        prev_posterior = posterior
+        prev_posterior = post_var
         x = x_vp / math.sqrt(ab_prev)
     return x
 

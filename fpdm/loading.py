@@ -115,6 +115,10 @@ def infer_config(sd: dict, args: Optional[dict] = None, options: Optional[dict] 
             f"this does not look like a DiT/FPDM state dict: key {exc} is missing "
             f"(first keys: {sorted(sd)[:8]})"
         ) from None
+    if args.get("flow"):
+        raise CheckpointError("this checkpoint was trained with the flow-matching objective (args flow=True); the "
+                              "pack's samplers (DDPM/DDIM, ComfyUI's DiT schedule) serve diffusion checkpoints only: "
+                              "train without --flow to sample it here")
     if "y_embedder.embedding_projection.weight" in sd:
         raise CheckpointError("continuous-label (DINO-supervised) checkpoints are not supported")
     grid = int(round((sd["pos_embed"].shape[1]) ** 0.5)) if "pos_embed" in sd else int(args.get("image_size", 256)) // 8 // patch
@@ -129,6 +133,8 @@ def infer_config(sd: dict, args: Optional[dict] = None, options: Optional[dict] 
     name = str(options.get("model") or args.get("model") or "")
     if "num_heads" in options:
         cfg.num_heads, source["num_heads"] = int(options["num_heads"]), "option"
+    elif args.get("num_heads"):  # our training writes it (custom sizes)
+        cfg.num_heads, source["num_heads"] = int(args["num_heads"]), "args num_heads"
     elif name.split("/")[0] in DIT_CONFIGS:
         cfg.num_heads, source["num_heads"] = DIT_CONFIGS[name.split("/")[0]][2], f"args model {name}"
     elif hidden in _HEADS_BY_HIDDEN:

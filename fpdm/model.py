@@ -3,19 +3,25 @@
 Parameter names follow the reference train.py checkpoints (timm-style ``attn.qkv``,
 ``mlp.fc1`` ...), so its state dicts load unchanged. The position embedding is not a
 parameter: it is a fixed 2-D sin-cos table, regenerated for whatever latent grid comes in.
-The fixed-point loop itself lives in ``solver.py``; this module only defines the map
-``z -> block(proj(cat(z, injection)))`` that the solver iterates.
+The fixed-point loop itself lives in ``solver.py``: ``DiT.solve`` takes a solver in and gives the
+output, the fixed-point solution and the solver's counts back (``FixedPointOutput``). Train-only
+parts sit beside the model as in DiT's own models.py: the size table (``model_config``), label
+dropout for guidance (``drop_labels``) and DiT's initialisation (``initialize_weights``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
-from typing import Callable, Optional
+from dataclasses import dataclass, asdict
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from .solver import make_solver
 
 # DiT's published configs: (depth, hidden size, heads). Heads cannot be read from shapes.
 DIT_CONFIGS = {
@@ -24,6 +30,7 @@ DIT_CONFIGS = {
     "DiT-B": (12, 768, 12),
     "DiT-S": (12, 384, 6),
 }
+PATCH_SIZES = (2, 4, 8)
 
 
 @dataclass
@@ -124,7 +131,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_ch, hidden, kernel_size=patch, stride=patch, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        return rearrange(self.proj(x), "n d h w -> n (h w) d")  # (N, T, D), row-major tokens
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -144,10 +151,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 
 
 class Mlp(nn.Module):
@@ -194,22 +200,24 @@ class FinalLayer(nn.Module):
 
 
 @dataclass
-class FixedPointCall:
-    """How to run the fixed-point block for one network call, and what happened.
+class FixedPointOutput:
+    """What one network call gives back: the prediction, the fixed-point solution (None for a plain
+    DiT; the state solution reuse carries to the next step) and the solver's counts."""
 
-    ``solve(f, z0) -> (z, info)`` is the solver (see ``solver.make_solver``); ``initial`` maps
-    the default first guess (a copy of the pre-block output, as in the reference) to the one
-    to use, which is how solution reuse plugs in; ``on_solution`` receives the solution.
-    """
-
-    solve: Callable
-    initial: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    on_solution: Optional[Callable[[torch.Tensor], None]] = None
-    info: dict = field(default_factory=dict)
+    out: torch.Tensor
+    solution: Optional[torch.Tensor] = None
+    info: Optional[dict] = None
 
 
 class DiT(nn.Module):
-    """DiT (``config.fixed_point`` False) or FPDM (True). ``forward(x, t, y, fp=None)``."""
+    """DiT (``config.fixed_point`` False) or FPDM (True).
+
+    ``forward(x, t, y, solver=None, init=None)`` -> prediction; ``solve(...)`` -> ``FixedPointOutput``.
+    ``solver(f, z0) -> (z, info)`` runs the fixed-point block (``solver.make_solver``; training uses
+    ``solver.stochastic_solver``); None = ``config.iterations`` plain iterations. ``init``: the first
+    guess per equal chunk of the batch (a tensor, or None for the pre-block output, the reference's
+    default) — how solution reuse plugs in.
+    """
 
     def __init__(self, config: FPDMConfig):
         super().__init__()
@@ -229,6 +237,7 @@ class DiT(nn.Module):
         else:
             self.blocks = nn.ModuleList(DiTBlock(d, h, r) for _ in range(c.depth))
         self.final_layer = FinalLayer(d, c.patch_size, c.out_channels)
+        self.gradient_checkpointing = False  # training: recompute blocks (and fixed-point iterations) in backward
         self._pos_cache: dict = {}
 
     @property
@@ -247,9 +256,8 @@ class DiT(nn.Module):
         return self._pos_cache[key]
 
     def unpatchify(self, x, grid_h: int, grid_w: int):
-        p, ch = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], grid_h, grid_w, p, p, ch)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], ch, grid_h * p, grid_w * p)
+        p = self.config.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=grid_h, w=grid_w, p=p, q=p)
 
     def embed(self, x, t, y):
         p = self.config.patch_size
@@ -258,6 +266,11 @@ class DiT(nn.Module):
         gh, gw = x.shape[-2] // p, x.shape[-1] // p
         tokens = self.x_embedder(x) + self.pos_embed(gh, gw, x.device, self.dtype)
         return tokens, self.t_embedder(t), self.y_embedder(y), (gh, gw)
+
+    def _block(self, block, x, c):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, use_reentrant=False)
+        return block(x, c)
 
     def fixed_point_map(self, injection, c):
         """The map the solver iterates: z -> block(fc2(act(fc1([z, injection])))).
@@ -275,32 +288,91 @@ class DiT(nn.Module):
 
         return f
 
-    def forward(self, x, t, y, fp: Optional[FixedPointCall] = None):
+    def solve(self, x, t, y, solver: Optional[Callable] = None,
+              init: Optional[Sequence[Optional[torch.Tensor]]] = None) -> FixedPointOutput:
         tokens, t_emb, y_emb, grid = self.embed(x, t, y)
         c = t_emb + y_emb
         if not self.config.fixed_point:
             for block in self.blocks:
-                tokens = block(tokens, c)
-            return self.unpatchify(self.final_layer(tokens, c), *grid)
+                tokens = self._block(block, tokens, c)
+            return FixedPointOutput(self.unpatchify(self.final_layer(tokens, c), *grid))
 
-        if fp is None:
-            from .solver import make_solver
-
-            fp = FixedPointCall(solve=make_solver(self.config.iterations))
+        solver = solver or make_solver(self.config.iterations)
         c_outer = c if self.config.pre_post_timestep_conditioning else y_emb
         for block in self.blocks_pre:
-            tokens = block(tokens, c_outer)
+            tokens = self._block(block, tokens, c_outer)
         injection = self.block_pre_projection(tokens)
         z0 = tokens.clone()
-        if fp.initial is not None:
-            z0 = fp.initial(z0)
-        z, info = fp.solve(self.fixed_point_map(injection, c), z0)
-        fp.info.update(info)
-        if fp.on_solution is not None:
-            fp.on_solution(z)
+        if init is not None:
+            chunks = list(z0.chunk(len(init)))
+            z0 = torch.cat([g if g is not None and g.shape == d.shape else d for g, d in zip(init, chunks)])
+        f = self.fixed_point_map(injection, c)
+        if self.gradient_checkpointing:  # each with-grad iteration keeps only its input for backward
+            raw = f
+
+            def f(z, index=None):
+                return checkpoint(raw, z, index, use_reentrant=False) if torch.is_grad_enabled() else raw(z, index)
+        z, info = solver(f, z0)
+        out = z
         for block in self.blocks_post:
-            z = block(z, c_outer)
-        return self.unpatchify(self.final_layer(z, c_outer), *grid)
+            out = self._block(block, out, c_outer)
+        return FixedPointOutput(self.unpatchify(self.final_layer(out, c_outer), *grid), z, info)
+
+    def forward(self, x, t, y, solver: Optional[Callable] = None, init=None):
+        return self.solve(x, t, y, solver, init).out
+
+
+# ----------------------------------------------------------------------------- configs and training parts
+
+
+def model_config(name: str, **overrides) -> FPDMConfig:
+    """DiT's size table by name: 'DiT-XL/2' (plain DiT) or 'FPDM-XL/2' (fixed point; its pre/post depth
+    from ``overrides``), S/B/L/XL x /2 /4 /8. ``overrides``: any FPDMConfig field (custom sizes too)."""
+    family, _, patch = name.partition("/")
+    size = family.split("-", 1)[-1]
+    if not family.startswith(("DiT-", "FPDM-")) or f"DiT-{size}" not in DIT_CONFIGS or int(patch or 0) not in PATCH_SIZES:
+        known = ", ".join(f"{k}/{p}" for k in DIT_CONFIGS for p in PATCH_SIZES)
+        raise ValueError(f"unknown model {name!r}: use one of {known} (or FPDM-... for the fixed-point model)")
+    depth, hidden, heads = DIT_CONFIGS[f"DiT-{size}"]
+    base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch),
+                fixed_point=family.startswith("FPDM-"))
+    base.update(overrides)
+    return FPDMConfig(**base)
+
+
+def drop_labels(labels: torch.Tensor, prob: float, null_class: int, uniform: torch.Tensor):
+    """Label dropout for classifier-free guidance (DiT's ``token_drop``): label i becomes the null
+    class when its draw ``uniform[i]`` in [0, 1) is below ``prob``. The caller draws (training draws
+    for the global batch from one seeded generator, so data-parallel ranks agree)."""
+    drop = uniform.to(labels.device) < prob
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def initialize_weights(model: DiT) -> DiT:
+    """DiT's initialisation: xavier linears, zero biases, N(0, 0.02) label/timestep embeddings,
+    adaLN-Zero (every block's modulation and the output layer start at zero)."""
+
+    def basic(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    model.apply(basic)
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    blocks = ([*model.blocks_pre, model.block_fixed_point, *model.blocks_post] if model.config.fixed_point
+              else list(model.blocks))
+    for block in [*blocks, model.final_layer]:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+    return model
 
 
 def init_random_(model: DiT, seed: int = 0, std: float = 0.02) -> DiT:

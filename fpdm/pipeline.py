@@ -51,10 +51,7 @@ def generate(model: DiT, labels: Sequence[int], noise: torch.Tensor, options: Sa
         for k, i in enumerate(reversed(range(len(sched)))):
             t = torch.full((y.shape[0],), sched.timesteps[i], dtype=torch.long, device=x.device)
             xin = torch.cat([x, x]) if use_cfg else x
-            call = run.call(k, halves) if run is not None else None
-            out = model(xin, t, y, fp=call) if call is not None else model(xin, t, y)
-            if run is not None:
-                run.record(call)
+            out = run.evaluate(model, xin, t, y, k, halves) if run is not None else model(xin, t, y)
             if use_cfg:
                 cond, uncond = out.chunk(2)
                 out = guide(cond, uncond, options.cfg_scale, options.guidance, cfg.in_channels)

@@ -4,6 +4,8 @@ Pure torch, no ComfyUI. The pieces:
 - ``allocation_schedule``: iterations per sampling step, with the reference's budget rounding.
 - ``make_solver``: plain iteration (the reference), optionally with a relative-residual
   tolerance (per sample, so image i never depends on its batch-mates) and Anderson acceleration.
+- ``stochastic_solver``: the paper's training solver (no-grad then with-grad iterations, counts
+  drawn per training step).
 - ``FixedPointRun``: one sampling run's state — which schedule entry each step uses, the reused
   solution per CFG half, and counters (block evaluations, iterations used).
 """
@@ -11,7 +13,7 @@ Pure torch, no ComfyUI. The pieces:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,6 +95,39 @@ def make_solver(iterations: int, tolerance: float = 0.0, anderson: int = 0, ande
         if anderson > 0:
             return _anderson(f, z0, iterations, tolerance, anderson, anderson_beta, anderson_lambda)
         return _picard(f, z0, iterations, tolerance)
+
+    return solve
+
+
+def draw_iterations(generator: torch.Generator, no_grad: Tuple[int, int], with_grad: Tuple[int, int]) -> Tuple[int, int]:
+    """(no-grad, with-grad) iteration counts, each uniform on its inclusive [min, max] range."""
+    for name, (lo, hi) in (("no-grad", no_grad), ("with-grad", with_grad)):
+        if lo < 0 or hi < lo:
+            raise ValueError(f"{name} iterations: need 0 <= min <= max, got [{lo}, {hi}]")
+    if with_grad[1] < 1:
+        raise ValueError("with-grad iterations: max must be >= 1, or the fixed-point block never learns")
+    a = int(torch.randint(no_grad[0], no_grad[1] + 1, (1,), generator=generator))
+    b = int(torch.randint(with_grad[0], with_grad[1] + 1, (1,), generator=generator))
+    return a, b
+
+
+def stochastic_solver(no_grad_iterations: int, with_grad_iterations: int) -> Callable:
+    """The paper's stochastic fixed-point training solver: ``no_grad_iterations`` evaluations
+    without a graph (cheap in memory: this is where FPDM saves training memory), then
+    ``with_grad_iterations`` evaluations that backpropagate (a truncated backward through the
+    last iterations only). Draw the counts per step with ``draw_iterations``."""
+
+    def solve(f, z):
+        with torch.no_grad():
+            for _ in range(no_grad_iterations):
+                z = f(z)
+        z = z.detach()
+        for _ in range(with_grad_iterations):
+            z = f(z)
+        n = z.shape[0]
+        total = no_grad_iterations + with_grad_iterations
+        return z, {"iterations": [total] * n, "evaluations": total * n, "residual": None,
+                   "no_grad": no_grad_iterations, "with_grad": with_grad_iterations}
 
     return solve
 
@@ -224,33 +259,31 @@ class FixedPointRun:
     def iterations_for(self, step: int) -> int:
         return self.schedule[min(max(step, 0), len(self.schedule) - 1)]
 
-    def call(self, step: int, halves: Optional[Sequence[int]] = None):
-        """A ``FixedPointCall`` for a network call at sampling step ``step``.
-
-        ``halves``: for each equal chunk of the batch, its key (0 cond, 1 uncond); None = one chunk."""
-        from .model import FixedPointCall
-
+    def solver_for(self, step: int) -> Callable:
         s = self.settings
-        keys = list(halves) if halves else [0]
-        solve = make_solver(self.iterations_for(step), s.tolerance, s.anderson)
-        initial = on_solution = None
-        if s.reuse:
-            def initial(z0):
-                chunks = list(z0.chunk(len(keys)))
-                for i, key in enumerate(keys):
-                    prev = self.state.get(key)
-                    if prev is not None and prev.shape == chunks[i].shape:
-                        chunks[i] = prev
-                return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        return make_solver(self.iterations_for(step), s.tolerance, s.anderson)
 
-            def on_solution(z):
-                for key, chunk in zip(keys, z.chunk(len(keys))):
-                    self.state[key] = chunk.detach().clone()
+    def init_for(self, halves: Optional[Sequence[int]] = None):
+        """First guesses per equal chunk of the batch (None entries: the pre-block output)."""
+        if not self.settings.reuse:
+            return None
+        return [self.state.get(key) for key in (list(halves) if halves else [0])]
 
-        call = FixedPointCall(solve=solve, initial=initial, on_solution=on_solution)
-        return call
-
-    def record(self, call) -> None:
+    def record(self, result, halves: Optional[Sequence[int]] = None) -> None:
+        """Count a network call's evaluations and keep its solution per CFG half for reuse."""
+        info = result.info or {}
         self.calls += 1
-        self.evaluations += int(call.info.get("evaluations", 0))
-        self.iterations_used.append(call.info.get("iterations", []))
+        self.evaluations += int(info.get("evaluations", 0))
+        self.iterations_used.append(info.get("iterations", []))
+        if self.settings.reuse and result.solution is not None:
+            keys = list(halves) if halves else [0]
+            for key, chunk in zip(keys, result.solution.chunk(len(keys))):
+                self.state[key] = chunk.detach().clone()
+
+    def evaluate(self, model, x, t, y, step: int, halves: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """One network call at sampling step ``step``: solver and first guess from this run in,
+        prediction out; counts and solutions recorded. ``halves``: for each equal chunk of the
+        batch, its key (0 cond, 1 uncond); None = one chunk."""
+        result = model.solve(x, t, y, self.solver_for(step), self.init_for(halves))
+        self.record(result, halves)
+        return result.out

@@ -152,7 +152,10 @@ def _run(args) -> int:
     elif args.eta and args.sampler not in ETA_SAMPLERS:
         raise CliError(f"--sampler {args.sampler} takes no --eta: drop it, or use one of {', '.join(ETA_SAMPLERS)}")
     jobs = jobs_from_args(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from .. import distributed  # under torchrun / accelerate launch: this process's share of the batches
+
+    ctx = distributed.init(args.device)
+    device = ctx.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = load_pipeline(args.model, device, dtype)
     tok = pipe.tokenizer
@@ -176,7 +179,7 @@ def _run(args) -> int:
     latent_size = (args.size // pipe.vae_scale_factor) if args.size else pipe.unet.config.sample_size
     sched_cfg = dict(pipe.scheduler.config)
     total = len(jobs) * args.num_batches
-    batches = tqdm(range(total), desc="batches", disable=total == 1)
+    batches = tqdm(distributed.shard(range(total), ctx.rank, ctx.world), desc="batches", disable=total == 1)
     for idx in batches:
         prompt, items = jobs[idx // args.num_batches]
         first_image = idx * args.batch_size

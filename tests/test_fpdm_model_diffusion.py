@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asyndm_fpdm.fpdm import diffusion as D
-from asyndm_fpdm.fpdm.model import FixedPointCall, sincos_2d
+from asyndm_fpdm.fpdm.model import sincos_2d
 from asyndm_fpdm.fpdm.pipeline import SampleOptions, generate
 from asyndm_fpdm.fpdm.solver import SolverSettings, make_solver
 from fpdm_tiny import tiny_model
@@ -42,7 +42,7 @@ def test_fixed_point_block_runs_exactly_the_asked_iterations():
     calls = []
     h = model.block_fixed_point.register_forward_hook(lambda *a: calls.append(1))
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 5]), torch.tensor([0, 1])
-    model(x, t, y, fp=FixedPointCall(solve=make_solver(7)))
+    model(x, t, y, solver=make_solver(7))
     assert len(calls) == 7
     calls.clear()
     model(x, t, y)  # default: config.default_iterations
@@ -53,9 +53,9 @@ def test_fixed_point_block_runs_exactly_the_asked_iterations():
 def test_more_iterations_approach_a_fixed_point():
     model = tiny_model()
     x, t, y = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([5]), torch.tensor([0])
-    call = FixedPointCall(solve=make_solver(60, tolerance=1e-4))
-    model(x, t, y, fp=call)
-    assert call.info["iterations"][0] < 60 and call.info["residual"][0] < 1e-4
+    res = model.solve(x, t, y, make_solver(60, tolerance=1e-4))
+    assert res.info["iterations"][0] < 60 and res.info["residual"][0] < 1e-4
+    assert res.solution.shape == (1, 16, 32)  # tokens of the 8x8 latent at patch 2, hidden 32
 
 
 def test_plain_dit_has_no_fixed_point_parts():

@@ -100,26 +100,23 @@ def test_reuse_state_per_half_and_reset_per_run():
     y = torch.tensor([1, 2, 10, 10])
     xin = torch.cat([x, x])
     run = FixedPointRun(SolverSettings(iterations=2, reuse=True), steps=3, default_iterations=3)
-    assert run.state == {}
-    seen = []
+    assert run.state == {} and run.init_for([0, 1]) == [None, None]
 
-    call = run.call(0, halves=[0, 1])
-    out1 = model(xin, t, y, fp=call)
+    out1 = run.evaluate(model, xin, t, y, 0, halves=[0, 1])
     assert set(run.state) == {0, 1}
     assert not torch.equal(run.state[0], run.state[1])  # halves keep their own solution
     cond_solution = run.state[0].clone()
 
     # Evaluate the halves in the opposite order: each still gets its own previous solution.
-    call = run.call(1, halves=[1, 0])
-    orig_initial = call.initial
-    call.initial = lambda z0: seen.append(orig_initial(z0)) or seen[-1]
-    model(torch.cat([x, x]), t, torch.cat([y[2:], y[:2]]), fp=call)
-    assert torch.equal(seen[0][2:], cond_solution)
+    init = run.init_for([1, 0])
+    assert torch.equal(init[1], cond_solution) and not torch.equal(init[0], cond_solution)
+    run.evaluate(model, torch.cat([x, x]), t, torch.cat([y[2:], y[:2]]), 1, halves=[1, 0])
+    assert not torch.equal(run.state[0], cond_solution)  # the next step's solution replaced it
 
     # A new run starts from scratch: same result as the very first call.
     fresh = FixedPointRun(SolverSettings(iterations=2, reuse=True), steps=3, default_iterations=3)
     assert fresh.state == {}
-    assert torch.equal(model(xin, t, y, fp=fresh.call(0, halves=[0, 1])), out1)
+    assert torch.equal(fresh.evaluate(model, xin, t, y, 0, halves=[0, 1]), out1)
 
 
 def test_reuse_changes_the_second_step_only():
@@ -128,7 +125,7 @@ def test_reuse_changes_the_second_step_only():
     outs = {}
     for reuse in (False, True):
         run = FixedPointRun(SolverSettings(iterations=2, reuse=reuse), steps=2, default_iterations=2)
-        outs[reuse] = [model(x, t, y, fp=run.call(k)) for k in range(2)]
+        outs[reuse] = [run.evaluate(model, x, t, y, k) for k in range(2)]
     assert torch.equal(outs[False][0], outs[True][0])
     assert_differs(outs[True][1], outs[False][1], FAR_ABOVE_ROUNDOFF, "second step with and without reuse")
 
@@ -138,8 +135,6 @@ def test_run_counts_block_evaluations_from_the_schedule():
     run = FixedPointRun(SolverSettings(iterations=3, allocation="increasing"), steps=4, default_iterations=9)
     x, y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
     for k in range(4):
-        call = run.call(k)
-        model(x, torch.tensor([999 - k * 250] * 2), y, fp=call)
-        run.record(call)
+        run.evaluate(model, x, torch.tensor([999 - k * 250] * 2), y, k)
     assert run.evaluations == 2 * sum(run.schedule) and sum(run.schedule) <= 12
     assert [u[0] for u in run.iterations_used] == run.schedule

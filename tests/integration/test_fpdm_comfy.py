@@ -208,3 +208,33 @@ def test_v_prediction_zero_snr_options(pack_nodes, fpdm_files):
     pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
     out = pack_nodes["FPDMSampler"]().sample(model, pos, neg, _latent(1), 0, 4, 2.0, "ddpm")[0]["samples"]
     assert torch.isfinite(out).all()
+
+
+def test_a_checkpoint_trained_by_the_pack_loads_and_samples_in_comfyui(comfy_env, pack_nodes, fpdm_files, tmp_path):
+    """images -> `fpdm features` -> `fpdm train` -> models/fpdm/<run>/checkpoints/N.pt -> the loader node
+    (heads and conditioning from the run's args.json, no options set) -> core KSampler."""
+    import subprocess
+
+    # in a child process: the VAE needs diffusers, which this session must not import (a later test checks that
+    # loading the pack did not pull it in)
+    tests = str(pathlib.Path(__file__).resolve().parents[1])
+    run = os.path.join(comfy_env_models(), "trained_run")
+    script = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import conftest\n"
+        "from asyndm_fpdm.cli import main\n"
+        "from fpdm_train_tiny import IMAGE_SIZE, make_images, make_vae, train_argv\n"
+        "tmp, run = sys.argv[3], sys.argv[4]\n"
+        "images, vae = make_images(tmp + '/images', per_class=3), make_vae(tmp + '/vae')\n"
+        "assert main(['fpdm', 'features', '--images', images, '--vae', vae, '--out', tmp + '/feat', "
+        "'--image-size', str(IMAGE_SIZE), '--device', 'cpu']) == 0\n"
+        "assert main(train_argv(tmp + '/feat', run, '--engine', 'torch', steps=3)) == 0\n")
+    proc = subprocess.run([sys.executable, "-c", script, tests, str(pathlib.Path(tests).parent), str(tmp_path), run],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    comfy_env.folder_paths.filename_list_cache.clear()
+    name = os.path.join("trained_run", "checkpoints", "0000003.pt")
+    model = pack_nodes["FPDMCheckpointLoader"]().load(name)[0]  # num_heads=0: auto, from args.json
+    assert model.model.fpdm_config.num_heads == 2 and model.model.fpdm_config.fixed_point
+    pos, neg = pack_nodes["FPDMClassConditioning"]().encode("x", class_index=1)
+    out = comfy_env.nodes.KSampler().sample(model, 3, 3, 2.0, "euler", "normal", pos, neg, _latent(1))[0]["samples"]
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()

@@ -1,0 +1,244 @@
+"""FPDM training cost and warm start, measured side by side in one process.
+
+1. Step time and memory of one training step (forward + hybrid loss + backward + AdamW), FPDM vs a plain
+   DiT of the same width and depth budget (DiT: ``depth`` blocks; FPDM: 1 pre + fixed-point block + 1
+   post, the reference's stochastic iterations: no-grad drawn from [0, 10], with-grad from [1, 12]).
+   Rounds are interleaved (DiT, FPDM, DiT, FPDM, ...) and medians are reported; FPDM's iteration
+   counts follow one seeded sequence, the same every run.
+   Memory, CPU (no allocator statistics there): the bytes of the tensors autograd saves for backward
+   during the step, counted once per storage through ``torch.autograd.graph.saved_tensors_hooks``
+   (the activation memory, which is what differs between the two), plus parameters + gradients +
+   AdamW's two moments = 4 x parameter bytes. CUDA: ``torch.cuda.max_memory_allocated`` of the step.
+2. Warm start vs from scratch on a small synthetic task (tiny VAE latents of coloured blobs): a DiT is
+   trained first (the stand-in for public DiT weights), then an FPDM is trained for the same number of
+   steps from the DiT (``--warm-start``) and from scratch; reported: the loss on a fixed held-out draw
+   (same timesteps, noise, labels; EMA-free weights) after equal steps, and the training loss curve.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_fpdm_train.py [--hidden 384 --depth 12 --grid 16 --batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _import_pack():
+    if "asyndm_fpdm" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("asyndm_fpdm", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["asyndm_fpdm"] = mod
+        spec.loader.exec_module(mod)
+
+
+_import_pack()
+import torch  # noqa: E402
+
+from asyndm_fpdm.fpdm.diffusion import make_schedule, q_sample, training_losses  # noqa: E402
+from asyndm_fpdm.fpdm.model import DiT, FPDMConfig, initialize_weights  # noqa: E402
+from asyndm_fpdm.fpdm.solver import draw_iterations, stochastic_solver  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- 1. step time and memory
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward, each storage counted once."""
+
+    def __init__(self):
+        self.seen, self.bytes = set(), 0
+
+    def pack(self, t):
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes += st.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+
+def make(args, fixed_point):
+    cfg = FPDMConfig(hidden_size=args.hidden, num_heads=args.heads, patch_size=2, num_classes=1000,
+                     input_size=args.grid, depth=args.depth, fixed_point=fixed_point, pre_depth=1, post_depth=1)
+    model = initialize_weights(DiT(cfg)).to(args.device).train()
+    model.gradient_checkpointing = args.checkpointing
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def step(model, opt, batch, iters, sched, measure=False):
+    x0, t, y, noise = batch
+    xt = q_sample(sched, x0, t, noise)
+    solver = stochastic_solver(*iters) if model.config.fixed_point else None
+    saved = SavedBytes()
+    cuda = x0.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    ctx = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if measure else _null()
+    with ctx:
+        loss = training_losses(sched, model(xt, t, y, solver=solver), x0, xt, t, noise)["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    took = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return took, saved.bytes, peak
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def bench_step(args):
+    sched = make_schedule(None)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(args.batch, 4, args.grid, args.grid, generator=g).to(args.device),
+             torch.randint(0, 1000, (args.batch,), generator=g).to(args.device),
+             torch.randint(0, 1000, (args.batch,), generator=g).to(args.device),
+             torch.randn(args.batch, 4, args.grid, args.grid, generator=g).to(args.device))
+    models = {"DiT": make(args, False), "FPDM": make(args, True)}
+    draws = torch.Generator().manual_seed(1)
+    iters = [draw_iterations(draws, (0, 10), (1, 12)) for _ in range(args.rounds + 1)]
+    times = {k: [] for k in models}
+    mem = {}
+    for r in range(args.rounds + 1):  # round 0: warm-up
+        for name, (model, opt) in models.items():
+            took, saved, peak = step(model, opt, batch, iters[r], sched, measure=True)
+            if r:
+                times[name].append(took)
+                mem.setdefault(name, []).append((saved, peak or 0))
+    print(f"\n1. one training step, batch {args.batch}, {args.grid}x{args.grid} latents, width {args.hidden}, "
+          f"device {args.device}, gradient checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"{'model':<6} {'params':>10} {'step s':>8} {'activations MiB':>16} {'params+grads+Adam MiB':>22} "
+          f"{'total MiB':>10} {'CUDA peak MiB':>14}")
+    rows = {}
+    for name, (model, _) in models.items():
+        n = sum(p.numel() for p in model.parameters())
+        state = 4 * n * 4 / 2**20
+        act = statistics.median(m[0] for m in mem[name]) / 2**20
+        cuda_peak = statistics.median(m[1] for m in mem[name])
+        peak = f"{cuda_peak / 2**20:.1f}" if cuda_peak else "-"
+        rows[name] = (n, statistics.median(times[name]), act, state)
+        print(f"{name:<6} {n:>10,} {rows[name][1]:>8.3f} {act:>16.1f} {state:>22.1f} {act + state:>10.1f} {peak:>14}")
+    (nd, td, ad, sd), (nf, tf, af, sf) = rows["DiT"], rows["FPDM"]
+    mean_iters = sum(a + b for a, b in iters[1:]) / args.rounds
+    print(f"FPDM / DiT: parameters {nf / nd:.2f}x ({100 * (1 - nf / nd):.0f}% fewer), step time {tf / td:.2f}x "
+          f"(mean {mean_iters:.1f} fixed-point iterations per step), activation memory {af / ad:.2f}x, "
+          f"total training memory {(af + sf) / (ad + sd):.2f}x ({100 * (1 - (af + sf) / (ad + sd)):.0f}% less)")
+
+
+# ----------------------------------------------------------------------------- 2. warm start vs scratch
+
+
+def bench_warm_start(args):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fpdm_train_tiny import IMAGE_SIZE, make_images, make_vae
+
+    from asyndm_fpdm.cli import main
+    from asyndm_fpdm.fpdm.features import load_features
+    from asyndm_fpdm.fpdm.loading import read_checkpoint
+    from asyndm_fpdm.fpdm.train import build_model
+
+    tmp = tempfile.mkdtemp(prefix="fpdm_warm_")
+    images = make_images(os.path.join(tmp, "images"), classes=2, per_class=16)
+    vae = make_vae(os.path.join(tmp, "vae"))
+    feats = os.path.join(tmp, "feat")
+    main(["fpdm", "features", "--images", images, "--vae", vae, "--out", feats, "--image-size", str(IMAGE_SIZE),
+          "--flip", "--device", "cpu"])
+    w = args.warm_width
+    common = ["--features", feats, "--model", "DiT-S/2", "--hidden-size", str(w), "--num-heads", "4",
+              "--global-batch-size", "16", "--lr", "1e-3", "--no-grad-checkpointing", "--log-every", "25",
+              "--device", "cpu", "--engine", "torch", "--ckpt-every", "100000"]
+    fp = ["--timestep-conditioning", "--no-grad-iters", "0", "2", "--with-grad-iters", "1", "2"]
+    dit_run = os.path.join(tmp, "dit")
+    t0 = time.perf_counter()
+    main(["fpdm", "train", "--out", dit_run, "--no-fixed-point", "--depth", "6", "--steps", str(args.dit_steps), *common])
+    dit_s = time.perf_counter() - t0
+    dit_ckpt = os.path.join(dit_run, "checkpoints", f"{args.dit_steps:07d}.pt")
+    runs = {}
+    for name, extra in (("scratch", []), ("warm", ["--warm-start", dit_ckpt])):
+        out = os.path.join(tmp, name)
+        t0 = time.perf_counter()
+        main(["fpdm", "train", "--out", out, "--steps", str(args.fpdm_steps), *common, *fp, *extra])
+        runs[name] = (out, time.perf_counter() - t0)
+
+    latents, labels, _ = load_features(feats)
+    sched = make_schedule(None)
+    g = torch.Generator().manual_seed(123)
+    n = len(latents)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    xt = q_sample(sched, latents, t, noise)
+
+    def held_out(path, fixed_point):
+        import json
+
+        sd, _, _ = read_checkpoint(path)  # "ema" preferred by the loader; this is the raw model
+        ckpt = torch.load(path, weights_only=True)
+        args_ = json.load(open(os.path.join(os.path.dirname(os.path.dirname(path)), "args.json")))
+        model = build_model(args_)
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+        with torch.no_grad():
+            out = model(xt, t, labels, solver=stochastic_solver(0, 3) if fixed_point else None)
+            return float(training_losses(sched, out, latents, xt, t, noise)["loss"].mean())
+
+    import csv
+
+    print(f"\n2. warm start vs scratch: FPDM width {w}, 1 pre + fixed point + 1 post, {args.fpdm_steps} steps each, "
+          f"batch 16, lr 1e-3; the DiT (depth 6) trained {args.dit_steps} steps first ({dit_s:.0f}s)")
+    print(f"{'run':<8} {'held-out loss':>14} {'train s':>8}  training loss every 25 steps")
+    print(f"{'DiT':<8} {held_out(dit_ckpt, False):>14.4f} {dit_s:>8.0f}")
+    for name, (out, secs) in runs.items():
+        curve = [float(r["loss"]) for r in csv.DictReader(open(os.path.join(out, "metrics.csv")))]
+        ckpt = os.path.join(out, "checkpoints", f"{args.fpdm_steps:07d}.pt")
+        print(f"{name:<8} {held_out(ckpt, True):>14.4f} {secs:>8.0f}  " + " ".join(f"{c:.3f}" for c in curve))
+    print(f"(held-out: {n} latents, one fixed draw of timesteps and noise, 3 fixed-point iterations)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=384, help="width (384 = DiT-S)")
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--depth", type=int, default=12, help="the DiT's depth (DiT-S: 12)")
+    p.add_argument("--grid", type=int, default=16, help="latent size (32 = 256px images)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing of the explicit blocks (the reference's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warm-width", type=int, default=64)
+    p.add_argument("--dit-steps", type=int, default=400)
+    p.add_argument("--fpdm-steps", type=int, default=150)
+    p.add_argument("--skip", choices=["step", "warm"], default=None)
+    args = p.parse_args(argv)
+    if args.skip != "step":
+        bench_step(args)
+    if args.skip != "warm":
+        bench_warm_start(args)
+
+
+if __name__ == "__main__":
+    main()

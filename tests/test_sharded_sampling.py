@@ -1,0 +1,82 @@
+"""Sharded sampling: under ``torchrun --nproc_per_node 2`` (gloo on CPU) the FPDM CLI and the AsynDM
+batch CLI share their work and write byte-identical files to a one-process run with the same seeds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import torch
+
+from asyndm_fpdm.cli import main
+from asyndm_fpdm.distributed import shard
+from fpdm_tiny import save_train_checkpoint, tiny_model
+from fpdm_train_tiny import make_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import conftest; "
+          "from asyndm_fpdm.cli import main; raise SystemExit(main(sys.argv[3:]))")
+
+
+def _one_process(argv):
+    """The command in this process with one thread, as each torchrun worker has (so that float reductions
+    are split the same way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torchrun(argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--no-python", sys.executable, "-c", LAUNCH, os.path.join(ROOT, "tests"), ROOT, *argv],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _files(folder):
+    return {p: open(os.path.join(folder, p), "rb").read() for p in sorted(os.listdir(folder))}
+
+
+def test_shard_is_round_robin_and_covers_everything():
+    parts = [shard(range(7), r, 3) for r in range(3)]
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(sum(parts, [])) == list(range(7))
+    with pytest.raises(ValueError):
+        shard(range(3), 2, 2)
+
+
+def test_fpdm_sampling_on_two_processes_writes_the_same_files(tmp_path):
+    ckpt = save_train_checkpoint(str(tmp_path / "run"), tiny_model(seed=1))
+    vae = make_vae(str(tmp_path / "vae"))
+    common = ["fpdm", "--checkpoint", ckpt, "--classes", "1,2,3,4,5", "--steps", "3", "--iterations", "2", "--reuse",
+              "--num-heads", "2", "--batch-size", "2", "--device", "cpu", "--image-size", "64"]
+    for suffix, extra in (("png", ["--vae", vae]), ("lat", [])):
+        _one_process(common + ["--out", str(tmp_path / f"one_{suffix}")] + extra)
+        out = _torchrun(common + ["--out", str(tmp_path / f"two_{suffix}")] + extra)
+        assert "on 2 processes" in out
+        one, two = _files(tmp_path / f"one_{suffix}"), _files(tmp_path / f"two_{suffix}")
+        assert list(one) == list(two) and len(one) == (5 if suffix == "png" else 1)
+        assert one == two  # byte for byte: same chunks, per-image noise
+
+
+def test_asyndm_batch_cli_on_two_processes_writes_the_same_images(tmp_path):
+    from asyndm_fpdm import tiny as tiny_pipeline
+
+    model = tiny_pipeline.save_tiny_pipeline(str(tmp_path / "sd"))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["a cat eating a sandwich", "a dog playing basketball", "a red cat"]))
+    common = ["asyn", "--model", model, "--prompt-file", str(prompts), "--targets", "a:0.5", "--steps", "2",
+              "--modes", "asyn", "--device", "cpu"]
+    _one_process(common + ["--out", str(tmp_path / "one")])
+    _torchrun(common + ["--out", str(tmp_path / "two")])
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    pngs = [p for p in one if p.endswith(".png")]
+    assert len(pngs) == 3 * 4 and pngs == [p for p in two if p.endswith(".png")]
+    assert all(one[p] == two[p] for p in pngs)
