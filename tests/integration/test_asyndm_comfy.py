@@ -20,6 +20,7 @@ from asyndm_helpers import (
     with_control,
 )
 from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, ROUNDOFF_SAMPLING, assert_close, assert_differs
+from numeric import rel_err as _rel
 
 FAMILIES = ["sd15", "sd21v", "sdxl"]
 TARGETS = "rabbit:0.7, basketball:0.5"

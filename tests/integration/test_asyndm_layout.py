@@ -24,11 +24,12 @@ def test_asyndm_layout_of_full_size_unets(comfy_env, fam):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from asyndm_fpdm.samplers.backends.comfy_unet import pick_capture_stride, unet_layout
+    from asyndm_fpdm.samplers.backends.comfy_unet import unet_layout
+    from asyndm_fpdm.samplers.backends.pixel_math import pick_capture_stride
 
     unet = UNetModel(**CONFIGS[fam], device="meta", operations=comfy.ops.disable_weight_init)
     res, attn = unet_layout(unet)
-    stride = pick_capture_stride(attn)
+    stride = pick_capture_stride([a[3] for a in attn])
     captured = sorted({(b, i) for b, i, _, s in attn if s == stride})
     assert stride == 4
     if fam == "sdxl":
