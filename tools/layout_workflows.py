@@ -31,7 +31,8 @@ PREFERRED = {
     "EmptyLatentImage": (315, 106), "AsynDMKSampler": (340, 450), "AsynDMMaskExtractor": (340, 330),
     "VAEDecode": (210, 46), "SaveImage": (300, 300), "PreviewImage": (300, 280), "AsynDMCurvePreview": (315, 106),
     "AsynDMMaskStepsPreview": (315, 102), "SolidMask": (315, 106), "MaskComposite": (315, 126),
-    "MaskToImage": (210, 26), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
+    "MaskToImage": (210, 26), "AsynDMSampler": (315, 226), "BasicScheduler": (315, 106), "CFGGuider": (315, 98),
+    "RandomNoise": (315, 82), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
     "FPDMClassConditioning": (360, 126), "FPDMSampler": (320, 238), "KSampler": (320, 262), "VAELoader": (320, 58),
 }
 # Free space kept below a node type that is about to gain widgets (rows of ~25 px).
@@ -86,6 +87,19 @@ SPECS = {
             ("Inputs: SDXL model, prompt with targets, 1024 px", BLUE, FIRST_X, 0, [[1, 2, 3, 4]]),
             ("AsynDM (dynamic mask)", GREEN, 1000, 0, [[5], [6], [7]]),
             ("What the AsynDM run did", PURPLE, 1000, "below", [[8, 9], [10], [11], [12]]),
+        ]},
+    "asyndm_sd15_hires_fix.json": {
+        "note_height": 380, "titles": {9: "Pass 1 (512 px)", 11: "Hires fix (768 px)"},
+        "groups": [
+            ("Inputs: model, prompt with targets, size", BLUE, FIRST_X, 0, [[1, 2, 3, 4]]),
+            ("Pass 1: AsynDM with dpmpp_2m + karras", GREEN, 1000, 0, [[5], [8], [9]]),
+            ("Hires fix: upscale, AsynDM again at denoise 0.5", LAVENDER, 1000, "below", [[6, 7], [10], [11]]),
+        ]},
+    "asyndm_sd15_samplercustom_advanced.json": {
+        "note_height": 380, "titles": {},
+        "groups": [
+            ("Inputs: model, prompt with targets, size", BLUE, FIRST_X, 0, [[1, 2, 3, 4]]),
+            ("SamplerCustomAdvanced with the AsynDM Sampler", GREEN, 1000, 0, [[5, 6, 8], [7, 9], [10, 11]]),
         ]},
     "fpdm_class_to_image.json": {
         "note_height": 330, "titles": {},
