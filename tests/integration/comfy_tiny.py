@@ -317,3 +317,59 @@ def stand_ins(family=None):
                 delattr(cls, method)
             else:
                 setattr(cls, method, original)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
+# ---------------------------------------------------------------------------------------------
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3")
+FLUX_CONTEXT, FLUX_VEC = 32, 16       # T5 / pooled CLIP-L widths of the stand-in
+SD3_CONTEXT, SD3_ADM = 32, 24         # joint context / pooled widths of the stand-in
+
+
+def _dit_config(family, depth=2, hidden=64):
+    import comfy.supported_models as sm
+    if family in ("flux", "flux_schnell"):
+        cls = sm.Flux if family == "flux" else sm.FluxSchnell
+        unet = dict(cls.unet_config, in_channels=16, out_channels=16, vec_in_dim=FLUX_VEC,
+                    context_in_dim=FLUX_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=2, depth=depth,
+                    depth_single_blocks=depth, axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2],
+                    theta=10000, patch_size=2, qkv_bias=True)
+    elif family == "sd3":
+        cls = sm.SD3
+        size = 32  # the position-embedding grid: latents up to 64×64
+        unet = dict(cls.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=size * size,
+                    pos_embed_max_size=size, adm_in_channels=SD3_ADM,
+                    context_embedder_config={"target": "torch.nn.Linear",
+                                             "params": {"in_features": SD3_CONTEXT, "out_features": 64 * depth}})
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {DIT_FAMILIES}")
+    config = cls(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
+    """A MODEL (ModelPatcher) of a tiny random Flux / Flux-schnell / SD3 MMDiT, fp32 on CPU
+    (SD3: hidden = 64·depth, heads = depth, as MMDiT fixes them)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    config = _dit_config(family, depth, hidden)
+    model = config.get_model({}, "", device="cpu")
+    dm = model.diffusion_model
+    _randomize_(dm, seed)
+    if getattr(dm, "pos_embed", None) is not None:  # a buffer: ComfyUI leaves it uninitialised
+        dm.pos_embed.copy_(0.1 * torch.randn(dm.pos_embed.shape, generator=torch.Generator().manual_seed(seed)))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
+    """Random CONDITIONING for a tiny DiT, as its text encoders would give it: [[context, {pooled}]]."""
+    gen = torch.Generator().manual_seed(seed)
+    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") else (SD3_CONTEXT, SD3_ADM)
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen)}
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[torch.randn(batch, length, width, generator=gen), extra]]
