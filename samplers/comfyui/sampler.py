@@ -69,6 +69,9 @@ class ComfySchedule:
     def sigma(self, t):
         return self.ms.sigma(torch.as_tensor(t, dtype=torch.float32))
 
+    def percent_to_sigma(self, percent):  # flow SDE samplers' first-sigma offset (pixel_samplers._snr_safe)
+        return self.ms.percent_to_sigma(percent)
+
     def noise_scaling(self, sigma, noise, latent, max_denoise=False):
         if not torch.is_tensor(sigma) or sigma.numel() == 1:
             return self.ms.noise_scaling(torch.as_tensor(sigma).reshape(-1)[:1], noise, latent, max_denoise)
