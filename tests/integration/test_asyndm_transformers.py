@@ -227,3 +227,64 @@ def test_dit_unsupported_family_names_what_is_supported(comfy_env):
         backend_for(fake)
     msg = str(err.value)
     assert "VideoDiT" in msg and "Flux" in msg and "SD3" in msg and "SDXL" in msg
+
+
+# ---------------------------------------------------------------------------------------- targets
+class _TokenizerClip:
+    """A CLIP as the AsynDM Text Encode node sees it: ComfyUI's real Flux / SD3 tokenizers (their
+    vocab files ship with ComfyUI); the encoder returns a context of the real layout's length."""
+
+    def __init__(self, family, t5=True):
+        import types
+
+        from comfy.text_encoders import flux, sd3_clip
+
+        self.tokenizer = flux.FluxTokenizer() if family == "flux" else sd3_clip.SD3Tokenizer()
+        self.family = family
+        self.cond_stage_model = types.SimpleNamespace(clip_l=object(), clip_g=object(), t5xxl=object() if t5 else None)
+
+    def tokenize(self, text):
+        return self.tokenizer.tokenize_with_weights(text)
+
+    def encode_from_tokens_scheduled(self, tokens):
+        n_t5 = sum(len(c) for c in tokens["t5xxl"])
+        n = n_t5 if self.family == "flux" else sum(len(c) for c in tokens["g"]) + n_t5
+        return [[torch.zeros(1, n, 8), {"pooled_output": torch.zeros(1, 8)}]]
+
+
+def test_dit_targets_flux_read_t5_positions(comfy_env):
+    from asyndm_fpdm.samplers.comfyui.tokens import locate_targets
+    from asyndm_fpdm.samplers.tokens import UnknownWordError
+
+    clip = _TokenizerClip("flux")
+    prompt = "a (rabbit:1.3) playing basketball beside a rabbit"
+    info = locate_targets(clip, prompt, "rabbit#2:0.6, basketball")
+    ids = [t[0] for c in clip.tokenize(prompt)["t5xxl"] for t in c]
+    rabbit = [t[0] for t in clip.tokenize("rabbit")["t5xxl"][0]][:1]
+    assert [ids[p] for p in info["positions"][0]] == rabbit and info["ks"] == [0.6, 0.7]
+    assert info["positions"][0][0] > info["positions"][1][-1]  # the second rabbit, after basketball
+    assert info["context_len"] == len(ids) == 256  # Flux's T5 pads to 256 tokens
+    long = locate_targets(clip, " ".join(["green"] * 300) + " rabbit", "rabbit")
+    assert long["positions"][0][0] >= 300 and long["context_len"] > 300
+    with pytest.raises(UnknownWordError) as err:
+        locate_targets(clip, "a rabbit playing basketball", "dog")
+    msg = str(err.value)
+    assert "'dog'" in msg and "rabbit" in msg and "basketball" in msg and "\u2581" not in msg and "<pad>" not in msg
+
+
+def test_dit_targets_sd3_read_clip_positions_and_the_joint_length(comfy_env):
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+    from asyndm_fpdm.samplers.comfyui.tokens import locate_targets
+
+    clip = _TokenizerClip("sd3")
+    prompt = "a rabbit playing basketball"
+    info = locate_targets(clip, prompt, "rabbit, basketball")
+    assert info["positions"] == [[2], [4]]  # CLIP-L/G: start token first, same positions in both
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit, basketball")[0]
+    t5 = sum(len(c) for c in clip.tokenize(prompt)["t5xxl"])
+    assert cond[0][1]["asyndm_targets"]["context_len"] == 77 + t5 == cond[0][0].shape[1]
+    t5_only = _TokenizerClip("sd3")
+    t5_only.cond_stage_model.clip_l = t5_only.cond_stage_model.clip_g = None
+    ids = [t[0] for c in t5_only.tokenize(prompt)["t5xxl"] for t in c]
+    p = locate_targets(t5_only, prompt, "rabbit")["positions"][0]
+    assert ids[p[0]] == t5_only.tokenize("rabbit")["t5xxl"][0][0][0]
