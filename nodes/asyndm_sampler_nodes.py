@@ -96,6 +96,8 @@ class AsynDMTextEncode:
                                "your checkpoint does not contain a valid clip or text encoder model.")
         info = locate_targets(clip, text, targets)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        if cond:  # the encoded context's length: SD3's is CLIP's 77·k plus T5's tokens
+            info = dict(info, context_len=int(cond[0][0].shape[1]))
         return ([[c, dict(d, **{TARGETS_KEY: info})] for c, d in cond],)
 
 

@@ -31,10 +31,10 @@ def _d(x, sigma, denoised):
     return (x - denoised) / sigma
 
 
-def _noise(noise_sampler, plan, i, x, s_next_bg=None):
+def _noise(noise_sampler, plan, i, x, s_next_bg=None, s_bg=None):
     if noise_sampler is None:
         return torch.randn_like(x)
-    a = plan.background(i)
+    a = plan.background(i) if s_bg is None else s_bg
     return noise_sampler(a, plan.background(i + 1) if s_next_bg is None else s_next_bg)
 
 
@@ -61,10 +61,14 @@ def _sigma_of_half_log_snr(lam, flow):
 
 
 def _snr_safe(sigma, plan):
-    """ComfyUI's offset_first_sigma_for_snr: a flow sigma of 1 has no finite log-SNR."""
-    if plan.schedule.flow:
-        return sigma.clamp(max=1 - 1e-4)
-    return sigma
+    """ComfyUI's offset_first_sigma_for_snr: a flow sigma of 1 has no finite log-SNR, so it becomes
+    the model's sigma at 1e-4 of its schedule (shift included) — for the model call and the noise
+    interval too, as ComfyUI evaluates the offset sigma; per pixel, wherever a pixel is at 1."""
+    if not plan.schedule.flow:
+        return sigma
+    to_sigma = getattr(plan.schedule, "percent_to_sigma", None)
+    offset = float(to_sigma(1e-4)) if to_sigma is not None else 1 - 1e-4
+    return torch.where(sigma >= 1, torch.as_tensor(offset, dtype=sigma.dtype, device=sigma.device), sigma)
 
 
 @torch.no_grad()
@@ -172,12 +176,12 @@ def sample_dpmpp_2m_sde(model, x, plan, extra_args=None, callback=None, disable=
     old_denoised, h_last, h = None, None, None
     for i in range(len(plan)):
         sigma, sigma_next = plan.step(i)
-        denoised = model(x, sigma, **extra_args)
-        _report(callback, plan, i, x, sigma, denoised)
+        s = _snr_safe(sigma, plan)
+        denoised = model(x, s, **extra_args)
+        _report(callback, plan, i, x, s, denoised)
         if _last(sigma_next):
             x = denoised
         else:
-            s = _snr_safe(sigma, plan)
             lam_s, lam_t = _half_log_snr(s, flow), _half_log_snr(sigma_next, flow)
             h = lam_t - lam_s
             h_eta = h * (eta + 1)
@@ -190,7 +194,8 @@ def sample_dpmpp_2m_sde(model, x, plan, extra_args=None, callback=None, disable=
                 else:
                     x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
             if eta > 0 and s_noise > 0:
-                x = x + _noise(noise_sampler, plan, i, x) * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                x = x + _noise(noise_sampler, plan, i, x, s_bg=_snr_safe(plan.background(i), plan)) * sigma_next * (
+                    -2 * h * eta).expm1().neg().sqrt() * s_noise
         old_denoised, h_last = denoised, h
     return x
 
@@ -203,12 +208,12 @@ def sample_dpmpp_sde(model, x, plan, extra_args=None, callback=None, disable=Non
     fac = 1 / (2 * r)
     for i in range(len(plan)):
         sigma, sigma_next = plan.step(i)
-        denoised = model(x, sigma, **extra_args)
-        _report(callback, plan, i, x, sigma, denoised)
+        s = _snr_safe(sigma, plan)
+        denoised = model(x, s, **extra_args)
+        _report(callback, plan, i, x, s, denoised)
         if _last(sigma_next):
             x = denoised
             continue
-        s = _snr_safe(sigma, plan)
         lam_s, lam_t = _half_log_snr(s, flow), _half_log_snr(sigma_next, flow)
         h = lam_t - lam_s
         lam_s1 = lam_s + r * h
@@ -223,7 +228,7 @@ def sample_dpmpp_sde(model, x, plan, extra_args=None, callback=None, disable=Non
         h_ = sd.log().neg() - lam_s
         x_2 = (alpha_s1 / alpha_s) * (-h_).exp() * x - alpha_s1 * (-h_).expm1() * denoised
         if eta > 0 and s_noise > 0:
-            x_2 = x_2 + alpha_s1 * _noise(noise_sampler, plan, i, x, bg_s1) * s_noise * su
+            x_2 = x_2 + alpha_s1 * _noise(noise_sampler, plan, i, x, bg_s1, s_bg=bg_s) * s_noise * su
         denoised_2 = model(x_2, sigma_s1, **extra_args)
 
         sd, su = _ancestral(lam_s.neg().exp(), lam_t.neg().exp(), eta)
@@ -231,7 +236,7 @@ def sample_dpmpp_sde(model, x, plan, extra_args=None, callback=None, disable=Non
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
         if eta > 0 and s_noise > 0:
-            x = x + alpha_t * _noise(noise_sampler, plan, i, x) * s_noise * su
+            x = x + alpha_t * _noise(noise_sampler, plan, i, x, s_bg=bg_s) * s_noise * su
     return x
 
 

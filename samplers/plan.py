@@ -49,6 +49,7 @@ class SigmaPlan:
         from_noise: Optional[bool] = None,
         capture_all: bool = False,
         discrete: Optional[bool] = None,
+        cell: int = 1,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -65,6 +66,7 @@ class SigmaPlan:
         self.mode, self.mask_thr, self.dynamic = mode, mask_thr, dynamic and mode == "asyn"
         self.capture_all = capture_all
         self.ks = [float(k) for k in ks]
+        self.cell = int(cell)  # a transformer's patch: masks are uniform on it (backends/comfy_dit.py)
         self.curves = AsyncSchedule(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
         self._init_masks(masks, anchors)
 
@@ -119,6 +121,16 @@ class SigmaPlan:
                 self.masks = fit_masks(masks, b, size, len(self.ks)).to(self.device)
             else:
                 raise ValueError("mode 'asyn' with fixed masks needs masks (static pre-pass or a MASK input)")
+        self.masks = self._snap(self.masks)
+
+    def _snap(self, masks):
+        """Masks uniform on cell × cell patches (each takes its top-left pixel), so every
+        transformer token has one sigma: the one its timestep and its pixels' updates use."""
+        c = self.cell
+        if masks is None or c <= 1:
+            return masks
+        h, w = masks.shape[-2:]
+        return masks[..., ::c, ::c].repeat_interleave(c, dim=-2).repeat_interleave(c, dim=-1)[..., :h, :w]
 
     def _timestep(self, sigma):
         if float(sigma) <= 0:
@@ -183,7 +195,7 @@ class SigmaPlan:
             return
         self.item_maps[-1] = maps
         if self.dynamic:
-            self.masks = build_item_masks(maps.to(self.device), self.ks, self.size, self.mask_thr)
+            self.masks = self._snap(build_item_masks(maps.to(self.device), self.ks, self.size, self.mask_thr))
 
     def mean_item_maps(self) -> Optional[torch.Tensor]:
         maps = [m for m in self.item_maps if m is not None]

@@ -69,6 +69,9 @@ class ComfySchedule:
     def sigma(self, t):
         return self.ms.sigma(torch.as_tensor(t, dtype=torch.float32))
 
+    def percent_to_sigma(self, percent):  # flow SDE samplers' first-sigma offset (pixel_samplers._snr_safe)
+        return self.ms.percent_to_sigma(percent)
+
     def noise_scaling(self, sigma, noise, latent, max_denoise=False):
         if not torch.is_tensor(sigma) or sigma.numel() == 1:
             return self.ms.noise_scaling(torch.as_tensor(sigma).reshape(-1)[:1], noise, latent, max_denoise)
@@ -191,7 +194,8 @@ def _noise_sampler(name, x, sigmas, seed, batch_index=None):
 def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask):
     import comfy.model_management
 
-    from ..backends.comfy_unet import ComfyUNetBackend, PixelCall
+    from ..backends import backend_for
+    from ..backends.comfy_unet import PixelCall
 
     opts = sampler.options
     ms = model_wrap.inner_model.model_sampling
@@ -216,7 +220,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         external = external_item_masks(opts.mask, len(ks), batch)
         if external.shape[1] == 1 and len(ks) > 1:
             ks = [max(ks)]  # one painted region: it lags with the strongest strength
-    backend = ComfyUNetBackend(model_wrap.model_patcher)
+    backend = backend_for(model_wrap.model_patcher)
     areas = _areas(conds, size)
     latent = torch.zeros_like(noise) if latent_image is None else latent_image
     seed = extra_args.get("seed")
@@ -254,7 +258,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
         return SigmaPlan(sigmas, schedule, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
                          anchors=targets.anchors if targets else None, curve=opts.curve, mask_thr=opts.mask_thr,
-                         capture_all=capture_all)
+                         capture_all=capture_all, cell=getattr(backend, "cell", 1))
 
     static = opts.static_masks
     if mode == "asyn" and source == "static" and static is None:

@@ -6,6 +6,13 @@ cross-attention context is the chunks' hidden states one after another, so a tok
 in the context is its index in the flattened chunk list. Prompt weights ``(rabbit:1.2)`` only
 change weights, never ids; a word that splits into several tokens is matched as a run;
 ``word#2`` picks the second appearance of a repeated word (default: every appearance).
+
+Transformers (DESIGN.md, "Transformers"): the positions index the context the backend reads.
+Flux's tokens carry ``l`` and ``t5xxl`` but its joint attention sees only T5's hidden states
+(CLIP-L gives the pooled vector): ``t5xxl``. SD3's (``g``, ``l``, ``t5xxl``) context is
+[CLIP-L ‖ CLIP-G (77 per chunk) | T5]: the CLIP positions, which start the context whether or
+not T5 is loaded (``t5xxl`` only for a T5-only SD3 text encoder). T5's own tokens (``▁rabbit``)
+are listed without the sentencepiece marks when a word is not found.
 """
 
 from typing import List
@@ -15,7 +22,12 @@ from ..tokens import UnknownWordError, locate_word, parse_targets
 KEY_ORDER = ("l", "g", "h")
 
 
-def _key(tokens: dict) -> str:
+def _key(tokens: dict, clip=None) -> str:
+    if "t5xxl" in tokens:
+        model = getattr(clip, "cond_stage_model", None)
+        no_clip = all(getattr(model, f"clip_{k}", True) is None for k in ("l", "g"))
+        if "g" not in tokens or no_clip:  # Flux (T5 is its context), or SD3 without CLIP-L/G
+            return "t5xxl"
     for k in KEY_ORDER:
         if k in tokens:
             return k
@@ -24,7 +36,7 @@ def _key(tokens: dict) -> str:
 
 def _sub_tokenizer(clip, key):
     tok = getattr(clip, "tokenizer", None)
-    sub = getattr(tok, f"clip_{key}", None)
+    sub = getattr(tok, f"clip_{key}", None) or getattr(tok, key, None)
     if sub is None and tok is not None and isinstance(getattr(tok, "clip", None), str):
         sub = getattr(tok, tok.clip, None)
     return sub
@@ -51,9 +63,9 @@ def _token_names(sub, ids):
     names = []
     for i in ids:
         name = inv.get(i, str(i))
-        if name in ("<|startoftext|>", "<|endoftext|>"):
+        if name in ("<|startoftext|>", "<|endoftext|>", "</s>", "<pad>"):
             continue
-        names.append(name.replace("</w>", ""))
+        names.append(name.replace("</w>", "").replace("\u2581", ""))
     return names
 
 
@@ -72,7 +84,7 @@ def locate_targets(clip, prompt: str, targets_text: str) -> dict:
     if not targets:
         raise ValueError("targets is empty: name the prompt's key objects, e.g. 'rabbit:0.7, basketball:0.7'")
     tokens = clip.tokenize(prompt)
-    key = _key(tokens)
+    key = _key(tokens, clip)
     sub = _sub_tokenizer(clip, key)
     prompt_ids = _ids(tokens[key])
     shown = _token_names(sub, prompt_ids)

@@ -133,11 +133,12 @@ def tiny_clip(family="sd15", seed=SEED + 1):
     return clip
 
 
-def tiny_vae(seed=SEED + 2):
-    """A VAE (``comfy.sd.VAE``) built from a random TAESD-shaped state dict: 4 latent channels, ×8."""
+def tiny_vae(seed=SEED + 2, channels=4):
+    """A VAE (``comfy.sd.VAE``) built from a random TAESD-shaped state dict: 4 latent channels (16
+    for Flux / SD3, as their TAESD variants), ×8."""
     import comfy.sd
     import comfy.taesd.taesd
-    net = comfy.taesd.taesd.TAESD(latent_channels=4)
+    net = comfy.taesd.taesd.TAESD(latent_channels=channels)
     _randomize_(net, seed)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     vae = comfy.sd.VAE(sd=sd)
@@ -146,23 +147,28 @@ def tiny_vae(seed=SEED + 2):
 
 @functools.lru_cache(maxsize=None)
 def _cached(kind, family):
+    dit = family in DIT_FAMILIES
     if kind == "model":
-        return tiny_model(family)
+        return tiny_dit(family) if dit else tiny_model(family)
     if kind == "clip":
-        return tiny_clip(family)
-    return tiny_vae()
+        return tiny_dit_clip(family) if dit else tiny_clip(family)
+    return tiny_vae(channels=16) if dit else tiny_vae()
 
 
 def tiny_checkpoint(family="sd15", cached=True):
     """(MODEL, CLIP, VAE) like CheckpointLoaderSimple. Cached objects are shared: clone before patching
     (every ComfyUI node does)."""
     if cached:
-        return _cached("model", family), _cached("clip", family), _cached("vae", None)
+        return _cached("model", family), _cached("clip", family), _cached("vae", family if family in DIT_FAMILIES else None)
     return tiny_model(family), tiny_clip(family), tiny_vae()
 
 
 def family_for_filename(name: str, default="sd15") -> str:
     low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
+    if "flux" in low or low in ("ae.safetensors", "ae.sft"):
+        return "flux_schnell" if "schnell" in low else "flux"
+    if "sd3" in low:
+        return "sd3"
     if "xl" in low:
         return "sdxl"
     if "768" in low and ("v2" in low or "sd2" in low or "2-1" in low or "2_1" in low or "-v" in low):
@@ -271,8 +277,19 @@ def stand_ins(family=None):
         return (model.clone(),)
 
     def load_vae(self, vae_name):
-        reg.loads.append(("vae", vae_name, None))
-        return (_cached("vae", None),)
+        fam = family_for_filename(vae_name)
+        reg.loads.append(("vae", vae_name, fam if fam in DIT_FAMILIES else None))
+        return (_cached("vae", fam if fam in DIT_FAMILIES else None),)
+
+    def load_dual_clip(self, clip_name1, clip_name2, type, *args, **kwargs):
+        fam = {"flux": "flux", "sd3": "sd3"}.get(type, "sdxl")
+        reg.loads.append(("clip", f"{clip_name1}+{clip_name2}", fam))
+        return (_cached("clip", fam).clone(),)
+
+    def load_triple_clip(cls, clip_name1, clip_name2, clip_name3):
+        from comfy_api.latest import io
+        reg.loads.append(("clip", f"{clip_name1}+{clip_name2}+{clip_name3}", "sd3"))
+        return io.NodeOutput(_cached("clip", "sd3").clone())
 
     def load_unet(self, unet_name, *args, **kwargs):
         fam = reg.family_for(unet_name)
@@ -309,6 +326,8 @@ def stand_ins(family=None):
     patch("VAELoader", "load_vae", load_vae)
     patch("UNETLoader", "load_unet", load_unet)
     patch("CLIPLoader", "load_clip", load_clip)
+    patch("DualCLIPLoader", "load_clip", load_dual_clip)
+    patch("TripleCLIPLoader", "execute", classmethod(load_triple_clip))
     try:
         yield reg
     finally:
@@ -317,3 +336,80 @@ def stand_ins(family=None):
                 delattr(cls, method)
             else:
                 setattr(cls, method, original)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
+# ---------------------------------------------------------------------------------------------
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3")
+FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
+SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
+TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
+                  "num_decoder_layers": 1}
+
+
+def _dit_config(family, depth=2, hidden=64):
+    import comfy.supported_models as sm
+    if family in ("flux", "flux_schnell"):
+        cls = sm.Flux if family == "flux" else sm.FluxSchnell
+        unet = dict(cls.unet_config, in_channels=16, out_channels=16, vec_in_dim=FLUX_VEC,
+                    context_in_dim=FLUX_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=2, depth=depth,
+                    depth_single_blocks=depth, axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2],
+                    theta=10000, patch_size=2, qkv_bias=True)
+    elif family == "sd3":
+        cls = sm.SD3
+        size = 32  # the position-embedding grid: latents up to 64×64
+        unet = dict(cls.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=size * size,
+                    pos_embed_max_size=size, adm_in_channels=SD3_ADM,
+                    context_embedder_config={"target": "torch.nn.Linear",
+                                             "params": {"in_features": SD3_CONTEXT, "out_features": 64 * depth}})
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {DIT_FAMILIES}")
+    config = cls(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
+    """A MODEL (ModelPatcher) of a tiny random Flux / Flux-schnell / SD3 MMDiT, fp32 on CPU
+    (SD3: hidden = 64·depth, heads = depth, as MMDiT fixes them)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    config = _dit_config(family, depth, hidden)
+    model = config.get_model({}, "", device="cpu")
+    dm = model.diffusion_model
+    _randomize_(dm, seed)
+    if getattr(dm, "pos_embed", None) is not None:  # a buffer: ComfyUI leaves it uninitialised
+        dm.pos_embed.copy_(0.1 * torch.randn(dm.pos_embed.shape, generator=torch.Generator().manual_seed(seed)))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
+    """Random CONDITIONING for a tiny DiT, as its text encoders would give it: [[context, {pooled}]]."""
+    gen = torch.Generator().manual_seed(seed)
+    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") else (SD3_CONTEXT, SD3_ADM)
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen)}
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[torch.randn(batch, length, width, generator=gen), extra]]
+
+
+def tiny_dit_clip(family="flux", seed=SEED + 1):
+    """The family's real text-encoder classes and tokenizers, tiny: Flux = CLIP-L + a 1-layer T5
+    (ComfyUI's T5 class, its T5 tokenizer); SD3 = CLIP-L + CLIP-G without T5 (a real SD3 text
+    encoder configuration: a 4096-wide T5 stand-in would weigh hundreds of MB)."""
+    import comfy.sd
+    import comfy.supported_models_base as smb
+    from comfy.text_encoders import flux, sd3_clip
+    if family.startswith("flux"):
+        target = smb.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
+    else:
+        target = smb.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
+    options = {k: dict(v) for k, v in TINY_TE_OPTIONS.items()}
+    options["t5xxl_model_config"] = dict(TINY_T5_CONFIG)
+    options["dtype"] = torch.float32
+    clip = comfy.sd.CLIP(target, model_options=options)
+    _randomize_(clip.cond_stage_model, seed)
+    return clip

@@ -51,7 +51,8 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
     assert samplers
     latents = {k: v[0]["samples"] for k, v in samplers.items()}
     for lat in latents.values():
-        assert lat.shape == (1, 4, 8, 8) and torch.isfinite(lat).all()
+        assert lat.shape[0] == 1 and lat.shape[1] in (4, 16) and lat.shape[-2:] == (8, 8)  # 16: Flux / SD3
+        assert torch.isfinite(lat).all()
     modes = {k: result.prompt[k]["inputs"]["mode"] for k in latents}
     # AsynDM beside vanilla with the same seed: different images (one step takes every pixel from
     # noise to clean at once, so nothing can lag and the two agree)

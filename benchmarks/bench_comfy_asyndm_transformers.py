@@ -1,0 +1,134 @@
+"""Asynchronous KSampler (AsynDM, dynamic mask) against ComfyUI's own KSampler on a Flux-shaped and
+an SD3-shaped transformer (issue 11): same model, sampler (euler), scheduler (simple), steps, latent
+and conditioning, one process, runs interleaved; prints per-step medians side by side and their
+ratio (target: AsynDM dynamic ≤ 1.05× core).
+
+    COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_transformers.py \
+        [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--depth 3]
+
+Models: ComfyUI's own Flux (dev: guidance embedding) and SD3 MMDiT classes and configs with random
+weights — Flux with ``depth`` double and 2·``depth`` single blocks, hidden ``hidden``, 4 heads;
+SD3 with ``depth``+1 joint blocks (MMDiT fixes hidden = 64·blocks: 4 → 256); 512 px is a
+64×64 latent, 1024 tokens — large enough that the transformer, not Python, dominates a step.
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def bootstrap(comfy_path):
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # noqa: F401  (imports this checkout as asyndm_fpdm)
+    import comfy_workflows
+
+    comfy_workflows.bootstrap_comfyui(comfy_path, pathlib.Path(tempfile.mkdtemp(prefix="bench_asyndm_dit_")))
+
+
+def build(family, hidden, depth):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+
+    if family == "flux":
+        unet = dict(sm.Flux.unet_config, in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=512,
+                    hidden_size=hidden, mlp_ratio=4.0, num_heads=4, depth=depth, depth_single_blocks=2 * depth,
+                    theta=10000, patch_size=2, qkv_bias=True)
+        head = hidden // 4  # RoPE axes like Flux's (16, 56, 56) of 128: even splits of the head
+        unet["axes_dim"] = [head - 2 * (head * 3 // 8 // 2 * 2), head * 3 // 8 // 2 * 2, head * 3 // 8 // 2 * 2]
+        config = sm.Flux(unet)
+    else:
+        unet = dict(sm.SD3.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=64 * 64,
+                    pos_embed_max_size=64, adm_in_channels=2048,
+                    context_embedder_config={"target": "torch.nn.Linear",
+                                             "params": {"in_features": 512, "out_features": 64 * depth}})
+        config = sm.SD3(unet)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        if getattr(model.diffusion_model, "pos_embed", None) is not None:
+            model.diffusion_model.pos_embed.normal_(0, 0.1, generator=gen)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    ap.add_argument("--size", type=int, default=512, help="image size in pixels (latent = size/8)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=256, help="Flux hidden size (SD3: 64·depth)")
+    ap.add_argument("--depth", type=int, default=3, help="Flux double blocks (2× single); SD3 joint blocks + 1")
+    args = ap.parse_args()
+    if not args.comfyui:
+        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    bootstrap(args.comfyui)
+
+    import nodes
+    import torch
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
+
+    gen = torch.Generator().manual_seed(1)
+    targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": 64}
+    lat = args.size // 8
+    rows = []
+    for family, cfg in (("flux", 1.0), ("sd3", 4.5)):
+        model = build(family, args.hidden, args.depth if family == "flux" else args.depth + 1)
+        pooled = 768 if family == "flux" else 2048
+        extra = {"pooled_output": torch.randn(1, pooled, generator=gen)}
+        if family == "flux":
+            extra["guidance"] = 3.5
+        pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
+        neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
+        latent = {"samples": torch.zeros(1, 16, lat, lat)}
+
+        def core():
+            return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg, latent)
+
+        def asyn():
+            return AsynDMKSampler().sample(model, 7, args.steps, cfg, 0.0, "AsynDM", "dynamic", "bin", "", 1.0,
+                                           "clean (sigma 0, like ComfyUI)", pos, neg, latent, sampler_name="euler",
+                                           scheduler="simple", denoise=1.0)
+
+        runs = {"core": core, "asyn": asyn}
+        times = {k: [] for k in runs}
+        with torch.inference_mode():
+            for fn in runs.values():  # warm-up
+                fn()
+            for _ in range(args.repeats):
+                for name, fn in runs.items():
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t) / args.steps)
+        c, a = statistics.median(times["core"]), statistics.median(times["asyn"])
+        rows.append((family, c, a))
+    print(f"latent {lat}x{lat} ({(lat // 2) ** 2} tokens), {args.steps} steps euler/simple, threads "
+          f"{torch.get_num_threads()}, {args.repeats} interleaved rounds, median per step")
+    print(f"  {'model':28s} {'ComfyUI KSampler':>17s} {'AsynDM dynamic':>15s} {'ratio':>6s}")
+    names = {"flux": f"Flux-shaped (h{args.hidden}, cfg 1)", "sd3": f"SD3-shaped (h{64 * (args.depth + 1)}, cfg 4.5)"}
+    for family, c, a in rows:
+        print(f"  {names[family]:28s} {c * 1000:14.1f} ms {a * 1000:12.1f} ms {a / c:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
