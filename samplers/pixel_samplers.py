@@ -161,7 +161,9 @@ def sample_dpmpp_2m(model, x, plan, extra_args=None, callback=None, disable=None
         else:
             r = h_last / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - (-h).expm1() * denoised_d
+            # a pixel held at one sigma (a lagging item clamped at σ_max) has no step size: first order
+            x = torch.where((h != 0) & (h_last != 0), (sigma_next / sigma) * x - (-h).expm1() * denoised_d,
+                            first_order)
         old_denoised, h_last = denoised, h  # per pixel: each pixel's own last step size
     return x
 
@@ -190,9 +192,11 @@ def sample_dpmpp_2m_sde(model, x, plan, extra_args=None, callback=None, disable=
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
+                    corr = alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
                 else:
-                    x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
+                    corr = 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
+                # a pixel held at one sigma has no step size: no second-order correction
+                x = x + torch.where((h != 0) & (h_last != 0), corr, torch.zeros_like(corr))
             if eta > 0 and s_noise > 0:
                 x = x + _noise(noise_sampler, plan, i, x, s_bg=_snr_safe(plan.background(i), plan)) * sigma_next * (
                     -2 * h * eta).expm1().neg().sqrt() * s_noise

@@ -86,3 +86,19 @@ def test_ddim_is_euler_and_euler_ancestral_per_pixel(sd, scheduler):
 def test_unknown_sampler_names_the_available_ones():
     with pytest.raises(ValueError, match="'nope' has no per-pixel version: use one of ddim, euler, euler_ancestral"):
         get_sampler("nope")
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_a_pixel_held_at_one_sigma_stays_finite(sd, sampler):
+    """k = 1 on karras clamps the items at σ_max for several steps (no step size, h = 0): the
+    multistep samplers fall back to first order there instead of dividing by zero."""
+    sigmas = make_sigmas(sd, "karras", 8)
+    masks = torch.zeros(SHAPE[0], 1, *SHAPE[2:])
+    masks[..., : SHAPE[-1] // 2] = 1
+    plan = SigmaPlan(sigmas, sd, SHAPE[0], SHAPE[2:], mode="asyn", ks=[1.0], masks=masks, from_noise=True)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    x = engine.run(exact_denoiser, engine.initial_latent(plan, noise), plan, sampler,
+                   noise_sampler=counted_noise()[0])
+    held = [float(s[0, 0, 0, 0]) for s in plan._sig[:3]]
+    assert held[0] == held[1], "the test needs an item held at one sigma for two steps"
+    assert torch.isfinite(x).all()

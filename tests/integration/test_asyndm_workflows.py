@@ -12,7 +12,7 @@ from numeric import FAR_ABOVE_ROUNDOFF, assert_differs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("asyndm_*.json"))
-SAMPLERS = {"AsynDMKSampler", "AsynDMMaskExtractor", "KSampler"}
+SAMPLERS = {"AsynDMKSampler", "AsynDMMaskExtractor", "KSampler", "BasicScheduler"}
 STEPS = (1, 3, 7, 20)
 
 
@@ -48,10 +48,12 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
     outs = [k for k, v in result.prompt.items() if getattr(classes[v["class_type"]], "OUTPUT_NODE", False)]
     assert outs and all(k in result.outputs for k in outs)
     samplers = _by_type(result, "AsynDMKSampler")
-    assert samplers
+    custom = _by_type(result, "SamplerCustomAdvanced")  # with the AsynDM Sampler
+    assert samplers or custom
     latents = {k: v[0]["samples"] for k, v in samplers.items()}
-    for lat in latents.values():
-        assert lat.shape[0] == 1 and lat.shape[1] in (4, 16) and lat.shape[-2:] == (8, 8)  # 16: Flux / SD3
+    for lat in list(latents.values()) + [v[0]["samples"] for v in custom.values()]:
+        # 16 channels: Flux / SD3; 12x12: the hires-fix pass (the 8x8 latent upscaled 1.5x)
+        assert lat.shape[0] == 1 and lat.shape[1] in (4, 16) and lat.shape[-2:] in ((8, 8), (12, 12))
         assert torch.isfinite(lat).all()
     modes = {k: result.prompt[k]["inputs"]["mode"] for k in latents}
     # AsynDM beside vanilla with the same seed: different images (one step takes every pixel from
@@ -71,7 +73,8 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
     for k, (regions, times) in previews.items():
         shown = len(pick_steps(result.prompt[k]["inputs"]["at_steps"], steps)[0])
         assert regions.shape == times.shape == (shown, 64, 64, 3)
-    assert previews or "extractor" in path.name
+    has_preview = any(v["class_type"] == "AsynDMMaskStepsPreview" for v in result.prompt.values())
+    assert bool(previews) == has_preview
 
 
 def test_old_saved_workflows_keep_loading(comfy_env, pack_nodes, stand_ins):
