@@ -32,7 +32,8 @@ PREFERRED = {
     "VAEDecode": (210, 46), "SaveImage": (300, 300), "PreviewImage": (300, 280), "AsynDMCurvePreview": (315, 106),
     "AsynDMMaskStepsPreview": (315, 102), "SolidMask": (315, 106), "MaskComposite": (315, 126),
     "MaskToImage": (210, 26), "AsynDMSampler": (315, 226), "BasicScheduler": (315, 106), "CFGGuider": (315, 98),
-    "RandomNoise": (315, 82), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
+    "RandomNoise": (315, 82), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130), "TripleCLIPLoader": (315, 106),
+    "FluxGuidance": (315, 58), "EmptySD3LatentImage": (315, 106), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
     "FPDMClassConditioning": (360, 126), "FPDMSampler": (320, 238), "KSampler": (320, 262), "VAELoader": (320, 58),
 }
 # Free space kept below a node type that is about to gain widgets (rows of ~25 px).
@@ -100,6 +101,27 @@ SPECS = {
         "groups": [
             ("Inputs: model, prompt with targets, size", BLUE, FIRST_X, 0, [[1, 2, 3, 4]]),
             ("SamplerCustomAdvanced with the AsynDM Sampler", GREEN, 1000, 0, [[5, 6, 8], [7, 9], [10, 11]]),
+        ]},
+    "asyndm_flux_dev.json": {
+        "note_height": 380, "titles": {},
+        "groups": [
+            ("Inputs: Flux dev (UNET, T5 + CLIP-L, VAE), prompt with targets, size", BLUE, FIRST_X, 0,
+             [[1, 2, 3], [4, 5, 6, 7]]),
+            ("AsynDM on Flux (per-token timesteps)", GREEN, FIRST_X, "below", [[8], [9], [10]]),
+        ]},
+    "asyndm_sd35.json": {
+        "note_height": 380, "titles": {},
+        "groups": [
+            ("Inputs: SD3.5 checkpoint, CLIP-L/G + T5, prompt with targets, size", BLUE, FIRST_X, 0,
+             [[1, 2], [3, 4, 5]]),
+            ("AsynDM on SD3.5 (per-token timesteps)", GREEN, FIRST_X, "below", [[6], [7], [8]]),
+        ]},
+    "asyndm_sdxl_vs_flux.json": {
+        "note_height": 380, "titles": {},
+        "groups": [
+            ("SDXL: the paper's configuration", LAVENDER, FIRST_X, 0, [[1, 2, 3, 4], [5], [6, 7]]),
+            ("Flux dev: the same prompt and targets", GREEN, FIRST_X, "below",
+             [[11, 12, 13], [14, 15, 16, 17], [18], [19, 20]]),
         ]},
     "fpdm_class_to_image.json": {
         "note_height": 330, "titles": {},
