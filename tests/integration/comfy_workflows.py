@@ -266,7 +266,8 @@ def load_custom_node_pack(folder, name=None) -> SimpleNamespace:
     ``<work_dir>/custom_nodes/ComfyUI-AsynDM-FPDM`` — the hyphenated name a ``git clone`` gives.
     Returns ``ok`` (load_custom_node's verdict), ``module``, ``module_name`` (ComfyUI's name for it),
     ``sys_module_name``, ``path``, ``node_names`` (what the pack's
-    NODE_CLASS_MAPPINGS lists), ``log`` (warnings/errors logged while loading).
+    NODE_CLASS_MAPPINGS lists), ``log`` (warnings/errors logged while loading), ``imported``
+    (the modules the load brought into sys.modules).
     """
     import nodes
     folder = pathlib.Path(folder).resolve()
@@ -282,6 +283,7 @@ def load_custom_node_pack(folder, name=None) -> SimpleNamespace:
     handler = _CaptureLog()
     root = logging.getLogger()
     root.addHandler(handler)
+    before = set(sys.modules)
     try:
         ok = asyncio.run(nodes.load_custom_node(str(link), module_parent="custom_nodes"))
     finally:
@@ -291,7 +293,8 @@ def load_custom_node_pack(folder, name=None) -> SimpleNamespace:
     names = list(getattr(module, "NODE_CLASS_MAPPINGS", {}) or {}) if module is not None else []
     log = [f"{r.levelname}: {r.getMessage()}" for r in handler.records if r.levelno >= logging.WARNING]
     return SimpleNamespace(ok=ok, module=module, module_name=link.name, node_names=names, log=log,
-                           sys_module_name=getattr(module, "__name__", None), path=str(link))
+                           sys_module_name=getattr(module, "__name__", None), path=str(link),
+                           imported=sorted(set(sys.modules) - before))
 
 
 # ----------------------------------------------------------------------------------------------
