@@ -44,7 +44,7 @@ def build_model(channels, seed=0, light=False):
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "in_channels": 4,
         "use_spatial_transformer": True, "legacy": False, "model_channels": channels,
         "num_res_blocks": [1 if light else 2] * len(levels), "channel_mult": levels, "context_dim": 768,
-        "transformer_depth": [1, 1, 1] if light else [1, 1, 1, 0], "transformer_depth_middle": 1,
+        "transformer_depth": [1, 1, 1] if light else [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
         "transformer_depth_output": [1] * 6 if light else [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_linear_in_transformer": False, "use_temporal_resblock": False, "use_temporal_attention": False,
         "adm_in_channels": None, "num_heads": 8, "num_head_channels": -1,
