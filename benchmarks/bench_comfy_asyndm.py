@@ -24,20 +24,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def bootstrap(comfy_path):
+def bootstrap(comfy_path, prefix="bench_asyndm_"):
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     sys.path.insert(0, str(ROOT / "tests"))
     import conftest  # noqa: F401  (imports this checkout as asyndm_fpdm)
     import comfy_workflows
 
-    comfy_workflows.bootstrap_comfyui(comfy_path, pathlib.Path(tempfile.mkdtemp(prefix="bench_asyndm_")))
+    comfy_workflows.bootstrap_comfyui(comfy_path, pathlib.Path(tempfile.mkdtemp(prefix=prefix)))
 
 
 def build_model(channels, seed=0, light=False):
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models as sm
-    import torch
 
     levels = [1, 2, 4] if light else [1, 2, 4, 4]
     unet = {
@@ -49,7 +46,17 @@ def build_model(channels, seed=0, light=False):
         "use_linear_in_transformer": False, "use_temporal_resblock": False, "use_temporal_attention": False,
         "adm_in_channels": None, "num_heads": 8, "num_head_channels": -1,
     }
-    config = sm.SD15(unet)
+    model_patcher = patcher(sm.SD15(unet), seed)
+    model_patcher.model.diffusion_model.out[-1].weight.data.mul_(0.05)
+    return model_patcher
+
+
+def patcher(config, seed=0):
+    """A ModelPatcher of ``config``'s model with seeded random weights (fan-in scaled, norms at 1)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import torch
+
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "", device="cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -61,7 +68,8 @@ def build_model(channels, seed=0, light=False):
                 p.fill_(1.0)
             else:
                 p.zero_()
-        model.diffusion_model.out[-1].weight.mul_(0.05)
+        if getattr(model.diffusion_model, "pos_embed", None) is not None:
+            model.diffusion_model.pos_embed.normal_(0, 0.1, generator=gen)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())

@@ -17,7 +17,6 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -25,19 +24,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def bootstrap(comfy_path):
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401  (imports this checkout as asyndm_fpdm)
-    import comfy_workflows
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from bench_comfy_asyndm import bootstrap as bootstrap_comfyui
 
-    comfy_workflows.bootstrap_comfyui(comfy_path, pathlib.Path(tempfile.mkdtemp(prefix="bench_asyndm_dit_")))
+    bootstrap_comfyui(comfy_path, prefix="bench_asyndm_dit_")
 
 
 def build(family, hidden, depth):
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models as sm
-    import torch
+
+    from bench_comfy_asyndm import patcher
 
     if family == "flux":
         unet = dict(sm.Flux.unet_config, in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=512,
@@ -52,22 +48,7 @@ def build(family, hidden, depth):
                     context_embedder_config={"target": "torch.nn.Linear",
                                              "params": {"in_features": 512, "out_features": 64 * depth}})
         config = sm.SD3(unet)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        if getattr(model.diffusion_model, "pos_embed", None) is not None:
-            model.diffusion_model.pos_embed.normal_(0, 0.1, generator=gen)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return patcher(config)
 
 
 def main():

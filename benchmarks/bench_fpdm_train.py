@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import statistics
@@ -32,14 +31,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _import_pack():
-    if "asyndm_fpdm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("asyndm_fpdm", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["asyndm_fpdm"] = mod
-        spec.loader.exec_module(mod)
-
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_fpdm import _import_pack  # noqa: E402  (imports this checkout as asyndm_fpdm)
 
 _import_pack()
 import torch  # noqa: E402

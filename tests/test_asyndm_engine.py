@@ -9,7 +9,7 @@ from asyndm_fpdm.samplers.api import asyn_generate
 from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, capture_stride, pixel_forward, schedule_of
 from asyndm_fpdm.samplers.pixel_samplers import SAMPLERS
 from asyndm_fpdm.samplers.schedule import AsyncSchedule
-from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ELEMENTWISE, ROUNDOFF_ONE_PASS, ROUNDOFF_SAMPLING, assert_close, assert_differs
+from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, ROUNDOFF_SAMPLING, assert_close, assert_differs
 
 CFG = tm.sd_scheduler_config()
 SCHED = schedule_of(CFG)

@@ -14,7 +14,7 @@ import torch
 from asyndm_fpdm import tiny
 from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, pixel_forward, schedule_of
 from asyndm_fpdm.samplers.pixel_samplers import sample_ddim
-from numeric import ROUNDOFF_ELEMENTWISE, ROUNDOFF_ONE_PASS, assert_close
+from numeric import ROUNDOFF_ONE_PASS, assert_close
 
 REF = os.environ.get("ASYNDM_REFERENCE_PATH")
 pytestmark = pytest.mark.skipif(

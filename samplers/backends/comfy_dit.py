@@ -24,7 +24,7 @@ from typing import List
 
 import torch
 
-from .comfy_unet import FORWARD_KEY, KEY, WRAPPER_KEY, PixelCall, _capture_rows, _chunk_place, _Forward, pixelwise
+from .comfy_unet import FORWARD_KEY, KEY, WRAPPER_KEY, PixelCall, begin_forward, pixelwise
 from .pixel_math import UnsupportedModelError, distinct_rows, strided_index, token_weights
 
 __all__ = ["DiTBackend", "PixelCall", "joint_item_attention", "middle_blocks"]
@@ -108,20 +108,8 @@ class DiTBackend:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base = executor.class_obj
         sampling, dm = base.model_sampling, base.diffusion_model
-        batch = call.sigma_map.shape[0]
-        chunks = x.shape[0] // batch
-        if chunks * batch != x.shape[0]:
-            raise RuntimeError(f"model batch {x.shape[0]} is not a multiple of the latent batch {batch}")
         h, w = x.shape[-2:]
-        places = [_chunk_place(call, x[j * batch:(j + 1) * batch]) for j in range(chunks)]
-        sig = torch.cat([call.sigma_map[:, :, y:y + h, x0:x0 + w] for y, x0 in places]).to(x.device, torch.float32)
-        ones = torch.ones(x.shape[0], 1, *x.shape[2:], device=x.device)
-        # identity for CONST (flow) models; kept so a model's own input scaling stays per pixel
-        scale = pixelwise(sampling.calculate_input, sig, ones) / sampling.calculate_input(
-            t.to(x.device, torch.float32).view(-1, 1, 1, 1), ones)
-        rows = _capture_rows(call, transformer_options, batch, chunks)
-        fwd = _Forward(call, sig, rows, place=places[rows[0] // batch] if rows else (0, 0),
-                       t_map=sampling.timestep(sig.reshape(-1)).float().view(sig.shape[0], *sig.shape[2:]))
+        fwd, scale = begin_forward(call, sampling, x, t, transformer_options)
         uniq_t, fwd.cache["row_img"], fwd.index = distinct_rows(fwd.t_map, per_image=True)
         fwd.cache["uniq_t"] = uniq_t
         p = self.cell
@@ -135,14 +123,14 @@ class DiTBackend:
 
         handles = [dm.register_forward_hook(keep_raw)] + self.hooks(dm, fwd)
         try:
-            executor(x * scale.to(x.dtype), t, c_concat, c_crossattn, control,
+            executor(x * scale, t, c_concat, c_crossattn, control,
                      dict(transformer_options, **{FORWARD_KEY: fwd}), **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         if fwd.raw is None:
             raise RuntimeError("AsynDM: the transformer did not run (another patch bypassed it)")
-        return pixelwise(sampling.calculate_denoised, sig, fwd.raw.float(), x.float()).to(x.dtype)
+        return pixelwise(sampling.calculate_denoised, fwd.sigma, fwd.raw.float(), x.float()).to(x.dtype)
 
 
 def per_token(fwd, rows_out: torch.Tensor, stock: torch.Tensor, before: int = 0, after: int = 0) -> torch.Tensor:

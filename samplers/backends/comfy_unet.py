@@ -154,12 +154,10 @@ def _chunk_place(call: PixelCall, chunk: torch.Tensor):
         "not know, or a model patch that resizes the latent). Use full-size conditioning instead.")
 
 
-def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                         **kwargs):
-    call = transformer_options.get(KEY)
-    if call is None:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    sampling = executor.class_obj.model_sampling
+def begin_forward(call: PixelCall, sampling, x, t, transformer_options):
+    """The per-pixel state of one model forward (x: ComfyUI's batch of cond/uncond chunks, each an
+    area crop or the whole latent) and the input scale that turns the model's calculate_input(σ_image)
+    into calculate_input(σ_pixel). Shared by every ComfyUI backend's APPLY_MODEL wrapper."""
     batch = call.sigma_map.shape[0]
     chunks = x.shape[0] // batch
     if chunks * batch != x.shape[0]:
@@ -167,18 +165,26 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     h, w = x.shape[-2:]
     places = [_chunk_place(call, x[j * batch:(j + 1) * batch]) for j in range(chunks)]
     sig = torch.cat([call.sigma_map[:, :, y:y + h, x0:x0 + w] for y, x0 in places]).to(x.device, torch.float32)
-    sigma_img = t.to(x.device, torch.float32).view(-1, 1, 1, 1)
-    ones = torch.ones(x.shape[0], 1, *x.shape[2:], device=x.device)
-    # BaseModel applies calculate_input(σ_image); pre-scale so the UNet sees calculate_input(σ_pixel)
-    scale = pixelwise(sampling.calculate_input, sig, ones) / sampling.calculate_input(sigma_img, ones)
+    ones = torch.ones(x.shape[0], 1, h, w, device=x.device)
+    scale = pixelwise(sampling.calculate_input, sig, ones) / sampling.calculate_input(
+        t.to(x.device, torch.float32).view(-1, 1, 1, 1), ones)  # identity for flow (CONST) models
     rows = _capture_rows(call, transformer_options, batch, chunks)
     fwd = _Forward(call, sig, rows, place=places[rows[0] // batch] if rows else (0, 0),
-                   t_map=sampling.timestep(sig.reshape(-1)).float().view(sig.shape[0], *sig.shape[2:]))
-    options = dict(transformer_options, **{FORWARD_KEY: fwd})
-    executor(x * scale.to(x.dtype), t, c_concat, c_crossattn, control, options, **kwargs)
+                   t_map=sampling.timestep(sig.reshape(-1)).float().view(sig.shape[0], h, w))
+    return fwd, scale.to(x.dtype)
+
+
+def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                         **kwargs):
+    call = transformer_options.get(KEY)
+    if call is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    sampling = executor.class_obj.model_sampling
+    fwd, scale = begin_forward(call, sampling, x, t, transformer_options)
+    executor(x * scale, t, c_concat, c_crossattn, control, dict(transformer_options, **{FORWARD_KEY: fwd}), **kwargs)
     if fwd.raw is None:
         raise RuntimeError("AsynDM: the diffusion model wrapper did not run (another patch bypassed the UNet)")
-    return pixelwise(sampling.calculate_denoised, sig, fwd.raw.float(), x.float()).to(x.dtype)
+    return pixelwise(sampling.calculate_denoised, fwd.sigma, fwd.raw.float(), x.float()).to(x.dtype)
 
 
 def _capture_rows(call, transformer_options, batch, chunks):
