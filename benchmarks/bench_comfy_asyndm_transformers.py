@@ -4,11 +4,12 @@ and conditioning, one process, runs interleaved; prints per-step medians side by
 ratio (target: AsynDM dynamic ≤ 1.05× core).
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_transformers.py \
-        [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--depth 3]
+        [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4]
 
 Models: ComfyUI's own Flux (dev: guidance embedding) and SD3 MMDiT classes and configs with random
-weights — Flux with ``depth`` double and 2·``depth`` single blocks, hidden ``hidden``, 4 heads;
-SD3 with ``depth``+1 joint blocks (MMDiT fixes hidden = 64·blocks: 4 → 256); 512 px is a
+weights — Flux with Flux dev's block structure (19 double and 38 single blocks, of which the masks
+read three middle double blocks) at hidden ``hidden``, 4 heads; SD3 with ``sd3-depth`` joint
+blocks (MMDiT fixes hidden = 64·blocks: 4 → 256); 512 px is a
 64×64 latent, 1024 tokens — large enough that the transformer, not Python, dominates a step.
 """
 
@@ -57,8 +58,10 @@ def main():
     ap.add_argument("--size", type=int, default=512, help="image size in pixels (latent = size/8)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--hidden", type=int, default=256, help="Flux hidden size (SD3: 64·depth)")
-    ap.add_argument("--depth", type=int, default=3, help="Flux double blocks (2× single); SD3 joint blocks + 1")
+    ap.add_argument("--hidden", type=int, default=256, help="Flux hidden size")
+    ap.add_argument("--flux-depth", type=int, default=19,
+                    help="Flux double blocks (2× as many single blocks): 19 is Flux dev's 19 + 38")
+    ap.add_argument("--sd3-depth", type=int, default=4, help="SD3 joint blocks (MMDiT's hidden is 64·blocks)")
     args = ap.parse_args()
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
@@ -74,7 +77,7 @@ def main():
     lat = args.size // 8
     rows = []
     for family, cfg in (("flux", 1.0), ("sd3", 4.5)):
-        model = build(family, args.hidden, args.depth if family == "flux" else args.depth + 1)
+        model = build(family, args.hidden, args.flux_depth if family == "flux" else args.sd3_depth)
         pooled = 768 if family == "flux" else 2048
         extra = {"pooled_output": torch.randn(1, pooled, generator=gen)}
         if family == "flux":
@@ -106,7 +109,8 @@ def main():
     print(f"latent {lat}x{lat} ({(lat // 2) ** 2} tokens), {args.steps} steps euler/simple, threads "
           f"{torch.get_num_threads()}, {args.repeats} interleaved rounds, median per step")
     print(f"  {'model':28s} {'ComfyUI KSampler':>17s} {'AsynDM dynamic':>15s} {'ratio':>6s}")
-    names = {"flux": f"Flux-shaped (h{args.hidden}, cfg 1)", "sd3": f"SD3-shaped (h{64 * (args.depth + 1)}, cfg 4.5)"}
+    names = {"flux": f"Flux-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 1)",
+             "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)"}
     for family, c, a in rows:
         print(f"  {names[family]:28s} {c * 1000:14.1f} ms {a * 1000:12.1f} ms {a / c:6.3f}")
 

@@ -49,13 +49,16 @@ class DiscreteSchedule:
 
 
 def paper_sigmas(schedule, steps: int, steps_offset: int = 1, last_timestep_zero: bool = True) -> torch.Tensor:
-    """The AsynDM paper's (diffusers DDIM 'leading' + offset) timesteps 981, 961, ..., 1 for 50
-    steps, as sigmas; the last step lands on timestep 0 (σ(0) > 0), or on σ = 0."""
-    from .schedule import ddim_leading_timesteps
+    """The AsynDM reference's background timesteps as sigmas: its linear curve from 1001, rounded —
+    981, 961, ..., 1 for 50 steps, which is diffusers' DDIM "leading" + offset whenever the step
+    count divides 1000 (the reference's vanilla run uses that spacing; at other counts its AsynDM
+    background and its vanilla run differ by a few timesteps, and this follows the AsynDM one).
+    The last step lands on timestep 0 (σ(0) > 0), or on σ = 0."""
+    from .schedule import AsyncSchedule, timesteps_of
 
-    n_train = len(schedule.sigmas)
-    ts = ddim_leading_timesteps(steps, n_train, steps_offset)[:-1]
-    sig = schedule.sigma(torch.tensor(ts, dtype=torch.float32))
+    curve = AsyncSchedule(steps, num_train_timesteps=len(schedule.sigmas), steps_offset=steps_offset)
+    ts = timesteps_of(curve.plan(None, [], 1, 1, 1)[:-1]).flatten().float()
+    sig = schedule.sigma(ts)
     end = schedule.sigma(torch.zeros(1)) if last_timestep_zero else torch.zeros(1)
     return torch.cat([sig, end])
 

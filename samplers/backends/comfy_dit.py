@@ -136,13 +136,18 @@ class DiTBackend:
 def per_token(fwd, rows_out: torch.Tensor, stock: torch.Tensor, before: int = 0, after: int = 0) -> torch.Tensor:
     """Modulation rows (R, K) → (Bm, before + n_img + after, K): image tokens gathered from their
     (image, timestep) row; the ``before`` (text) and ``after`` (reference-image) tokens keep the
-    stock per-image value ``stock`` (Bm, 1, K), the background's."""
-    tok = rows_out[fwd.cache["tokens"]].to(stock.dtype)
+    stock per-image value ``stock`` (Bm, 1, K), the background's. One gather, so the per-token
+    path costs one pass over the modulation tensor."""
+    tokens = fwd.cache["tokens"]
     if not before and not after:
-        return tok
-    bm, k = tok.shape[0], tok.shape[-1]
-    parts = ([stock.expand(bm, before, k)] if before else []) + [tok] + ([stock.expand(bm, after, k)] if after else [])
-    return torch.cat(parts, dim=1)
+        return rows_out[tokens].to(stock.dtype)
+    bm, k = tokens.shape[0], rows_out.shape[-1]
+    index = fwd.cache.get(("seq", before, after))
+    if index is None:  # image b's text and reference tokens read row R + b: its stock vector
+        own = (rows_out.shape[0] + torch.arange(bm, device=tokens.device)).view(bm, 1)
+        index = fwd.cache[("seq", before, after)] = torch.cat(
+            [own.expand(bm, before), tokens, own.expand(bm, after)], dim=1)
+    return torch.cat([rows_out.to(stock.dtype), stock.reshape(bm, k)])[index]
 
 
 def record_maps(fwd, q_img, k_txt, k_img, context_len_offset: int = 0):
