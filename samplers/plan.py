@@ -86,14 +86,12 @@ class SigmaPlan:
             knots.append(float(self.curves.step(torch.tensor([knots[-1]]), self.steps - i - 1)[0]))
         k = torch.tensor(knots)
         t = timesteps.float().cpu()
-        if self.from_noise:  # the virtual start y = 1001, extrapolated along the first segment
-            slope = (t[0] - t[1]) / (k[0] - k[1]) if self.steps > 1 else torch.tensor(1.0)
-            t_start = t[0] + slope * (start - k[0])
-            k, t = torch.cat([torch.tensor([start]), k]), torch.cat([(t_start.round() if discrete else t_start)[None], t])
-        self.knots = k  # descending y
         # timestep − y at each knot; on a discrete grid against the rounded knot, so that in the
         # paper's configuration it is exactly 0 and t = y (float32 knots drift by ~1e-4)
-        self.offsets = t - (k.round() if discrete else k)
+        offsets = t - (k.round() if discrete else k)
+        if self.from_noise:  # the virtual start y = 1001 keeps the first knot's offset
+            k, offsets = torch.cat([torch.tensor([start]), k]), torch.cat([offsets[:1], offsets])
+        self.knots, self.offsets = k, offsets  # knots descend in y
 
         self._y: List[torch.Tensor] = []
         self._sig: List[torch.Tensor] = []

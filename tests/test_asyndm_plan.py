@@ -54,7 +54,7 @@ def test_fixed_masks_start_end_monotone_and_items_lag(sd, scheduler, curve):
         assert all(torch.equal(sig[i][bg], sigmas[i].expand(int(bg.sum()))) for i in range(13))
 
 
-@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("steps", [6, 7, 10, 50])  # 6, 7: counts that do not divide 1000
 @pytest.mark.parametrize("curve", ["bin", "lin", "exp"])
 def test_paper_configuration_is_the_reference_schedule(sd, steps, curve):
     masks = fixed_masks()
