@@ -43,15 +43,16 @@ def joint_item_attention(q, k_txt, k_img, weights):
     """q (b, H, Nq, d), k_txt (b, H, Lt, d), k_img (b, H, Li, d), weights (Lt, N) → (b, Nq, N):
     the head-averaged probability each image query gives each item's text tokens in the *joint*
     softmax over [text | image] keys, as the model attends. One head at a time (float32): the
-    (Nq, Lt + Li) logits of all heads at once would be GBs at 1024 px."""
+    (Nq, Lt + Li) logits of all heads at once would be GBs at 1024 px. Only the softmax's
+    normaliser needs the image keys (a logsumexp); the probabilities are read for the text keys."""
     scale = q.shape[-1] ** -0.5
     w = weights.to(q.device, torch.float32)
     out = None
     for h in range(q.shape[1]):
-        qh = q[:, h].float()
-        logits = torch.cat([qh @ k_txt[:, h].float().transpose(-1, -2), qh @ k_img[:, h].float().transpose(-1, -2)],
-                           dim=-1) * scale
-        probs = torch.softmax(logits, dim=-1)[..., :k_txt.shape[2]] @ w
+        qh = q[:, h].float() * scale
+        txt = qh @ k_txt[:, h].float().transpose(-1, -2)
+        lse = torch.logaddexp(txt.logsumexp(dim=-1), (qh @ k_img[:, h].float().transpose(-1, -2)).logsumexp(dim=-1))
+        probs = (txt - lse[..., None]).exp() @ w
         out = probs if out is None else out + probs
     return out / q.shape[1]
 
