@@ -5,8 +5,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from asyndm_fpdm.fpdm.features import load_features
 from asyndm_fpdm.fpdm.loading import load_fpdm
 from fpdm_tiny import tiny_config
 from fpdm_train_tiny import IMAGE_SIZE, make_images, make_vae, train_argv
+from torchrun import run_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,14 +135,9 @@ def test_two_processes_match_one_process(data, straight_run, tmp_path):
     one-process run within float32 round-off of the gradient average."""
     pytest.importorskip("accelerate")
     run = tmp_path / "run2"
-    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import conftest; from fpdm_train_tiny import "
-              "train_argv; from asyndm_fpdm.cli import main; main(train_argv(sys.argv[3], sys.argv[4], '--engine', "
-              "'accelerate'))")
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--no-python", sys.executable, "-c", script, os.path.join(ROOT, "tests"),
-                           ROOT, data["features"], str(run)], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes("from fpdm_train_tiny import train_argv; from asyndm_fpdm.cli import main; "
+                      "main(train_argv(sys.argv[3], sys.argv[4], '--engine', 'accelerate'))",
+                      data["features"], run, timeout=120)
     one, two = _metrics(straight_run), _metrics(run)
     assert [s for s, _ in two] == [s for s, _ in one]
     assert all(abs(a - b) <= 1e-5 * abs(a) for (_, a), (_, b) in zip(one, two))

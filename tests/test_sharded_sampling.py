@@ -3,8 +3,6 @@ batch CLI share their work and write byte-identical files to a one-process run w
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,10 +12,10 @@ from asyndm_fpdm.cli import main
 from asyndm_fpdm.distributed import shard
 from fpdm_tiny import save_train_checkpoint, tiny_model
 from fpdm_train_tiny import make_vae
+from torchrun import run_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import conftest; "
-          "from asyndm_fpdm.cli import main; raise SystemExit(main(sys.argv[3:]))")
+LAUNCH = "from asyndm_fpdm.cli import main; raise SystemExit(main(sys.argv[3:]))"
 
 
 def _one_process(argv):
@@ -32,12 +30,7 @@ def _one_process(argv):
 
 
 def _torchrun(argv):
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--no-python", sys.executable, "-c", LAUNCH, os.path.join(ROOT, "tests"), ROOT, *argv],
-                          capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_two_processes(LAUNCH, *argv)
 
 
 def _files(folder):
