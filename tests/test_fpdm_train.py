@@ -16,7 +16,6 @@ from fpdm_tiny import tiny_config
 from fpdm_train_tiny import IMAGE_SIZE, make_images, make_vae, train_argv
 from torchrun import run_two_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _features_argv(images, vae, out, *extra):

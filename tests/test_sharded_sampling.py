@@ -14,7 +14,6 @@ from fpdm_tiny import save_train_checkpoint, tiny_model
 from fpdm_train_tiny import make_vae
 from torchrun import run_two_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = "from asyndm_fpdm.cli import main; raise SystemExit(main(sys.argv[3:]))"
 
 
