@@ -89,12 +89,16 @@ def main():
         def core():
             return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg, latent)
 
-        def asyn():
-            return AsynDMKSampler().sample(model, 7, args.steps, cfg, 0.0, "AsynDM", "dynamic", "bin", "", 1.0,
-                                           "clean (sigma 0, like ComfyUI)", pos, neg, latent, sampler_name="euler",
-                                           scheduler="simple", denoise=1.0)
+        half = torch.zeros(1, args.size, args.size)
+        half[:, :, : args.size // 2] = 1
 
-        runs = {"core": core, "asyn": asyn}
+        def asyn(source="dynamic", mask=None):
+            return lambda: AsynDMKSampler().sample(
+                model, 7, args.steps, cfg, 0.0, "AsynDM", source, "bin", "", 1.0, "clean (sigma 0, like ComfyUI)",
+                pos, neg, latent, sampler_name="euler", scheduler="simple", denoise=1.0, mask=mask)
+
+        # dynamic: per-token timesteps + attention read every step; mask input: per-token timesteps only
+        runs = {"core": core, "asyn": asyn(), "tokens": asyn("mask input", half)}
         times = {k: [] for k in runs}
         with torch.inference_mode():
             for fn in runs.values():  # warm-up
@@ -104,15 +108,17 @@ def main():
                     t = time.perf_counter()
                     fn()
                     times[name].append((time.perf_counter() - t) / args.steps)
-        c, a = statistics.median(times["core"]), statistics.median(times["asyn"])
-        rows.append((family, c, a))
+        # the ratio of each interleaved round, then the median: robust to a machine's slow drift
+        ratio = {k: statistics.median(a / c for a, c in zip(times[k], times["core"])) for k in ("asyn", "tokens")}
+        rows.append((family, statistics.median(times["core"]), statistics.median(times["asyn"]), ratio["asyn"],
+                     ratio["tokens"]))
     print(f"latent {lat}x{lat} ({(lat // 2) ** 2} tokens), {args.steps} steps euler/simple, threads "
-          f"{torch.get_num_threads()}, {args.repeats} interleaved rounds, median per step")
-    print(f"  {'model':28s} {'ComfyUI KSampler':>17s} {'AsynDM dynamic':>15s} {'ratio':>6s}")
+          f"{torch.get_num_threads()}, {args.repeats} interleaved rounds, median per step (ratios: median of rounds)")
+    print(f"  {'model':40s} {'ComfyUI':>10s} {'AsynDM dynamic':>15s} {'ratio':>6s} {'no attention read':>18s}")
     names = {"flux": f"Flux-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 1)",
              "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)"}
-    for family, c, a in rows:
-        print(f"  {names[family]:28s} {c * 1000:14.1f} ms {a * 1000:12.1f} ms {a / c:6.3f}")
+    for family, c, a, r, r_tokens in rows:
+        print(f"  {names[family]:40s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms {r:6.3f} {r_tokens:18.3f}")
 
 
 if __name__ == "__main__":
