@@ -10,7 +10,7 @@ import torch
 from asyndm_fpdm.nodes import asyndm_nodes
 from asyndm_fpdm.nodes.common import CATEGORY_ASYNDM
 from asyndm_fpdm.samplers import comfy_plots
-from asyndm_fpdm.samplers.comfyui import conditioning as comfy_sampling
+from asyndm_fpdm.samplers.comfyui import conditioning
 from asyndm_fpdm.samplers.comfyui import tokens as comfy_tokens
 from asyndm_fpdm.samplers.comfyui.sampler import RunInfo
 from asyndm_fpdm.samplers.tokens import UnknownWordError
@@ -41,31 +41,31 @@ def test_asyndm_sampler_options():
 
 
 def test_asyndm_parse_and_resolve_strengths():
-    assert comfy_sampling.parse_ks(" 0.7, 0.5 ,") == [0.7, 0.5]
-    assert comfy_sampling.parse_ks("") == []
+    assert conditioning.parse_ks(" 0.7, 0.5 ,") == [0.7, 0.5]
+    assert conditioning.parse_ks("") == []
     with pytest.raises(ValueError, match="not a number"):
-        comfy_sampling.parse_ks("high")
+        conditioning.parse_ks("high")
     with pytest.raises(ValueError, match="outside"):
-        comfy_sampling.parse_ks("1.5")
-    t = comfy_sampling.Targets(["a", "b"], [0.7, 0.5], [[2], [4]], 77)
-    assert comfy_sampling.resolve_ks(t, []) == [0.7, 0.5]
-    assert comfy_sampling.resolve_ks(t, [0.3]) == [0.3, 0.3]
-    assert comfy_sampling.resolve_ks(t, [0.1, 0.2]) == [0.1, 0.2]
+        conditioning.parse_ks("1.5")
+    t = conditioning.Targets(["a", "b"], [0.7, 0.5], [[2], [4]], 77)
+    assert conditioning.resolve_ks(t, []) == [0.7, 0.5]
+    assert conditioning.resolve_ks(t, [0.3]) == [0.3, 0.3]
+    assert conditioning.resolve_ks(t, [0.1, 0.2]) == [0.1, 0.2]
     with pytest.raises(ValueError, match="one per target"):
-        comfy_sampling.resolve_ks(t, [0.1, 0.2, 0.3])
-    assert comfy_sampling.resolve_ks(None, [0.4]) == [0.4]
+        conditioning.resolve_ks(t, [0.1, 0.2, 0.3])
+    assert conditioning.resolve_ks(None, [0.4]) == [0.4]
 
 
 def test_asyndm_targets_ride_on_conditioning():
     info = {"words": ["rabbit"], "ks": [0.6], "positions": [[2]], "context_len": 77}
     cond = [[torch.zeros(1, 77, 8), {"pooled_output": None}], [torch.zeros(1, 77, 8), {"asyndm_targets": info}]]
-    t = comfy_sampling.targets_of(cond)
+    t = conditioning.targets_of(cond)
     assert t.words == ["rabbit"] and t.ks == [0.6] and t.anchors == [2]
-    assert comfy_sampling.targets_of([[torch.zeros(1), {}]]) is None
+    assert conditioning.targets_of([[torch.zeros(1), {}]]) is None
 
 
 def test_asyndm_external_masks_layouts():
-    f = comfy_sampling.external_item_masks
+    f = conditioning.external_item_masks
     assert f(torch.ones(64, 64), 2, 3).shape == (1, 1, 64, 64)
     assert f(torch.ones(3, 64, 64), 2, 3).shape == (3, 1, 64, 64)
     assert f(torch.ones(2, 64, 64), 2, 3).shape == (1, 2, 64, 64)
