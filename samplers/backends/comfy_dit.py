@@ -134,21 +134,28 @@ class DiTBackend:
         return pixelwise(sampling.calculate_denoised, fwd.sigma, fwd.raw.float(), x.float()).to(x.dtype)
 
 
-def per_token(fwd, rows_out: torch.Tensor, stock: torch.Tensor, before: int = 0, after: int = 0) -> torch.Tensor:
+def per_token(fwd, rows_out: torch.Tensor, stock: torch.Tensor, before: int = 0, after: int = 0,
+              parts: int = 1):
     """Modulation rows (R, K) → (Bm, before + n_img + after, K): image tokens gathered from their
     (image, timestep) row; the ``before`` (text) and ``after`` (reference-image) tokens keep the
-    stock per-image value ``stock`` (Bm, 1, K), the background's. One gather, so the per-token
-    path costs one pass over the modulation tensor."""
+    stock per-image value ``stock`` (Bm, 1, K), the background's. With ``parts`` > 1 the K
+    channels come back as that many contiguous (Bm, L, K/parts) tensors (shift, scale, gate...),
+    so the block's elementwise modulation reads dense memory rather than strided chunk views.
+    One gather per part: the per-token path costs one pass over the modulation tensor."""
     tokens = fwd.cache["tokens"]
-    if not before and not after:
-        return rows_out[tokens].to(stock.dtype)
     bm, k = tokens.shape[0], rows_out.shape[-1]
-    index = fwd.cache.get(("seq", before, after))
-    if index is None:  # image b's text and reference tokens read row R + b: its stock vector
-        own = (rows_out.shape[0] + torch.arange(bm, device=tokens.device)).view(bm, 1)
-        index = fwd.cache[("seq", before, after)] = torch.cat(
-            [own.expand(bm, before), tokens, own.expand(bm, after)], dim=1)
-    return torch.cat([rows_out.to(stock.dtype), stock.reshape(bm, k)])[index]
+    index = tokens
+    table = rows_out.to(stock.dtype)
+    if before or after:
+        index = fwd.cache.get(("seq", before, after))
+        if index is None:  # image b's text and reference tokens read row R + b: its stock vector
+            own = (rows_out.shape[0] + torch.arange(bm, device=tokens.device)).view(bm, 1)
+            index = fwd.cache[("seq", before, after)] = torch.cat(
+                [own.expand(bm, before), tokens, own.expand(bm, after)], dim=1)
+        table = torch.cat([table, stock.reshape(bm, k)])
+    if parts == 1:
+        return table[index]
+    return [t[index] for t in table.view(table.shape[0], parts, -1).unbind(dim=1)]
 
 
 def record_maps(fwd, q_img, k_txt, k_img, context_len_offset: int = 0):

@@ -78,15 +78,14 @@ class ComfyFluxBackend(DiTBackend):
         def double(module, args, output):
             stock = torch.cat([output[0].shift, output[0].scale, output[0].gate,
                                output[1].shift, output[1].scale, output[1].gate], dim=-1)
-            tok = per_token(fwd, module.lin(torch.nn.functional.silu(rows())), stock, after=extra_tokens())
-            c = tok.chunk(6, dim=-1)
+            c = per_token(fwd, module.lin(torch.nn.functional.silu(rows())), stock, after=extra_tokens(), parts=6)
             return ModulationOut(*c[:3]), ModulationOut(*c[3:])
 
         def single(module, args, output):
             stock = torch.cat([output[0].shift, output[0].scale, output[0].gate], dim=-1)
-            tok = per_token(fwd, module.lin(torch.nn.functional.silu(rows())), stock,
-                            before=cache["txt"].shape[1], after=extra_tokens())
-            return ModulationOut(*tok.chunk(3, dim=-1)), None
+            c = per_token(fwd, module.lin(torch.nn.functional.silu(rows())), stock,
+                          before=cache["txt"].shape[1], after=extra_tokens(), parts=3)
+            return ModulationOut(*c), None
 
         def final(module, args, output):
             return per_token(fwd, module.forward(rows()), output, after=extra_tokens())
