@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .masks import build_item_masks, initial_dynamic_masks
+from .masks import build_item_masks, cell_coverage, initial_dynamic_masks
 from .schedule import AsyncSchedule
 
 MODES = ("asyn", "concave", "vanilla")
@@ -121,13 +121,10 @@ class SigmaPlan:
         self.masks = self._snap(self.masks)
 
     def _snap(self, masks):
-        """Masks uniform on cell × cell patches (each takes its top-left pixel), so every
-        transformer token has one sigma: the one its timestep and its pixels' updates use."""
-        c = self.cell
-        if masks is None or c <= 1:
-            return masks
-        h, w = masks.shape[-2:]
-        return masks[..., ::c, ::c].repeat_interleave(c, dim=-2).repeat_interleave(c, dim=-1)[..., :h, :w]
+        """Binary masks uniform on cell × cell patches, so every transformer token has one sigma
+        (the one its timestep and its pixels' updates use): a pixel or patch follows the share of
+        it a mask covers (masks.cell_coverage)."""
+        return None if masks is None else cell_coverage(masks, self.cell)
 
     def model_timestep(self, sigma_map: torch.Tensor) -> torch.Tensor:
         """What the model is fed for a (B, 1, H, W) sigma map: its own timestep(σ), looked up
@@ -197,7 +194,9 @@ class SigmaPlan:
 
 
 def fit_masks(masks: torch.Tensor, batch: int, size, n_items: int) -> torch.Tensor:
-    """Accept (N,H,W), (B,N,H,W) or (H,W) masks of any size; binarise at 0.5 and fit the latent."""
+    """Accept (N,H,W), (B,N,H,W) or (H,W) masks of any size: each latent pixel takes the share of
+    it the mask covers (area average), in the mask above 0.5. The plan then does the same for a
+    transformer's tokens from these shares."""
     from .masks import resize_masks
 
     m = torch.as_tensor(masks, dtype=torch.float32)
@@ -209,5 +208,4 @@ def fit_masks(masks: torch.Tensor, batch: int, size, n_items: int) -> torch.Tens
         raise ValueError(f"got masks for {m.shape[1]} items but {n_items} strengths k: give one mask per item")
     if m.shape[0] not in (1, batch):
         raise ValueError(f"mask batch {m.shape[0]} does not match the latent batch {batch}: give 1 or {batch}")
-    m = resize_masks(m, size).expand(batch, -1, -1, -1)
-    return (m > 0.5).float()
+    return resize_masks(m, size, mode="area").expand(batch, -1, -1, -1).clamp(0, 1)
