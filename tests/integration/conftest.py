@@ -34,6 +34,8 @@ coder, Cosmos and ACE modules) but uses it only when those models run. Where ``i
 fails — as on CPU-only torch 2.13 wheels, for which PyPI has no matching torchvision — the harness
 installs an import-only stand-in into *this test process* (``sys.meta_path``); any use of it
 raises a RuntimeError naming the stand-in. A working torchvision is always used when importable.
+spandrel (a ComfyUI requirement that imports torchvision at import time, for upscale models) gets the
+stand-in too: without it ComfyUI's UpscaleModelLoader is missing and its front end's loaders break.
 """
 
 import os
