@@ -6,6 +6,7 @@ map pixel (i, j) is read at the centre of its block, and a gray level g shows th
 """
 
 import numpy as np
+import torch
 
 GRAY_STEP = 1 / 255
 
@@ -89,3 +90,64 @@ def assert_pngs_show_the_run(out, runs, steps, items, modes=("vanilla", "concave
     if "vanilla" in modes:  # the modes really differ: AsynDM's masks delay the items
         assert (image_array(out / f"{first:05}_asyn.png") != image_array(out / f"{first:05}_vanilla.png")).any()
     assert any(float(m.std()) > 0 for m in asyn.masks if m is not None), "the masks shown are all flat"
+
+
+# ---------------------------------------------------------------- the preview nodes' IMAGE outputs
+def _block_centres(img, h, w):
+    """(h, w, 3) colours at the centres of an (H, W, 3) image's h × w blocks."""
+    height, width = img.shape[:2]
+    ys = ((torch.arange(h) + 0.5) * height / h).long()
+    xs = ((torch.arange(w) + 0.5) * width / w).long()
+    return img[ys][:, xs]
+
+
+def assert_mask_steps_preview_shows(regions, times, run, steps, image, palette):
+    """"Masks at Steps" outputs show the run: frame f of ``regions`` colours each pixel with the
+    last item whose mask is > 0.5 at step ``steps[f]`` (``palette[0]`` where none is, item j in
+    ``palette[j + 1]``), frame f of ``times`` is gray at the pixel's timestep / 1001 (white = noisy)."""
+    for f, s in enumerate(steps):
+        t = run.timestep_maps[s][image].float()
+        shown = _block_centres(times[f], *t.shape)
+        assert torch.allclose(shown, (t / 1001.0)[..., None].expand(-1, -1, 3), atol=1e-6, rtol=0), \
+            f"timestep frame {f} (step {s}) does not show the run's timesteps"
+        masks = run.masks[s][image]
+        expected = torch.empty(*masks.shape[-2:], 3)
+        for y in range(masks.shape[-2]):
+            for x in range(masks.shape[-1]):
+                on = [j for j in range(masks.shape[0]) if masks[j, y, x] > 0.5]
+                expected[y, x] = torch.tensor(palette[on[-1] + 1] if on else palette[0])
+        assert torch.equal(_block_centres(regions[f], *masks.shape[-2:]), expected), \
+            f"region frame {f} (step {s}) does not show the run's masks"
+
+
+def assert_curves_drawn(img, series, palette, max_t=1001.0, pad=24):
+    """A "Timestep Curves" image draws series j (one value per step) in ``palette[j]`` through the
+    points of its plot box: a pixel of that colour within 1 px of each point that no later series
+    covers."""
+    height, width = img.shape[:2]
+    x_lo, x_hi, y_lo, y_hi = pad, width - pad, pad, height - pad
+    steps = max(len(s) for s in series)
+    checked = 0
+    for j, values in enumerate(series):
+        for i, v in enumerate(values):
+            if v != v:
+                continue
+            y, x = y_hi - (y_hi - y_lo) * v / max_t, x_lo + (x_hi - x_lo) * i / max(steps - 1, 1)
+            if any(abs(later[i] - v) * (y_hi - y_lo) / max_t < 4 for later in series[j + 1:] if later[i] == later[i]):
+                continue  # under a later series' line
+            near = img[round(y) - 1:round(y) + 2, round(x) - 1:round(x) + 2]
+            colour = torch.tensor(palette[j], dtype=img.dtype)
+            assert (near == colour).all(-1).any(), f"series {j}, step {i} ({v:.1f}) is not drawn at ({x:.0f}, {y:.0f})"
+            checked += 1
+    assert checked, "no point of any series could be checked"
+
+
+def mean_timesteps(run, image=0):
+    """Per step: the mean timestep of the background (no mask > 0.5) and of each item's pixels."""
+    series = [[] for _ in range(len(run.ks) + 1)]
+    for t, m in zip(run.timestep_maps, run.masks):
+        t, m = t[image].double(), m[image] > 0.5
+        groups = [~m.any(0)] + [m[j] for j in range(m.shape[0])]
+        for j, sel in enumerate(groups):
+            series[j].append(float(t[sel].sum() / sel.sum()) if sel.any() else float("nan"))
+    return series

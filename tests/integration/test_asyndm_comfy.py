@@ -415,6 +415,8 @@ def test_asyndm_missing_targets_named(setup):
 def test_asyndm_extractor_and_previews(setup):
     from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMCurvePreview, AsynDMMaskStepsPreview
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMMaskExtractor
+    from asyndm_fpdm.samplers.comfy_plots import PALETTE
+    from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
     model, clip, pos, neg = setup["sdxl"]
     lat = empty_latent(2)
@@ -429,13 +431,17 @@ def test_asyndm_extractor_and_previews(setup):
     static, _ = sampler_node(model, pos, neg, lat, mask_source="static")
     assert torch.equal(via_mask, static)  # the same masks (nearest up, then down again), the same run
 
+    # the previews show the sampler's run (content, read back independently: png_content)
     _, info = sampler_node(model, pos, neg, lat)
     (curves,) = AsynDMCurvePreview().plot(5, "bin", "0.7", run=info)
     (theory,) = AsynDMCurvePreview().plot(20, "exp", "0.3, 0.9")
     regions, times = AsynDMMaskStepsPreview().preview(info, "0, 2, -1", 1)
     assert curves.shape[0] == 1 and curves.shape[-1] == 3 and theory.shape == curves.shape
     assert regions.shape == (3, 64, 64, 3) and times.shape == (3, 64, 64, 3)
-    assert 0 <= float(regions.min()) and float(regions.max()) <= 1
+    last = len(info.timestep_maps) - 1
+    assert_mask_steps_preview_shows(regions, times, info, [0, 2, last], 1, PALETTE)
+    assert any(float(m[1].std()) > 0 for m in info.masks[1:]), "the run's masks are flat: nothing to see"
+    assert_curves_drawn(curves[0], mean_timesteps(info), PALETTE)
 
 
 def test_asyndm_cancel_stops_between_steps(setup):
