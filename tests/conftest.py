@@ -33,6 +33,27 @@ _import_checkout_as_package()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def pytest_report_header(config):
+    """Which ComfyUI the integration suites use (here, not in tests/integration/conftest.py: pytest
+    asks only the conftest files it loads at start-up, and that one loads later)."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    try:
+        from comfy_locate import ENV_VAR, comfyui_path
+    finally:
+        sys.path.pop(0)
+    path, how = comfyui_path()
+    if not path:
+        return (f"real-ComfyUI integration tests: skipped ({ENV_VAR} not set and the pack is not inside "
+                "a ComfyUI's custom_nodes/)")
+    version = "unknown"
+    vfile = pathlib.Path(path) / "comfyui_version.py"
+    if vfile.is_file():
+        for line in vfile.read_text().splitlines():
+            if line.startswith("__version__"):
+                version = line.split("=", 1)[1].strip().strip("\"'")
+    return f"real-ComfyUI integration tests: ComfyUI {version} at {path} ({how})"
+
+
 @pytest.fixture
 def repo_root():
     return ROOT

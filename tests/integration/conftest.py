@@ -69,20 +69,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def pytest_report_header(config):
-    path, how = locate_comfyui()
-    if not path:
-        return (f"real-ComfyUI integration tests: skipped ({ENV_VAR} not set and the pack is not inside "
-                "a ComfyUI's custom_nodes/)")
-    version = "unknown"
-    vfile = pathlib.Path(path) / "comfyui_version.py"
-    if vfile.is_file():
-        for line in vfile.read_text().splitlines():
-            if line.startswith("__version__"):
-                version = line.split("=", 1)[1].strip().strip("\"'")
-    return f"real-ComfyUI integration tests: ComfyUI {version} at {path} ({how})"
-
-
 @pytest.fixture(scope="session")
 def comfy_env(tmp_path_factory):
     path = comfyui_path()
