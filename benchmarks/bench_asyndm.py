@@ -20,7 +20,7 @@ from asyndm_fpdm import tiny  # noqa: E402
 from asyndm_fpdm.samplers.api import asyn_generate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleaved import interleaved, median, ratio  # noqa: E402
+from interleaved import interleaved, median, ratio, spread  # noqa: E402
 
 
 def mid_unet(latent):
@@ -63,7 +63,7 @@ def main():
           f"{args.rounds} interleaved rounds after a warm-up of each, torch threads {torch.get_num_threads()}")
     for name in modes:
         print(f"{name:14s} median {median(times[name]):7.3f} s   ratio vs vanilla {ratio(times, name, 'vanilla'):5.3f}"
-              " (median of per-round ratios)")
+              f" (median of per-round ratios; rounds {spread(times, name, 'vanilla')})")
 
 
 if __name__ == "__main__":

@@ -120,14 +120,15 @@ def main():
     print(f"SD1.5-shaped UNet, base channels {args.channels}{' (light)' if args.light else ''}, latent "
           f"{args.size // 8}x{args.size // 8}, {args.steps} steps ({args.scheduler}), cfg 7.5, threads "
           f"{torch.get_num_threads()}, {args.repeats} interleaved rounds (median per step; ratio: median of the rounds' ratios)")
-    print(f"  {'sampler':20s} {'core ms/step':>13s} {'AsynDM ms/step':>15s} {'ratio':>7s}")
-    from interleaved import interleaved, median, ratio
+    print(f"  {'sampler':20s} {'core ms/step':>13s} {'AsynDM ms/step':>15s} {'ratio':>7s} {'rounds':>11s}")
+    from interleaved import interleaved, median, ratio, spread
 
     with torch.inference_mode():
         for name in names:
             times = interleaved({"core": core(name), "asyn": asyn(name)}, args.repeats, per=args.steps)
             c, a = median(times["core"]), median(times["asyn"])
-            print(f"  {name:20s} {c * 1000:13.1f} {a * 1000:15.1f} {ratio(times, 'asyn', 'core'):7.3f}", flush=True)
+            print(f"  {name:20s} {c * 1000:13.1f} {a * 1000:15.1f} {ratio(times, 'asyn', 'core'):7.3f} "
+                  f"{spread(times, 'asyn', 'core'):>11s}", flush=True)
 
 
 if __name__ == "__main__":

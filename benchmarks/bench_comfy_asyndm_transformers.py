@@ -77,7 +77,7 @@ def main():
     import nodes
     import torch
 
-    from interleaved import flush_denormals, interleaved, median, ratio
+    from interleaved import flush_denormals, interleaved, median, ratio, spread
 
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
 
@@ -115,18 +115,18 @@ def main():
             with torch.inference_mode():
                 times = interleaved(runs, args.repeats, per=args.steps)
             rows.append((family, flush, median(times["core"]), median(times["asyn"]), ratio(times, "asyn", "core"),
-                         ratio(times, "tokens", "core")))
+                         ratio(times, "tokens", "core"), spread(times, "asyn", "core")))
         flush_denormals(False)
     print(f"latent {lat}x{lat} ({(lat // 2) ** 2} tokens), {args.steps} steps euler/simple, threads "
           f"{torch.get_num_threads()}, {args.repeats} interleaved rounds after a warm-up of each, median per step "
           "(ratios: median of the rounds' ratios)")
     print(f"  {'model':40s} {'denormals':>9s} {'ComfyUI':>10s} {'AsynDM dynamic':>15s} {'ratio':>6s} "
-          f"{'no attention read':>18s}")
+          f"{'no attention read':>18s} {'rounds':>11s}")
     names = {"flux": f"Flux-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 1)",
              "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)"}
-    for family, flush, c, a, r, r_tokens in rows:
+    for family, flush, c, a, r, r_tokens, rounds in rows:
         print(f"  {names[family]:40s} {'flushed' if flush else 'kept':>9s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms "
-              f"{r:6.3f} {r_tokens:18.3f}")
+              f"{r:6.3f} {r_tokens:18.3f} {rounds:>11s}")
 
 
 if __name__ == "__main__":

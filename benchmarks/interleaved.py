@@ -32,6 +32,12 @@ def ratio(times: Dict[str, List[float]], name: str, base: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
+def spread(times: Dict[str, List[float]], name: str, base: str) -> str:
+    """The lowest and highest per-round ratio, to show how noisy the machine was."""
+    r = [a / b for a, b in zip(times[name], times[base])]
+    return f"[{min(r):.2f}-{max(r):.2f}]"
+
+
 def flush_denormals(on: bool) -> bool:
     """Set the process-wide float32 denormal flushing (a CPU setting: it applies to every contender
     alike); returns whether this CPU supports it."""
