@@ -196,6 +196,8 @@ def tool_parser(tool: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400_000, help="total training steps (a resumed run continues to this)")
     p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all processes")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as the reference)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="adamw (the reference) or plain SGD (its step is proportional to the gradient; used by tests)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--seed", type=int, default=0, help="global seed: data order, timesteps, noise, iteration counts")
@@ -220,6 +222,8 @@ def run_features(args) -> int:
     from .features import FeatureError, extract, write_manifest
 
     ctx = distributed.init(args.device)
+    if ctx.is_main:
+        print(f"fpdm features: world size {ctx.world}, device {ctx.device}", flush=True)
     try:
         vae = load_vae(args.vae, ctx.device)
         summary = extract(args.images, args.out, vae, args.image_size, args.flip, args.shard_size, args.batch_size,
@@ -251,7 +255,7 @@ def train_args(args) -> dict:
         "fixed_point_with_grad_max_iters": args.with_grad_iters[1],
         "fixed_point_pre_post_timestep_conditioning": args.timestep_conditioning,
         "fixed_point_iters": args.sampling_iterations, "label_dropout": args.label_dropout, "steps": args.steps,
-        "global_batch_size": args.global_batch_size, "global_seed": args.seed, "lr": args.lr,
+        "global_batch_size": args.global_batch_size, "global_seed": args.seed, "optimizer": args.optimizer, "lr": args.lr,
         "weight_decay": args.weight_decay, "ema_decay": args.ema_decay, "grad_checkpointing": args.grad_checkpointing,
         "mixed_precision": args.mixed_precision, "engine": args.engine, "device": args.device,
         "log_every": args.log_every, "ckpt_every": args.ckpt_every,

@@ -102,8 +102,13 @@ class AccelerateEngine(TorchEngine):
     def __init__(self, device: str = "auto", mixed_precision: str = "no"):
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
-        self.acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"),
+        # The launcher's environment says how many processes there are; CUDA's presence only picks the
+        # device. accelerate without cpu=True on a machine without CUDA ignores WORLD_SIZE (one process each).
+        launched = distributed.env_context(device)
+        distributed.warn_lone_launch()
+        self.acc = Accelerator(mixed_precision=mixed_precision, cpu=launched.device == "cpu",
                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        check_world(launched.world, self.acc.num_processes, self.name)
         self.device = self.acc.device
         self.ctx = distributed.Context(self.acc.process_index, self.acc.num_processes, self.acc.local_process_index,
                                        str(self.device))
@@ -128,6 +133,14 @@ class AccelerateEngine(TorchEngine):
         self.acc.wait_for_everyone()
         self.acc.end_training()
         distributed.finish()
+
+
+def check_world(launched: int, engine_world: int, engine: str) -> None:
+    """A launcher's world size the engine does not share would train N copies alone: refuse it."""
+    if launched != engine_world:
+        raise TrainError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but the {engine} engine "
+                         f"runs {engine_world}: every process would train alone. Use --device auto (cpu with gloo "
+                         "where there is no CUDA) or a device every process has, or --engine torch")
 
 
 def make_engine(kind: str = "auto", device: str = "auto", mixed_precision: str = "auto"):
@@ -170,6 +183,14 @@ def build_model(args: dict) -> DiT:
     if cfg.input_size % cfg.patch_size:
         raise TrainError(f"latent size {cfg.input_size} is not divisible by the patch size {cfg.patch_size}")
     return DiT(cfg)
+
+
+def make_optimizer(params, args: dict) -> torch.optim.Optimizer:
+    """AdamW as the reference; plain SGD on request (its step is proportional to the gradient, which
+    AdamW's scale invariance hides: the multi-process tests use it to see a summed gradient)."""
+    if args.get("optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(params, lr=args["lr"], weight_decay=args["weight_decay"])
+    return torch.optim.AdamW(params, lr=args["lr"], weight_decay=args["weight_decay"])
 
 
 def validate_args(args: dict) -> None:
@@ -325,6 +346,9 @@ def train(args: dict, progress: bool = True) -> dict:
                          "--global-batch-size or add images (--flip doubles them)")
     local = G // ctx.world
     out = args["out"]
+    if ctx.is_main:
+        print(f"fpdm train: engine {engine.name}, world size {ctx.world}, device {engine.device}, "
+              f"per-process batch {local} (global {G})", flush=True)
 
     torch.manual_seed(args["global_seed"])
     model = build_model(args)
@@ -335,8 +359,8 @@ def train(args: dict, progress: bool = True) -> dict:
         resume = latest_checkpoint(out)
     if resume:
         ckpt = read_training_checkpoint(resume)
-        saved = ckpt.get("args") or {}
-        diff = [k for k in ARCH_KEYS if k in saved and saved.get(k) != args.get(k)]
+        saved = {"optimizer": "adamw", **(ckpt.get("args") or {})}  # runs before --optimizer used AdamW
+        diff = [k for k in (*ARCH_KEYS, "optimizer") if k in saved and saved.get(k) != args.get(k)]
         if diff:
             raise TrainError(f"--resume: {resume} was trained with other settings for {diff} "
                              f"({', '.join(f'{k}={saved[k]!r}' for k in diff)}): use the same options or a new --out")
@@ -351,7 +375,7 @@ def train(args: dict, progress: bool = True) -> dict:
         ema.load_state_dict(ckpt["ema"])
     model.gradient_checkpointing = bool(args["grad_checkpointing"])
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=args["weight_decay"])
+    opt = make_optimizer(model.parameters(), args)
     if ckpt is not None:
         opt.load_state_dict(ckpt["opt"])
     model, opt = engine.prepare(model, opt)
@@ -406,11 +430,7 @@ def train(args: dict, progress: bool = True) -> dict:
         done = step + 1
         if done % args["log_every"] == 0 or done == total:
             stats = torch.tensor([window[k] for k in ("loss", "mse", "vb", "flow")], dtype=torch.float64) / window["n"]
-            if distributed.active():
-                import torch.distributed as dist
-
-                dist.all_reduce(stats)  # mean over processes = mean over the global batch
-                stats /= ctx.world
+            distributed.all_reduce_mean(stats)  # mean over processes = mean over the global batch
             now = time.perf_counter()
             row = {"step": done, "steps_per_sec": round(window["n"] / (now - t_window), 4),
                    "no_grad_iters": d["no_grad"], "with_grad_iters": d["with_grad"], "lr": args["lr"],
