@@ -27,8 +27,10 @@ import copy
 import csv
 import json
 import os
+import pickle
+import sys
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -244,12 +246,12 @@ def checkpoint_dir(out: str) -> str:
     return os.path.join(out, "checkpoints")
 
 
-def latest_checkpoint(out: str) -> Optional[str]:
+def _checkpoints(out: str):
+    """(step checkpoints oldest first, leftover .tmp files) in the run's checkpoint folder."""
     folder = checkpoint_dir(out)
-    if not os.path.isdir(folder):
-        return None
-    steps = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and f[:-3].isdigit())
-    return os.path.join(folder, steps[-1]) if steps else None
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return ([os.path.join(folder, f) for f in names if f.endswith(".pt") and f[:-3].isdigit()],
+            [os.path.join(folder, f) for f in names if f.endswith(".tmp")])
 
 
 def save_checkpoint(out: str, model, ema, opt, args: dict, step: int) -> str:
@@ -262,15 +264,51 @@ def save_checkpoint(out: str, model, ema, opt, args: dict, step: int) -> str:
     return path
 
 
-def read_training_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise TrainError(f"--resume: checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def _try_read(path: str) -> Tuple[Optional[dict], str]:
+    """(the training checkpoint, "") or (None, why ``path`` cannot be one)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return None, "it holds objects other than tensors (refused: such a file can run code when opened)"
+    except Exception as exc:  # truncated, empty, not a torch file: torch's readers raise many kinds
+        if os.path.getsize(path) == 0:
+            return None, "it is empty (0 bytes)"
+        return None, f"it is damaged or not a torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    if not isinstance(ckpt, dict):
+        return None, f"it holds a {type(ckpt).__name__}, not a training checkpoint"
     missing = [k for k in ("model", "ema", "opt", "train_steps") if k not in ckpt]
     if missing:
-        raise TrainError(f"--resume: {path} lacks {missing}: resume needs a training checkpoint (model, ema, opt, "
-                         "train_steps); to start from other weights use --warm-start")
+        return None, (f"it lacks {missing}: resume needs a training checkpoint of `fpdm train` (model, ema, opt, "
+                      "train_steps); to start from other weights use --warm-start")
+    return ckpt, ""
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """The checkpoint ``--resume FILE`` names, or one clear error that names the file and what to do."""
+    if not os.path.isfile(path):
+        raise TrainError(f"--resume: checkpoint not found: {path} (--resume auto takes the newest in --out)")
+    ckpt, why = _try_read(path)
+    if why:
+        raise TrainError(f"--resume: cannot resume from {path}: {why}. Pass another checkpoint of the run, "
+                         "--resume auto (the newest readable one in --out), or leave out --resume to start over")
     return ckpt
+
+
+def newest_readable_checkpoint(out: str, warn) -> Tuple[Optional[str], Optional[dict]]:
+    """``--resume auto``: the newest checkpoint in ``out`` that reads, warning about each one skipped and
+    about leftovers of an interrupted save; (None, None) when the run has none yet."""
+    paths, leftovers = _checkpoints(out)
+    for tmp in leftovers:
+        warn(f"warning: ignoring {tmp}: an interrupted save left it (the next save of that step replaces it)")
+    for path in reversed(paths):
+        ckpt, why = _try_read(path)
+        if ckpt is not None:
+            return path, ckpt
+        warn(f"warning: --resume auto skips {path}: {why}")
+    if paths:
+        raise TrainError(f"--resume auto: no checkpoint in {checkpoint_dir(out)} can be read (see the warnings): "
+                         "move them away to start over, or use a new --out")
+    return None, None
 
 
 class Logs:
@@ -281,7 +319,7 @@ class Logs:
         rows = []
         if resume_step and os.path.isfile(self.path):  # drop what a crashed run logged after the checkpoint
             with open(self.path) as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(fh) if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step]
         with open(self.path, "w", newline="") as fh:
             w = csv.DictWriter(fh, CSV_FIELDS)
             w.writeheader()
@@ -356,28 +394,33 @@ def train(args: dict, progress: bool = True) -> dict:
     start, ckpt = 0, None
     resume = args.get("resume")
     if resume == "auto":
-        resume = latest_checkpoint(out)
-    if resume:
+        resume, ckpt = newest_readable_checkpoint(out, lambda msg: ctx.is_main and print(msg, file=sys.stderr, flush=True))
+    elif resume:
         ckpt = read_training_checkpoint(resume)
+    if ckpt is not None:
         saved = {"optimizer": "adamw", **(ckpt.get("args") or {})}  # runs before --optimizer used AdamW
         diff = [k for k in (*ARCH_KEYS, "optimizer") if k in saved and saved.get(k) != args.get(k)]
         if diff:
             raise TrainError(f"--resume: {resume} was trained with other settings for {diff} "
                              f"({', '.join(f'{k}={saved[k]!r}' for k in diff)}): use the same options or a new --out")
-        model.load_state_dict(ckpt["model"])
         start = int(ckpt["train_steps"])
     elif args.get("warm_start"):
         from .warm_start import warm_start_from_dit
 
         warm_start_from_dit(model, args["warm_start"])
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
     model.gradient_checkpointing = bool(args["grad_checkpointing"])
     model.train()
     opt = make_optimizer(model.parameters(), args)
     if ckpt is not None:
-        opt.load_state_dict(ckpt["opt"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise TrainError(f"--resume: the weights in {resume} do not fit this model ({detail}): it is another "
+                             "model's checkpoint; use that run's options (its args.json) or a new --out") from None
     model, opt = engine.prepare(model, opt)
     ema.to(engine.device)
     net = engine.unwrap(model)

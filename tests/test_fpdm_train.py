@@ -4,6 +4,7 @@ sampling CLI open; exact resume; 2 processes = 1 process; warm start from a DiT;
 import csv
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -219,6 +220,85 @@ def test_accelerate_cpu_launch_without_mpi_warns(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     distributed.warn_lone_launch()
     assert capsys.readouterr().err == ""
+
+
+def _damage(path, how, tmp_path):
+    data = open(path, "rb").read()
+    if how == "truncated":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif how == "empty":
+        open(path, "wb").close()
+    elif how == "not a checkpoint":
+        open(path, "w").write("just text\n")
+    elif how == "code pickle":
+        import argparse
+
+        torch.save({"model": argparse.Namespace(x=1)}, path)
+    elif how == "raw state dict":  # e.g. a released DiT file: weights only, no optimizer or step
+        _, dit_path = _tiny_dit(tmp_path)
+        shutil.copy(dit_path, path)
+    elif how == "other model":  # a training checkpoint of another network that carries no args
+        dit, _ = _tiny_dit(tmp_path)
+        torch.save({"model": dit.state_dict(), "ema": dit.state_dict(), "opt": {}, "args": {}, "train_steps": 3}, path)
+
+
+@pytest.mark.parametrize("how, fix", [("truncated", "Pass another checkpoint"), ("empty", "empty .* Pass another"),
+                                      ("not a checkpoint", "Pass another checkpoint"),
+                                      ("code pickle", "can run code .* Pass another"),
+                                      ("raw state dict", "lacks .*--warm-start"),
+                                      ("other model", "do not fit this model.*use that run's options")])
+def test_resume_from_a_bad_file_is_one_clear_message(data, straight_run, tmp_path, how, fix):
+    """--resume FILE with a damaged or wrong file: a SystemExit naming the file and the fix, no traceback.
+    Caught: torch.load's own error escaping (truncated: RuntimeError from the zip reader, empty: EOFError,
+    text: KeyError), load_state_dict's RuntimeError for another network."""
+    bad = tmp_path / "bad.pt"
+    shutil.copy(straight_run / "checkpoints" / "0000003.pt", bad)
+    _damage(bad, how, tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(train_argv(data["features"], tmp_path / "run", "--engine", "torch", "--resume", str(bad)))
+    msg = str(exc.value)
+    assert msg.startswith("error: --resume") and str(bad) in msg and "\n" not in msg, msg
+    assert re.search(fix, msg), msg
+
+
+def test_resume_auto_skips_a_damaged_latest_checkpoint(data, straight_run, tmp_path, capsys):
+    """A crash left the newest checkpoint truncated and a .tmp of a later save: --resume auto warns about
+    both, resumes from the newest readable one (step 3) and ends bitwise equal to the uninterrupted run.
+    With every checkpoint unreadable it stops with a message. Caught: taking the newest file blindly (a
+    torch error), and counting the .tmp as a checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    _damage(run / "checkpoints" / "0000006.pt", "truncated", tmp_path)
+    (run / "checkpoints" / "0000009.pt.tmp").write_bytes(b"half a save")
+    main(train_argv(data["features"], run, "--engine", "torch", "--resume", "auto", steps=6))
+    err = capsys.readouterr().err
+    assert f"skips {run / 'checkpoints' / '0000006.pt'}: it is damaged" in err and "0000009.pt.tmp" in err, err
+    assert _metrics(run) == _metrics(straight_run)
+    a, b = _weights(run / "checkpoints/0000006.pt"), _weights(straight_run / "checkpoints/0000006.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("0000003.pt", "0000006.pt"):
+        _damage(run / "checkpoints" / f, "empty", tmp_path)
+    with pytest.raises(SystemExit, match=r"--resume auto: no checkpoint in .* can be read"):
+        main(train_argv(data["features"], run, "--engine", "torch", "--resume", "auto", steps=6))
+
+
+def test_a_missing_or_truncated_shard_is_named_and_features_repairs_it(data, tmp_path, capsys):
+    """Training on features with a lost shard, then a truncated one: an error naming the shard and the fix;
+    rerunning `fpdm features` redoes just those shards. Caught: safetensors' FileNotFoundError /
+    SafetensorError escaping from load_features."""
+    out = tmp_path / "f"
+    shutil.copytree(data["features"], out)
+    os.remove(out / "shard-00002.safetensors")
+    with pytest.raises(SystemExit, match=r"shard .*shard-00002.safetensors is missing or damaged .* rerun the same"):
+        main(train_argv(out, tmp_path / "run"))
+    raw = (out / "shard-00001.safetensors").read_bytes()
+    (out / "shard-00001.safetensors").write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(SystemExit, match=r"shard .*shard-00001.safetensors is missing or damaged"):
+        main(train_argv(out, tmp_path / "run"))
+    capsys.readouterr()
+    main(_features_argv(data["images"], data["vae"], out))
+    assert "(4 reused by this process)" in capsys.readouterr().out  # 6 shards, 2 redone
+    assert torch.equal(load_features(str(out))[0], load_features(data["features"])[0])
 
 
 def test_training_errors_name_the_problem(data, tmp_path):
