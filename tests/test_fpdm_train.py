@@ -372,3 +372,25 @@ def test_warm_start_from_the_cli_and_its_errors(data, tmp_path):
         warm_start_from_dit(DiT(tiny_config(num_classes=2, pre_depth=2, post_depth=2)), str(path))
     with pytest.raises(Exception, match="patch embedding does not fit"):
         warm_start_from_dit(DiT(tiny_config(num_classes=2, hidden_size=64)), str(path))
+
+
+# ----------------------------------------------------------------------------- the typed configuration
+
+
+def test_config_stores_the_reference_train_py_names_and_reads_them_back():
+    """The checkpoint's args use the reference train.py's key names (written out here by hand, the oracle),
+    and a reference-style args dict reads back into the same config. Caught: a field renamed in the
+    dataclass without its mapping (the key would change), a pair stored as a list under one key."""
+    from asyndm_fpdm.fpdm.config import TrainConfig
+
+    cfg = TrainConfig(features="f", out="o", pre_depth=2, post_depth=3, no_grad_iters=(1, 7), with_grad_iters=(2, 9),
+                      timestep_conditioning=True, sampling_iterations=5, zero_snr=True, predict_v=True, seed=11)
+    args = cfg.to_args()
+    reference = {"fixed_point_pre_depth": 2, "fixed_point_post_depth": 3, "fixed_point_no_grad_min_iters": 1,
+                 "fixed_point_no_grad_max_iters": 7, "fixed_point_with_grad_min_iters": 2,
+                 "fixed_point_with_grad_max_iters": 9, "fixed_point_pre_post_timestep_conditioning": True,
+                 "fixed_point_iters": 5, "use_zero_terminal_snr": True, "predict_v": True, "global_seed": 11,
+                 "fixed_point": True, "model": "DiT-XL/2", "global_batch_size": 256}
+    assert {k: args.get(k) for k in reference} == reference
+    assert json.loads(json.dumps(args)) == args  # plain JSON, as train.py's args
+    assert TrainConfig.from_args({**args, "some_reference_only_key": 1}) == cfg
