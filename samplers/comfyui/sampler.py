@@ -55,7 +55,7 @@ class ComfySchedule:
     def __init__(self, model_sampling):
         import comfy.model_sampling as ms
 
-        from ..backends.comfy_unet import pixelwise
+        from ..backends.comfy_call import pixelwise
 
         self.ms, self._pixelwise = model_sampling, pixelwise
         self.flow = isinstance(model_sampling, ms.CONST)
@@ -130,17 +130,16 @@ def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler
     return full(int(steps / denoise))[-(steps + 1):]
 
 
-def _areas(conds: dict, size):
-    """(h, w, y, x) of every area condition, clamped as ComfyUI's get_area_and_mult does."""
-    out = set()
+def _areas(conds: dict) -> dict:
+    """cond uuid → (y, x) of its area crop (latent units), for the backends to place each batch chunk."""
+    out = {}
     for entries in (conds or {}).values():
         for c in entries or []:
             a = c.get("area") if isinstance(c, dict) else None
-            if a is None or isinstance(a[0], str) or len(a) != 4:
+            if a is None or isinstance(a[0], str) or len(a) != 4 or "uuid" not in c:
                 continue
-            h, w, y, x = (int(v) for v in a)
-            out.add((min(size[0] - y, h), min(size[1] - x, w), y, x))
-    return sorted(out)
+            out[c["uuid"]] = (int(a[2]), int(a[3]))
+    return out
 
 
 def _sampler_class():
@@ -195,7 +194,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     import comfy.model_management
 
     from ..backends import backend_for
-    from ..backends.comfy_unet import PixelCall
+    from ..backends.comfy_call import PixelCall
 
     opts = sampler.options
     ms = model_wrap.inner_model.model_sampling
@@ -221,7 +220,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         if external.shape[1] == 1 and len(ks) > 1:
             ks = [max(ks)]  # one painted region: it lags with the strongest strength
     backend = backend_for(model_wrap.model_patcher)
-    areas = _areas(conds, size)
+    areas = _areas(conds)
     latent = torch.zeros_like(noise) if latent_image is None else latent_image
     seed = extra_args.get("seed")
     extra_args = dict(extra_args, denoise_mask=denoise_mask)  # as KSAMPLER passes it to its model
@@ -230,7 +229,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
 
     def model_fn(x, sigma, capture, model_options=None, seed=None, denoise_mask=None, **_):
         call = PixelCall(sigma, capture, targets.positions if targets else (), targets.context_len if targets else 77,
-                         targets.uuids if targets else None, x, areas)
+                         targets.uuids if targets else None, areas)
         if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
             x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
         out = model_wrap(x, sigma.flatten(1).amin(dim=1), model_options=backend.model_options(model_options or {}, call),
