@@ -341,7 +341,7 @@ def stand_ins(family=None):
 # ---------------------------------------------------------------------------------------------
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
-DIT_FAMILIES = ("flux", "flux_schnell", "sd3")
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "chroma")
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -356,6 +356,12 @@ def _dit_config(family, depth=2, hidden=64):
                     context_in_dim=FLUX_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=2, depth=depth,
                     depth_single_blocks=depth, axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2],
                     theta=10000, patch_size=2, qkv_bias=True)
+    elif family == "chroma":  # img_in takes the patched channels (16·2·2); a 2-layer approximator
+        cls = sm.Chroma
+        unet = dict(cls.unet_config, in_channels=64, out_channels=64, context_in_dim=FLUX_CONTEXT, hidden_size=hidden,
+                    mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=depth,
+                    axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2], theta=10000, patch_size=2,
+                    qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=2)
     elif family == "sd3":
         cls = sm.SD3
         size = 32  # the position-embedding grid: latents up to 64×64
@@ -389,8 +395,9 @@ def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
 def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     """Random CONDITIONING for a tiny DiT, as its text encoders would give it: [[context, {pooled}]]."""
     gen = torch.Generator().manual_seed(seed)
-    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") else (SD3_CONTEXT, SD3_ADM)
-    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen)}
+    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") or family == "chroma" else (SD3_CONTEXT,
+                                                                                                     SD3_ADM)
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family != "chroma" else None}
     if family == "flux":
         extra["guidance"] = 3.5
     return [[torch.randn(batch, length, width, generator=gen), extra]]
@@ -405,6 +412,9 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     from comfy.text_encoders import flux, sd3_clip
     if family.startswith("flux"):
         target = smb.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
+    elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
+        from comfy.text_encoders import pixart_t5
+        target = smb.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
     else:
         target = smb.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
     options = {k: dict(v) for k, v in TINY_TE_OPTIONS.items()}

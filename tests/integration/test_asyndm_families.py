@@ -1,0 +1,188 @@
+"""AsynDM on the families added on the backend protocol (issue 16), inside a real ComfyUI: tiny random
+stand-ins built from ComfyUI's own model configs (comfy_tiny.py). Per family the invariants of
+DESIGN.md: a constant map is the stock forward; the time conditioning runs on the distinct
+(image, timestep) rows only and equals, per token, a naive loop over tokens; the captured attention
+equals the attention recomputed from the model's own q/k; with an empty mask every sampler is
+ComfyUI's; image 0 of a batch equals itself alone; the input MODEL is unchanged; weight patches
+(LoRA) reach the per-token path.
+
+Run: COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/integration/test_asyndm_families.py
+"""
+
+import pytest
+import torch
+
+from asyndm_helpers import core_ksampler, empty_latent, sampler_node
+from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _rel, _sigma
+
+FAMILIES = ["chroma"]
+TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
+SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
+            ("dpmpp_2m_sde", "simple")]
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture(scope="module")
+def fams(comfy_env, tiny_models):
+    out = {}
+    for fam in FAMILIES:
+        model = tiny_models.tiny_dit(fam)
+        pos = tiny_models.dit_conditioning(fam)
+        pos[0][1]["asyndm_targets"] = dict(TARGETS)
+        neg = tiny_models.dit_conditioning(fam, length=7, seed=99)
+        out[fam] = (model, pos, neg)
+    return out
+
+
+def _chroma_kwargs(pos, batch):
+    return {"c_crossattn": pos[0][0].expand(batch, -1, -1), "guidance": torch.zeros(batch)}
+
+
+def _naive_chroma_img_mod(dm, stock_in, t_tokens, block):
+    """Every image token's first double-block image modulation, one token at a time: the stock
+    approximator input of its image with the token's own timestep embedding (a slow loop)."""
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    out = torch.empty(t_tokens.shape[0], t_tokens.shape[1], dm.hidden_size)
+    for b in range(t_tokens.shape[0]):
+        for j in range(t_tokens.shape[1]):
+            v = stock_in[b:b + 1].clone()
+            v[:, :, :16] = timestep_embedding(t_tokens[b, j:j + 1], 16).to(v.dtype)
+            out[b, j] = dm.get_modulations(dm.distilled_guidance_layer(v), "double_img", idx=block)[0].shift[0, 0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- inv. 1, 6
+def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models_own_attention(fams):
+    """Caught: timestep embedding of the image's sigma instead of the row's (naive-loop oracle);
+    the approximator run per token (row count)."""
+    import comfy.model_management
+
+    from asyndm_fpdm.samplers.backends import backend_for
+    from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
+
+    model, pos, neg = fams["chroma"]
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = _chroma_kwargs(pos, 2)
+    s = _sigma(model, 0.6)
+    sigma = s.expand(2)
+    comfy.model_management.load_models_gpu([model])
+    dm = model.model.diffusion_model
+    log, override = _attention_log()
+    stock = model.model.apply_model(x, sigma, transformer_options={"optimized_attention_override": override}, **kw)
+    backend = backend_for(model)
+    assert type(backend).__name__ == "ComfyChromaBackend" and backend.cell == 2
+    rows, seen = [], {}
+    hooks = [dm.distilled_guidance_layer.in_proj.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0])),
+             dm.distilled_guidance_layer.register_forward_hook(lambda m, a, o: seen.update(stock_in=a[0])),
+             dm.double_blocks[0].register_forward_pre_hook(
+                 lambda m, a, k: seen.__setitem__("vec", k["vec"]), with_kwargs=True)]
+    try:
+        base = {"transformer_options": {"cond_or_uncond": [0]}}
+        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
+        const = model.model.apply_model(x, sigma, transformer_options=backend.model_options(base, call)["transformer_options"],
+                                        **kw)
+        maps = call.item_maps()
+        rows.clear()
+        seen.clear()
+        sig_map = s.expand(2, 1, 8, 8).clone()
+        sig_map[:, :, :4] = _sigma(model, 0.9)
+        sig_map[1, :, :, :2] = _sigma(model, 0.1)
+        to2 = backend.model_options(base, PixelCall(sig_map))["transformer_options"]
+        mixed = model.model.apply_model(x, sig_map.flatten(1).amin(1), transformer_options=to2, **kw)
+        distinct = list(rows)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    # invariant 6: the approximator ran on the stock 2 images and on the 5 distinct (image, timestep)
+    # rows (344 modulation slots each), never on the 32 tokens
+    assert [r for r in distinct] == [2, 5]
+    assert float((mixed - const).abs().max()) > 1e-3
+    # the per-token modulation the first double block receives = a naive loop over tokens
+    t_tokens = sig_map[:, 0, ::2, ::2].flatten(1)  # flow time = sigma (multiplier 1)
+    naive = _naive_chroma_img_mod(dm, seen["stock_in"], t_tokens, 0)
+    got = seen["vec"][0][0].shift
+    assert got.shape == naive.shape and _rel(got, naive) <= 1e-5, _rel(got, naive)
+    # masks: the model's own joint attention of image queries to the target tokens (captured blocks)
+    assert maps.shape == (2, 2, 4, 4)
+    ref = _reference_maps(log, backend.capture_blocks, 12, TARGETS["positions"])
+    assert _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+# ---------------------------------------------------------------------------------------- inv. 2
+@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("sampler,scheduler", SAMPLERS)
+def test_family_empty_mask_equals_comfyui_sampler_and_a_mask_lags_whole_tokens(fams, fam, sampler, scheduler):
+    model, pos, neg = fams[fam]
+    lat = empty_latent(1, 8, 16)
+    empty = torch.zeros(1, 64, 64)
+    ours, _ = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=empty, sampler_name=sampler,
+                           scheduler=scheduler, eta=1.0, steps=4, cfg=2.0)
+    core = core_ksampler(model, pos, neg, lat, steps=4, cfg=2.0, sampler=sampler, scheduler=scheduler)
+    assert _rel(ours, core) <= TOL_SAME_SAMPLER, (sampler, _rel(ours, core))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :24] = 1
+    lagged, info = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=mask, sampler_name=sampler,
+                                scheduler=scheduler, eta=1.0, steps=4, cfg=2.0)
+    assert torch.isfinite(lagged).all() and float((lagged - ours).abs().max()) > 1e-4
+    t = torch.stack(info.timestep_maps)[:, 0]
+    assert bool((t[:, :4].amin(dim=(1, 2)) > t[:, 4:].amax(dim=(1, 2))).any())  # it lags
+    assert torch.equal(t[:, 2:4], t[:, 0:2])  # one sigma per token
+
+
+# ---------------------------------------------------------------------------------------- inv. 4, 5
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_family_dynamic_run_batch_independent_and_leaves_the_model_untouched(fams, fam):
+    model, pos, neg = fams[fam]
+    options_before = repr(model.model_options)
+    one, info = sampler_node(model, pos, neg, empty_latent(1, 8, 16), sampler_name="euler_ancestral",
+                             scheduler="simple", steps=3, cfg=2.0, eta=0.5)
+    three, _ = sampler_node(model, pos, neg, empty_latent(3, 8, 16), sampler_name="euler_ancestral",
+                            scheduler="simple", steps=3, cfg=2.0, eta=0.5)
+    assert len([m for m in info.item_maps if m is not None]) == 3  # masks from its own attention
+    assert _rel(three[:1], one) <= 1e-5 and float((three[1] - three[0]).abs().max()) > 1e-3
+    assert repr(model.model_options) == options_before
+    assert all(not w for w in model.wrappers.values())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.model.diffusion_model.modules())
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_family_weight_patches_reach_the_per_token_path(fams, fam):
+    """A LoRA-like weight patch on the time-conditioning network: the per-token path (constant map)
+    still equals ComfyUI's sampler on the patched model, and the patch changes the result.
+    Caught: rows computed from a copy of the unpatched module."""
+    model, pos, neg = fams[fam]
+    key = {"chroma": "diffusion_model.distilled_guidance_layer.out_proj.weight"}[fam]
+    weight = model.model.get_parameter(key)
+    patched = model.clone()
+    patched.add_patches({key: (0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
+    lat = empty_latent(1, 8, 16)
+    empty = torch.zeros(1, 64, 64)
+    ours, _ = sampler_node(patched, pos, neg, lat, mask_source="mask input", mask=empty, sampler_name="euler",
+                           scheduler="simple", steps=3, cfg=2.0)
+    core = core_ksampler(patched, pos, neg, lat, steps=3, cfg=2.0, sampler="euler", scheduler="simple")
+    plain = core_ksampler(model, pos, neg, lat, steps=3, cfg=2.0, sampler="euler", scheduler="simple")
+    assert _rel(ours, core) <= TOL_SAME_SAMPLER
+    assert float((core - plain).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------- targets
+def test_chroma_targets_read_t5_positions_of_the_context_the_model_gets(comfy_env, tiny_models):
+    """Chroma's text encoder (ComfyUI's PixArt T5 config, tiny T5, the real T5 tokenizer): the text
+    encode node's positions index the context Chroma attends to, no padding."""
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    clip = tiny_models.tiny_dit_clip("chroma")
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, basketball")[0]
+    info = cond[0][1]["asyndm_targets"]
+    ids = [t[0] for c in clip.tokenize(prompt)["t5xxl"] for t in c]
+    rabbit = clip.tokenize("rabbit")["t5xxl"][0][0][0]
+    assert info["context_len"] == len(ids) == cond[0][0].shape[1] < 77  # T5 unpadded: the context's length
+    assert [ids[p] for p in info["positions"][0]] == [rabbit] and info["positions"][0][0] > info["positions"][1][-1]
