@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from asyndm_helpers import core_ksampler, empty_latent, sampler_node
-from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _rel, _sigma
+from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _rel, _sigma, dit_setups
 
 FAMILIES = ["chroma"]
 TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
@@ -29,14 +29,7 @@ def _inference_mode():
 
 @pytest.fixture(scope="module")
 def fams(comfy_env, tiny_models):
-    out = {}
-    for fam in FAMILIES:
-        model = tiny_models.tiny_dit(fam)
-        pos = tiny_models.dit_conditioning(fam)
-        pos[0][1]["asyndm_targets"] = dict(TARGETS)
-        neg = tiny_models.dit_conditioning(fam, length=7, seed=99)
-        out[fam] = (model, pos, neg)
-    return out
+    return dit_setups(tiny_models, FAMILIES)
 
 
 def _chroma_kwargs(pos, batch):
