@@ -1,10 +1,11 @@
-"""Asynchronous KSampler (AsynDM, dynamic mask) against ComfyUI's own KSampler on a Flux-shaped and
-an SD3-shaped transformer (issue 11): same model, sampler (euler), scheduler (simple), steps, latent
+"""Asynchronous KSampler (AsynDM, dynamic mask) against ComfyUI's own KSampler on Flux-, SD3- and
+Chroma-shaped transformers (issues 11, 16): same model, sampler (euler), scheduler (simple), steps, latent
 and conditioning, one process, runs interleaved; prints per-step medians side by side and their
 ratio (target: AsynDM dynamic ≤ 1.05× core).
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_transformers.py \
-        [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4]
+        [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4] \\
+        [--families flux,sd3,chroma]
 
 Models: ComfyUI's own Flux (dev: guidance embedding) and SD3 MMDiT classes and configs with random
 weights — Flux with Flux dev's block structure (19 double and 38 single blocks, of which the masks
@@ -43,6 +44,13 @@ def build(family, hidden, depth):
         head = hidden // 4  # RoPE axes like Flux's (16, 56, 56) of 128: even splits of the head
         unet["axes_dim"] = [head - 2 * (head * 3 // 8 // 2 * 2), head * 3 // 8 // 2 * 2, head * 3 // 8 // 2 * 2]
         config = sm.Flux(unet)
+    elif family == "chroma":  # Flux's layout; the approximator at the hidden width, 5 layers as Chroma's
+        unet = dict(sm.Chroma.unet_config, in_channels=64, out_channels=64, context_in_dim=512, hidden_size=hidden,
+                    mlp_ratio=4.0, num_heads=4, depth=depth, depth_single_blocks=2 * depth, theta=10000,
+                    patch_size=2, qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=hidden, n_layers=5)
+        head = hidden // 4
+        unet["axes_dim"] = [head - 2 * (head * 3 // 8 // 2 * 2), head * 3 // 8 // 2 * 2, head * 3 // 8 // 2 * 2]
+        config = sm.Chroma(unet)
     else:
         unet = dict(sm.SD3.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=64 * 64,
                     pos_embed_max_size=64, adm_in_channels=2048,
@@ -62,6 +70,7 @@ def main():
     ap.add_argument("--flux-depth", type=int, default=19,
                     help="Flux double blocks (2× as many single blocks): 19 is Flux dev's 19 + 38")
     ap.add_argument("--sd3-depth", type=int, default=4, help="SD3 joint blocks (MMDiT's hidden is 64·blocks)")
+    ap.add_argument("--families", default="flux,sd3,chroma", help="comma-separated: flux, sd3, chroma")
     args = ap.parse_args()
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
@@ -80,10 +89,12 @@ def main():
     targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": 64}
     lat = args.size // 8
     rows = []
-    for family, cfg in (("flux", 1.0), ("sd3", 4.5)):
-        model = build(family, args.hidden, args.flux_depth if family == "flux" else args.sd3_depth)
+    cfgs = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0}
+    for family in args.families.split(","):
+        cfg = cfgs[family]
+        model = build(family, args.hidden, args.sd3_depth if family == "sd3" else args.flux_depth)
         pooled = 768 if family == "flux" else 2048
-        extra = {"pooled_output": torch.randn(1, pooled, generator=gen)}
+        extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if family != "chroma" else None}
         if family == "flux":
             extra["guidance"] = 3.5
         pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
@@ -120,7 +131,8 @@ def main():
           f"{torch.get_num_threads()}, {args.repeats} interleaved rounds, median per step (ratios: median of rounds)")
     print(f"  {'model':40s} {'ComfyUI':>10s} {'AsynDM dynamic':>15s} {'ratio':>6s} {'no attention read':>18s}")
     names = {"flux": f"Flux-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 1)",
-             "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)"}
+             "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)",
+             "chroma": f"Chroma-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 4)"}
     for family, c, a, r, r_tokens in rows:
         print(f"  {names[family]:40s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms {r:6.3f} {r_tokens:18.3f}")
 

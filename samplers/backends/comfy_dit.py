@@ -38,21 +38,23 @@ def middle_blocks(depth: int, count: int = 3) -> List[int]:
     return list(range(start, start + count))
 
 
-def joint_item_attention(q, k_txt, k_img, weights):
+def joint_item_attention(q, k_txt, k_img, weights, block: int = 1024):
     """q (b, H, Nq, d), k_txt (b, H, Lt, d), k_img (b, H, Li, d), weights (Lt, N) → (b, Nq, N):
     the head-averaged probability each image query gives each item's text tokens in the *joint*
-    softmax over [text | image] keys, as the model attends. One head at a time (float32): the
-    (Nq, Lt + Li) logits of all heads at once would be GBs at 1024 px. Only the softmax's
-    normaliser needs the image keys (a logsumexp); the probabilities are read for the text keys."""
+    softmax over [text | image] keys, as the model attends. No attention matrix is built: one
+    head and ``block`` queries at a time (float32), the image keys only through the softmax's
+    normaliser (a logsumexp), the probabilities read for the text keys — at 4096 image tokens a
+    block's logits are 16 MB, where all heads' (Nq, Lt + Li) logits would be GBs."""
     scale = q.shape[-1] ** -0.5
     w = weights.to(q.device, torch.float32)
-    out = None
+    out = torch.zeros(q.shape[0], q.shape[2], w.shape[1], device=q.device)
     for h in range(q.shape[1]):
-        qh = q[:, h].float() * scale
-        txt = qh @ k_txt[:, h].float().transpose(-1, -2)
-        lse = torch.logaddexp(txt.logsumexp(dim=-1), (qh @ k_img[:, h].float().transpose(-1, -2)).logsumexp(dim=-1))
-        probs = (txt - lse[..., None]).exp() @ w
-        out = probs if out is None else out + probs
+        kt, ki = k_txt[:, h].float().transpose(-1, -2), k_img[:, h].float().transpose(-1, -2)
+        for s in range(0, q.shape[2], block):
+            qh = q[:, h, s:s + block].float() * scale
+            txt = qh @ kt
+            lse = torch.logaddexp(txt.logsumexp(dim=-1), (qh @ ki).logsumexp(dim=-1))
+            out[:, s:s + block] += (txt - lse[..., None]).exp() @ w
     return out / q.shape[1]
 
 
