@@ -49,6 +49,7 @@ class Forward:
     cell: int  # latent pixels per token side
     capture_rows: List[int]
     place: Tuple[int, int]  # (y, x) of the captured chunk in the latent (an area crop), else (0, 0)
+    t_image: Optional[torch.Tensor] = None  # (Bm,) each row's own model timestep, the one ComfyUI passes
     raw: Optional[torch.Tensor] = None  # the diffusion model's output
     time: Optional[torch.Tensor] = None  # (R, D) time embedding of the rows
     per_image: List[torch.Tensor] = field(default_factory=list)  # (Bm, D) vectors added to it, stock order
@@ -81,6 +82,20 @@ class Forward:
                 r = r + v[self.row_img.to(v.device)]
             self._rows = r
         return self._rows
+
+    def image_rows(self) -> torch.Tensor:
+        """(Bm,) the row of each model-batch row's own (image, timestep) pair — the stock per-image
+        conditioning — appending rows (to ``uniq_t`` / ``row_img``) for pairs no pixel has (an
+        area crop away from the background). Call before any rows are built."""
+        match = (self.row_img[None, :] == torch.arange(len(self.t_image), device=self.row_img.device)[:, None]) & (
+            self.uniq_t[None, :] == self.t_image[:, None].to(self.uniq_t))
+        found = match.any(dim=1)
+        if not bool(found.all()):
+            missing = (~found).nonzero().flatten()
+            self.uniq_t = torch.cat([self.uniq_t, self.t_image[missing].to(self.uniq_t)])
+            self.row_img = torch.cat([self.row_img, missing.to(self.row_img)])
+            return self.image_rows()
+        return match.float().argmax(dim=1)
 
     def weights(self, length: int, offset: int = 0) -> torch.Tensor:
         """(length, N) item weights over a text sequence of ``length`` with ``offset`` model-side
@@ -157,7 +172,8 @@ def begin_forward(call: PixelCall, sampling, dm, x, t, transformer_options, cell
     t_map = sampling.timestep(sig.reshape(-1)).float().view(sig.shape[0], h, w)
     uniq_t, row_img, index = distinct_rows(t_map, per_image)
     fwd = Forward(call, dm, sig, t_map, uniq_t, row_img, index, cell, rows,
-                  place=places[rows[0] // batch] if rows else (0, 0))
+                  place=places[rows[0] // batch] if rows else (0, 0),
+                  t_image=sampling.timestep(t.to(x.device, torch.float32)).float())
     return fwd, scale.to(x.dtype)
 
 

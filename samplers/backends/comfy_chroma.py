@@ -2,9 +2,10 @@
 
 Per-token time: Chroma has no per-block modulation Linear; all its modulations come at once
 from a small network (``distilled_guidance_layer``, the approximator) fed the timestep and
-guidance embeddings beside a modulation index. A forward hook on it runs the same network on the
-distinct (image, timestep) rows only — the stock input of the row's image with its timestep
-embedding swapped (so the guidance embedding is the stock one) — and the double / single blocks
+guidance embeddings beside a modulation index. Hooks on it run it once, on the distinct
+(image, timestep) rows only — the stock input of the row's image with its timestep embedding
+swapped (so the guidance embedding is the stock one) — and hand the stock per-image output back
+as the rows of each image's own timestep (one of the rows); the double / single blocks
 (``dit`` replace patches) and the final layer read their image tokens' modulation from those rows,
 sliced with the model's own ``get_modulations``; text tokens keep the stock (background) values.
 
@@ -66,12 +67,19 @@ class ComfyChromaBackend(FluxLike):
     def hooks(self, dm, fwd, transformer_options):
         from comfy.ldm.flux.layers import timestep_embedding
 
-        def mod_rows(module, args, output):  # input (B, 344, 16 + 16 + 32): [timestep | guidance | index]
+        own = {}
+
+        def rows_in(module, args):  # stock input (B, 344, 16 + 16 + 32): [timestep | guidance | index]
             stock_in = args[0]
+            own["rows"] = fwd.image_rows()  # the stock per-image input is one of the rows
             t_emb = timestep_embedding(fwd.uniq_t.to(stock_in.device), 16).to(stock_in.dtype)
-            rows_in = stock_in[fwd.row_img.to(stock_in.device)].clone()
-            rows_in[:, :, :16] = t_emb[:, None]
-            fwd.time = module.forward(rows_in)  # (R, 344, D)
+            rows = stock_in[fwd.row_img.to(stock_in.device)].clone()
+            rows[:, :, :16] = t_emb[:, None]
+            return (rows,)
+
+        def mod_rows(module, args, output):  # one run on the distinct rows; the stock output read from them
+            fwd.time = output  # (R, 344, D)
+            return output[own["rows"].to(output.device)]
 
         def final(module, args, output):
             x = args[0]
@@ -81,7 +89,8 @@ class ComfyChromaBackend(FluxLike):
             shift, scale = mod.chunk(2, dim=-1)
             return module.linear(torch.addcmul(shift, 1 + scale, module.norm_final(x)))
 
-        return [dm.distilled_guidance_layer.register_forward_hook(mod_rows),
+        return [dm.distilled_guidance_layer.register_forward_pre_hook(rows_in),
+                dm.distilled_guidance_layer.register_forward_hook(mod_rows),
                 dm.final_layer.register_forward_hook(final)]
 
     def patch_replace(self, call, replace):
