@@ -49,6 +49,7 @@ class Forward:
     cell: int  # latent pixels per token side
     capture_rows: List[int]
     place: Tuple[int, int]  # (y, x) of the captured chunk in the latent (an area crop), else (0, 0)
+    frames: int = 1  # a video's frames, stacked along the height (fold)
     t_image: Optional[torch.Tensor] = None  # (Bm,) each row's own model timestep, the one ComfyUI passes
     raw: Optional[torch.Tensor] = None  # the diffusion model's output
     time: Optional[torch.Tensor] = None  # (R, D) time embedding of the rows
@@ -119,6 +120,18 @@ class Forward:
         placed = maps.new_zeros(maps.shape[0], maps.shape[1], full_h, full_w)
         placed[:, :, y:y + h, x:x + w] = maps[:, :, :full_h - y, :full_w - x]
         return placed
+
+
+def fold(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A video latent (B, C, T, H, W) as one tall image (B, C, T·H, W), frames stacked along the
+    height: the plan, masks and per-pixel samplers then need no frame axis, a token of patch
+    (1, p, p) stays a p×p cell (H a multiple of p), and a frame's tokens keep their order."""
+    return t.reshape(*t.shape[:2], -1, t.shape[-1]) if t is not None and t.ndim == 5 else t
+
+
+def unfold(t: torch.Tensor, frames: int) -> torch.Tensor:
+    """The inverse of ``fold`` for ``frames`` frames."""
+    return t.reshape(*t.shape[:2], frames, -1, t.shape[-1])
 
 
 def pixelwise(fn, sigma, *tensors):

@@ -27,7 +27,7 @@ stock code (a constant map is the stock forward, invariant 1).
 from abc import ABC, abstractmethod
 from typing import ClassVar, List
 
-from .comfy_call import FORWARD_KEY, KEY, WRAPPER_KEY, PixelCall, begin_forward, denoised_per_pixel
+from .comfy_call import FORWARD_KEY, KEY, WRAPPER_KEY, PixelCall, begin_forward, denoised_per_pixel, fold, unfold
 from .pixel_math import UnsupportedModelError
 
 FAMILIES: List[type] = []  # registered family backends, in the order backend_for tries them
@@ -112,22 +112,26 @@ class PixelBackend(ABC):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base = executor.class_obj
         sampling, dm = base.model_sampling, base.diffusion_model
-        fwd, scale = begin_forward(call, sampling, dm, x, t, transformer_options, self.cell, self.per_image_rows)
+        video = x.ndim == 5  # frames stacked along the height, as the sampler's plan sees them
+        x4 = fold(x)
+        fwd, scale = begin_forward(call, sampling, dm, x4, t, transformer_options, self.cell, self.per_image_rows)
+        fwd.frames = x.shape[2] if video else 1
 
         def keep_raw(module, args, output):
-            fwd.raw = output
+            fwd.raw = fold(output)
 
         handles = [dm.register_forward_hook(keep_raw)]
         try:
             handles += self.hooks(dm, fwd, transformer_options)
-            stock = executor(x * scale, t, c_concat, c_crossattn, control,
-                             dict(transformer_options, **{FORWARD_KEY: fwd}), **kwargs)
+            stock = executor(unfold(x4 * scale, x.shape[2]) if video else x * scale, t, c_concat, c_crossattn,
+                             control, dict(transformer_options, **{FORWARD_KEY: fwd}), **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         if fwd.raw is None:
             raise RuntimeError(f"AsynDM: the {self.FAMILY} model did not run (another patch bypassed it)")
-        return denoised_per_pixel(sampling, fwd, x, t, scale, stock)
+        out = denoised_per_pixel(sampling, fwd, x4, t, scale, fold(stock))
+        return unfold(out, x.shape[2]) if video else out
 
 
 def chain(fn, previous):

@@ -194,7 +194,10 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     import comfy.model_management
 
     from ..backends import backend_for
-    from ..backends.comfy_call import PixelCall
+    from ..backends.comfy_call import PixelCall, fold, unfold
+
+    frames = noise.shape[2] if noise.ndim == 5 else None  # video: frames stacked along the height
+    noise, latent_image, denoise_mask = fold(noise), fold(latent_image), fold(denoise_mask)
 
     opts = sampler.options
     ms = model_wrap.inner_model.model_sampling
@@ -232,8 +235,9 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
                          targets.uuids if targets else None, areas)
         if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
             x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
-        out = model_wrap(x, sigma.flatten(1).amin(dim=1), model_options=backend.model_options(model_options or {}, call),
-                         seed=seed)
+        out = model_wrap(unfold(x, frames) if frames else x, sigma.flatten(1).amin(dim=1),
+                         model_options=backend.model_options(model_options or {}, call), seed=seed)
+        out = fold(out)
         if denoise_mask is not None:
             out = out * denoise_mask + latent * (1 - denoise_mask)
         maps = call.item_maps()
@@ -247,7 +251,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     def step_callback(d):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if callback is not None:
-            callback(d["i"], d["denoised"], d["x"], total)
+            shown = [unfold(d[k], frames) if frames else d[k] for k in ("denoised", "x")]
+            callback(d["i"], *shown, total)
 
     def run(plan):
         x = initial_latent(plan, noise, latent, schedule.noise_scaling)
@@ -269,7 +274,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         timestep_maps=[t.cpu() for t in plan.timestep_maps],
         masks=[m.cpu() if m is not None else None for m in plan.mask_history],
         item_maps=[m.cpu() if m is not None else None for m in plan.item_maps])
-    return ms.inverse_noise_scaling(sigmas[-1], samples)
+    samples = ms.inverse_noise_scaling(sigmas[-1], samples)
+    return unfold(samples, frames) if frames else samples
 
 
 def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,

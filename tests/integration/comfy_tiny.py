@@ -341,7 +341,7 @@ def stand_ins(family=None):
 # ---------------------------------------------------------------------------------------------
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
-DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "chroma")
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "chroma", "wan")
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -362,6 +362,10 @@ def _dit_config(family, depth=2, hidden=64):
                     mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=depth,
                     axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2], theta=10000, patch_size=2,
                     qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=2)
+    elif family == "wan":  # Wan 2.1 / 2.2 A14B t2v layout; head dim 32 for Wan's 3-axis RoPE
+        cls = sm.WAN21_T2V
+        unet = dict(cls.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=hidden, ffn_dim=2 * hidden,
+                    freq_dim=32, text_dim=FLUX_CONTEXT, num_heads=2, num_layers=depth + 1)
     elif family == "sd3":
         cls = sm.SD3
         size = 32  # the position-embedding grid: latents up to 64×64
@@ -397,10 +401,32 @@ def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     gen = torch.Generator().manual_seed(seed)
     width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") or family == "chroma" else (SD3_CONTEXT,
                                                                                                      SD3_ADM)
-    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family != "chroma" else None}
+    if family == "wan":
+        width = FLUX_CONTEXT
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in ("chroma", "wan") else None}
     if family == "flux":
         extra["guidance"] = 3.5
     return [[torch.randn(batch, length, width, generator=gen), extra]]
+
+
+UMT5_STANDIN_VOCAB = 64
+STANDIN_CORPUS = ("a rabbit playing basketball beside a rabbit", "a green field under a blue sky",
+                  "a cat and a dog on a red sofa", "a photo of a tree by the river")
+
+
+@functools.lru_cache(maxsize=None)
+def umt5_standin_spiece() -> bytes:
+    """A tiny sentencepiece model with UMT5's special ids (pad 0, eos 1, unk 2), trained in memory
+    on a few sentences: Wan's real tokenizer lives inside its text-encoder file (no download)."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(STANDIN_CORPUS * 4), model_writer=out,
+                                   vocab_size=UMT5_STANDIN_VOCAB, hard_vocab_limit=False, model_type="word",
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return out.getvalue()
 
 
 def tiny_dit_clip(family="flux", seed=SEED + 1):
@@ -415,6 +441,13 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
         from comfy.text_encoders import pixart_t5
         target = smb.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
+    elif family == "wan":  # UMT5 with a stand-in sentencepiece model (the real one ships inside the TE file)
+        from comfy.text_encoders import wan
+        target = smb.ClipTarget(wan.WanT5Tokenizer, wan.te())
+        options = {"umt5xxl_model_config": dict(TINY_T5_CONFIG, vocab_size=UMT5_STANDIN_VOCAB), "dtype": torch.float32}
+        clip = comfy.sd.CLIP(target, model_options=options, tokenizer_data={"spiece_model": umt5_standin_spiece()})
+        _randomize_(clip.cond_stage_model, seed)
+        return clip
     else:
         target = smb.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
     options = {k: dict(v) for k, v in TINY_TE_OPTIONS.items()}

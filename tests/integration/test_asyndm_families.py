@@ -15,7 +15,7 @@ import torch
 from asyndm_helpers import core_ksampler, empty_latent, sampler_node
 from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _rel, _sigma, dit_setups
 
-FAMILIES = ["chroma"]
+FAMILIES = ["chroma", "wan"]
 TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
 SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
             ("dpmpp_2m_sde", "simple")]
@@ -30,6 +30,13 @@ def _inference_mode():
 @pytest.fixture(scope="module")
 def fams(comfy_env, tiny_models):
     return dit_setups(tiny_models, FAMILIES)
+
+
+def _latent(fam, batch=1, size=8, frames=1):
+    """A family's empty latent: Wan's is a video (B, 16, frames, size, size); one frame is text-to-image."""
+    if fam == "wan":
+        return {"samples": torch.zeros(batch, 16, frames, size, size)}
+    return empty_latent(batch, size, 16)
 
 
 def _chroma_kwargs(pos, batch):
@@ -108,12 +115,90 @@ def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models
     assert _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
 
 
+def test_wan_constant_map_is_stock_forward_time_rows_per_row_and_its_own_cross_attention(fams):
+    """Wan (one frame here; frames are rows of the folded grid, test below). Caught: the stock
+    per-image projection left in place of the per-token one (naive loop)."""
+    import comfy.model_management
+    from comfy.ldm.wan.model import sinusoidal_embedding_1d
+
+    from asyndm_fpdm.samplers.backends import backend_for
+    from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
+
+    model, pos, neg = fams["wan"]
+    x = torch.randn(2, 16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = {"c_crossattn": pos[0][0].expand(2, -1, -1)}
+    s = _sigma(model, 0.6)
+    sigma = s.expand(2)
+    comfy.model_management.load_models_gpu([model])
+    dm = model.model.diffusion_model
+    log, override = _attention_log()
+    stock = model.model.apply_model(x, sigma, transformer_options={"optimized_attention_override": override}, **kw)
+    backend = backend_for(model)
+    assert type(backend).__name__ == "ComfyWanBackend" and backend.cell == 2
+    emb_rows, proj_rows, seen = [], [], {}
+    hooks = [dm.time_embedding[0].register_forward_hook(lambda m, a, o: emb_rows.append(a[0].shape[0])),
+             dm.time_projection[1].register_forward_hook(lambda m, a, o: proj_rows.append(a[0].shape[:-1])),
+             dm.blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update(e=k["e"]), with_kwargs=True)]
+    try:
+        base = {"transformer_options": {"cond_or_uncond": [0]}}
+        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
+        const = model.model.apply_model(x, sigma, transformer_options=backend.model_options(base, call)["transformer_options"],
+                                        **kw)
+        maps = call.item_maps()
+        emb_rows.clear()
+        proj_rows.clear()
+        sig_map = s.expand(2, 1, 8, 8).clone()
+        sig_map[:, :, :4] = _sigma(model, 0.9)
+        sig_map[1, :, :, :2] = _sigma(model, 0.1)
+        to2 = backend.model_options(base, PixelCall(sig_map))["transformer_options"]
+        mixed = model.model.apply_model(x, sig_map.flatten(1).amin(1), transformer_options=to2, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    # invariant 6: the time MLP and the projection ran on ComfyUI's 2 images and the 5 distinct
+    # (image, timestep) rows, never on the 32 tokens
+    assert emb_rows == [2, 5] and [tuple(r) for r in proj_rows] == [(2, 1), (5,)]
+    assert float((mixed - const).abs().max()) > 1e-3
+    # the per-token modulation block 0 receives = each token through the time MLPs alone (a loop)
+    ms = model.get_model_object("model_sampling")
+    t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
+    naive = torch.stack([torch.stack([dm.time_projection(dm.time_embedding(
+        sinusoidal_embedding_1d(dm.freq_dim, t_tokens[b, j:j + 1]))).view(6, -1) for j in range(t_tokens.shape[1])])
+        for b in range(2)])
+    assert seen["e"].shape == naive.shape and _rel(seen["e"], naive) <= 1e-5, _rel(seen["e"], naive)
+    # masks: softmax of the image queries over the text keys of the captured blocks' cross-attention
+    cross = [entry for entry in log if entry[1].shape[1] == 12]  # keys = the 12 text tokens
+    assert len(cross) == len(dm.blocks)
+    ref = _reference_maps(cross, backend.capture_blocks, 0, TARGETS["positions"])
+    assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_wan_video_plan_on_the_frame_patch_grid_with_masks_per_frame(fams):
+    """A 2-frame video: maps, masks and timesteps per frame, frames stacked along the height; frame
+    1 of a video is not frame 0 (each frame reads its own attention)."""
+    model, pos, neg = fams["wan"]
+    out, info = sampler_node(model, pos, neg, _latent("wan", 1, 8, frames=2), sampler_name="euler",
+                             scheduler="simple", steps=4, cfg=2.0)
+    assert out.shape == (1, 16, 2, 8, 8) and torch.isfinite(out).all()
+    maps = [m for m in info.item_maps if m is not None]
+    assert len(maps) == 4 and maps[0].shape == (1, 2, 8, 4)  # (frames · 8/2, 8/2) token grid
+    assert not torch.equal(maps[1][..., :4, :], maps[1][..., 4:, :])
+    assert info.timestep_maps[0].shape[-2:] == (16, 8)
+    # a constant (vanilla) run equals ComfyUI's own sampler on the video
+    van, _ = sampler_node(model, pos, neg, _latent("wan", 1, 8, frames=2), mode="vanilla", sampler_name="euler",
+                          scheduler="simple", steps=4, cfg=2.0)
+    core = core_ksampler(model, pos, neg, _latent("wan", 1, 8, frames=2), steps=4, cfg=2.0, sampler="euler",
+                         scheduler="simple")
+    assert _rel(van, core) <= TOL_SAME_SAMPLER
+
+
 # ---------------------------------------------------------------------------------------- inv. 2
 @pytest.mark.parametrize("fam", FAMILIES)
 @pytest.mark.parametrize("sampler,scheduler", SAMPLERS)
 def test_family_empty_mask_equals_comfyui_sampler_and_a_mask_lags_whole_tokens(fams, fam, sampler, scheduler):
     model, pos, neg = fams[fam]
-    lat = empty_latent(1, 8, 16)
+    lat = _latent(fam)
     empty = torch.zeros(1, 64, 64)
     ours, _ = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=empty, sampler_name=sampler,
                            scheduler=scheduler, eta=1.0, steps=4, cfg=2.0)
@@ -125,6 +210,7 @@ def test_family_empty_mask_equals_comfyui_sampler_and_a_mask_lags_whole_tokens(f
                                 scheduler=scheduler, eta=1.0, steps=4, cfg=2.0)
     assert torch.isfinite(lagged).all() and float((lagged - ours).abs().max()) > 1e-4
     t = torch.stack(info.timestep_maps)[:, 0]
+    assert t.shape[-2:] == (8, 8)
     assert bool((t[:, :4].amin(dim=(1, 2)) > t[:, 4:].amax(dim=(1, 2))).any())  # it lags
     assert torch.equal(t[:, 2:4], t[:, 0:2])  # one sigma per token
 
@@ -134,9 +220,9 @@ def test_family_empty_mask_equals_comfyui_sampler_and_a_mask_lags_whole_tokens(f
 def test_family_dynamic_run_batch_independent_and_leaves_the_model_untouched(fams, fam):
     model, pos, neg = fams[fam]
     options_before = repr(model.model_options)
-    one, info = sampler_node(model, pos, neg, empty_latent(1, 8, 16), sampler_name="euler_ancestral",
+    one, info = sampler_node(model, pos, neg, _latent(fam), sampler_name="euler_ancestral",
                              scheduler="simple", steps=3, cfg=2.0, eta=0.5)
-    three, _ = sampler_node(model, pos, neg, empty_latent(3, 8, 16), sampler_name="euler_ancestral",
+    three, _ = sampler_node(model, pos, neg, _latent(fam, 3), sampler_name="euler_ancestral",
                             scheduler="simple", steps=3, cfg=2.0, eta=0.5)
     assert len([m for m in info.item_maps if m is not None]) == 3  # masks from its own attention
     assert _rel(three[:1], one) <= 1e-5 and float((three[1] - three[0]).abs().max()) > 1e-3
@@ -151,11 +237,12 @@ def test_family_weight_patches_reach_the_per_token_path(fams, fam):
     still equals ComfyUI's sampler on the patched model, and the patch changes the result.
     Caught: rows computed from a copy of the unpatched module."""
     model, pos, neg = fams[fam]
-    key = {"chroma": "diffusion_model.distilled_guidance_layer.out_proj.weight"}[fam]
+    key = {"chroma": "diffusion_model.distilled_guidance_layer.out_proj.weight",
+           "wan": "diffusion_model.time_projection.1.weight"}[fam]
     weight = model.model.get_parameter(key)
     patched = model.clone()
     patched.add_patches({key: (0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
-    lat = empty_latent(1, 8, 16)
+    lat = _latent(fam)
     empty = torch.zeros(1, 64, 64)
     ours, _ = sampler_node(patched, pos, neg, lat, mask_source="mask input", mask=empty, sampler_name="euler",
                            scheduler="simple", steps=3, cfg=2.0)
@@ -178,4 +265,19 @@ def test_chroma_targets_read_t5_positions_of_the_context_the_model_gets(comfy_en
     ids = [t[0] for c in clip.tokenize(prompt)["t5xxl"] for t in c]
     rabbit = clip.tokenize("rabbit")["t5xxl"][0][0][0]
     assert info["context_len"] == len(ids) == cond[0][0].shape[1] < 77  # T5 unpadded: the context's length
+    assert [ids[p] for p in info["positions"][0]] == [rabbit] and info["positions"][0][0] > info["positions"][1][-1]
+
+
+def test_wan_targets_read_umt5_positions_of_the_padded_context(comfy_env, tiny_models):
+    """Wan's text encoder (ComfyUI's UMT5 classes, tiny; a stand-in sentencepiece model, since the
+    real one ships inside the text-encoder file): positions index the 512-token padded context."""
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    clip = tiny_models.tiny_dit_clip("wan")
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, basketball")[0]
+    info = cond[0][1]["asyndm_targets"]
+    ids = [t[0] for c in clip.tokenize(prompt)["umt5xxl"] for t in c]
+    rabbit = clip.tokenize("rabbit")["umt5xxl"][0][0][0]
+    assert info["context_len"] == len(ids) == cond[0][0].shape[1] == 512  # UMT5 pads to 512
     assert [ids[p] for p in info["positions"][0]] == [rabbit] and info["positions"][0][0] > info["positions"][1][-1]
