@@ -57,48 +57,61 @@ def _naive_chroma_img_mod(dm, stock_in, t_tokens, block):
     return out
 
 
-# ---------------------------------------------------------------------------------------- inv. 1, 6
-def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models_own_attention(fams):
-    """Caught: timestep embedding of the image's sigma instead of the row's (naive-loop oracle);
-    the approximator run per token (row count)."""
+def _forwards(model, x, kw, hooks, counters):
+    """The stock forward at one sigma (its attention logged), the constant map of that sigma with
+    capture (maps), and a mixed map (rows 0–3 at a later sigma, image 1's first columns at an
+    earlier one), with ``hooks`` (module, kind, fn) active; ``counters`` are cleared before the
+    mixed forward. Returns a dict of stock, const, maps, mixed, sig_map, backend, log."""
     import comfy.model_management
 
     from asyndm_fpdm.samplers.backends import backend_for
     from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
 
-    model, pos, neg = fams["chroma"]
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    kw = _chroma_kwargs(pos, 2)
     s = _sigma(model, 0.6)
     sigma = s.expand(2)
     comfy.model_management.load_models_gpu([model])
-    dm = model.model.diffusion_model
     log, override = _attention_log()
     stock = model.model.apply_model(x, sigma, transformer_options={"optimized_attention_override": override}, **kw)
     backend = backend_for(model)
-    assert type(backend).__name__ == "ComfyChromaBackend" and backend.cell == 2
-    rows, seen = [], {}
-    hooks = [dm.distilled_guidance_layer.in_proj.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0])),
-             dm.distilled_guidance_layer.register_forward_pre_hook(lambda m, a: seen.update(stock_in=a[0])),
-             dm.double_blocks[0].register_forward_pre_hook(
-                 lambda m, a, k: seen.__setitem__("vec", k["vec"]), with_kwargs=True)]
+    register = {"hook": lambda m, fn: m.register_forward_hook(fn),
+                "pre_hook": lambda m, fn: m.register_forward_pre_hook(fn),
+                "pre_hook_kw": lambda m, fn: m.register_forward_pre_hook(fn, with_kwargs=True)}
+    handles = [register[kind](m, fn) for m, kind, fn in hooks]
     try:
         base = {"transformer_options": {"cond_or_uncond": [0]}}
         call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
-        const = model.model.apply_model(x, sigma, transformer_options=backend.model_options(base, call)["transformer_options"],
-                                        **kw)
-        maps = call.item_maps()
-        rows.clear()
-        seen.clear()
+        const = model.model.apply_model(x, sigma, transformer_options=backend.model_options(base, call)[
+            "transformer_options"], **kw)
+        for c in counters:
+            c.clear()
         sig_map = s.expand(2, 1, 8, 8).clone()
         sig_map[:, :, :4] = _sigma(model, 0.9)
         sig_map[1, :, :, :2] = _sigma(model, 0.1)
         to2 = backend.model_options(base, PixelCall(sig_map))["transformer_options"]
         mixed = model.model.apply_model(x, sig_map.flatten(1).amin(1), transformer_options=to2, **kw)
-        distinct = list(rows)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+    return dict(stock=stock, const=const, maps=call.item_maps(), mixed=mixed, sig_map=sig_map, backend=backend,
+                log=log)
+
+
+# ---------------------------------------------------------------------------------------- inv. 1, 6
+def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models_own_attention(fams):
+    """Caught: timestep embedding of the image's sigma instead of the row's (naive-loop oracle);
+    the approximator run per token (row count)."""
+    model, pos, neg = fams["chroma"]
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    rows, seen = [], {}
+    r = _forwards(model, x, _chroma_kwargs(pos, 2), [
+        (dm.distilled_guidance_layer.in_proj, "hook", lambda m, a, o: rows.append(a[0].shape[0])),
+        (dm.distilled_guidance_layer, "pre_hook", lambda m, a: seen.update(stock_in=a[0])),
+        (dm.double_blocks[0], "pre_hook_kw", lambda m, a, k: seen.update(vec=k["vec"]))], [rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    distinct = list(rows)
+    assert type(backend).__name__ == "ComfyChromaBackend" and backend.cell == 2
     assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
     # invariant 6: the approximator ran once, on the 5 distinct (image, timestep) rows (344
     # modulation slots each; the stock per-image rows are among them), never on the 32 tokens
@@ -118,43 +131,19 @@ def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models
 def test_wan_constant_map_is_stock_forward_time_rows_per_row_and_its_own_cross_attention(fams):
     """Wan (one frame here; frames are rows of the folded grid, test below). Caught: the stock
     per-image projection left in place of the per-token one (naive loop)."""
-    import comfy.model_management
     from comfy.ldm.wan.model import sinusoidal_embedding_1d
-
-    from asyndm_fpdm.samplers.backends import backend_for
-    from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
 
     model, pos, neg = fams["wan"]
     x = torch.randn(2, 16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    kw = {"c_crossattn": pos[0][0].expand(2, -1, -1)}
-    s = _sigma(model, 0.6)
-    sigma = s.expand(2)
-    comfy.model_management.load_models_gpu([model])
     dm = model.model.diffusion_model
-    log, override = _attention_log()
-    stock = model.model.apply_model(x, sigma, transformer_options={"optimized_attention_override": override}, **kw)
-    backend = backend_for(model)
-    assert type(backend).__name__ == "ComfyWanBackend" and backend.cell == 2
     emb_rows, proj_rows, seen = [], [], {}
-    hooks = [dm.time_embedding[0].register_forward_hook(lambda m, a, o: emb_rows.append(a[0].shape[0])),
-             dm.time_projection[1].register_forward_hook(lambda m, a, o: proj_rows.append(a[0].shape[:-1])),
-             dm.blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update(e=k["e"]), with_kwargs=True)]
-    try:
-        base = {"transformer_options": {"cond_or_uncond": [0]}}
-        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
-        const = model.model.apply_model(x, sigma, transformer_options=backend.model_options(base, call)["transformer_options"],
-                                        **kw)
-        maps = call.item_maps()
-        emb_rows.clear()
-        proj_rows.clear()
-        sig_map = s.expand(2, 1, 8, 8).clone()
-        sig_map[:, :, :4] = _sigma(model, 0.9)
-        sig_map[1, :, :, :2] = _sigma(model, 0.1)
-        to2 = backend.model_options(base, PixelCall(sig_map))["transformer_options"]
-        mixed = model.model.apply_model(x, sig_map.flatten(1).amin(1), transformer_options=to2, **kw)
-    finally:
-        for h in hooks:
-            h.remove()
+    r = _forwards(model, x, {"c_crossattn": pos[0][0].expand(2, -1, -1)}, [
+        (dm.time_embedding[0], "hook", lambda m, a, o: emb_rows.append(a[0].shape[0])),
+        (dm.time_projection[1], "hook", lambda m, a, o: proj_rows.append(a[0].shape[:-1])),
+        (dm.blocks[0], "pre_hook_kw", lambda m, a, k: seen.update(e=k["e"]))], [emb_rows, proj_rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    assert type(backend).__name__ == "ComfyWanBackend" and backend.cell == 2
     assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
     # invariant 6: the time MLP and the projection ran on ComfyUI's 2 images and the 5 distinct
     # (image, timestep) rows, never on the 32 tokens
