@@ -165,6 +165,8 @@ def tiny_checkpoint(family="sd15", cached=True):
 
 def family_for_filename(name: str, default="sd15") -> str:
     low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
+    if "chroma" in low:
+        return "chroma"
     if "flux" in low or low in ("ae.safetensors", "ae.sft"):
         return "flux_schnell" if "schnell" in low else "flux"
     if "sd3" in low:
@@ -296,8 +298,8 @@ def stand_ins(family=None):
         reg.loads.append(("unet", unet_name, fam))
         return (_cached("model", fam).clone(),)
 
-    def load_clip(self, clip_name, *args, **kwargs):
-        fam = reg.family_for(clip_name)
+    def load_clip(self, clip_name, type="stable_diffusion", *args, **kwargs):
+        fam = type if type in ("chroma", "wan") and not reg.family else reg.family_for(clip_name)
         reg.loads.append(("clip", clip_name, fam))
         return (_cached("clip", fam).clone(),)
 
