@@ -152,7 +152,19 @@ def _cached(kind, family):
         return tiny_dit(family) if dit else tiny_model(family)
     if kind == "clip":
         return tiny_dit_clip(family) if dit else tiny_clip(family)
+    if family == "wan":
+        return wan_vae()
     return tiny_vae(channels=16) if dit else tiny_vae()
+
+
+def wan_vae(seed=SEED + 4):
+    """ComfyUI's Wan 2.1 video VAE with random weights (its size is fixed by ComfyUI's detection)."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+    net = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True])
+    _randomize_(net, seed)
+    return comfy.sd.VAE(sd={k: v.clone() for k, v in net.state_dict().items()})
 
 
 def tiny_checkpoint(family="sd15", cached=True):
@@ -167,6 +179,8 @@ def family_for_filename(name: str, default="sd15") -> str:
     low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
     if "chroma" in low:
         return "chroma"
+    if low.startswith("wan") or "umt5" in low:
+        return "wan"
     if "flux" in low or low in ("ae.safetensors", "ae.sft"):
         return "flux_schnell" if "schnell" in low else "flux"
     if "sd3" in low:

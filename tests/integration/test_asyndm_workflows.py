@@ -72,7 +72,9 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
     previews = _by_type(result, "AsynDMMaskStepsPreview")
     for k, (regions, times) in previews.items():
         shown = len(pick_steps(result.prompt[k]["inputs"]["at_steps"], steps)[0])
-        assert regions.shape == times.shape == (shown, 64, 64, 3)
+        # a video's maps show its frames stacked top to bottom
+        assert regions.shape == times.shape and regions.shape[0] == shown and regions.shape[2:] == (64, 3)
+        assert regions.shape[1] % 64 == 0
     has_preview = any(v["class_type"] == "AsynDMMaskStepsPreview" for v in result.prompt.values())
     assert bool(previews) == has_preview
 
