@@ -357,7 +357,7 @@ def stand_ins(family=None):
 # ---------------------------------------------------------------------------------------------
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
-DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "chroma", "wan")
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "chroma", "wan", "qwen_image")
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -382,6 +382,11 @@ def _dit_config(family, depth=2, hidden=64):
         cls = sm.WAN21_T2V
         unet = dict(cls.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=hidden, ffn_dim=2 * hidden,
                     freq_dim=32, text_dim=FLUX_CONTEXT, num_heads=2, num_layers=depth + 1)
+    elif family == "qwen_image":  # head dim 32 = RoPE axes 8 + 12 + 12
+        cls = sm.QwenImage
+        unet = dict(cls.unet_config, patch_size=2, in_channels=64, out_channels=16, num_layers=depth + 1,
+                    attention_head_dim=32, num_attention_heads=hidden // 32, joint_attention_dim=FLUX_CONTEXT,
+                    axes_dims_rope=(8, 12, 12))
     elif family == "sd3":
         cls = sm.SD3
         size = 32  # the position-embedding grid: latents up to 64×64
@@ -417,9 +422,10 @@ def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     gen = torch.Generator().manual_seed(seed)
     width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") or family == "chroma" else (SD3_CONTEXT,
                                                                                                      SD3_ADM)
-    if family == "wan":
+    if family in ("wan", "qwen_image"):
         width = FLUX_CONTEXT
-    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in ("chroma", "wan") else None}
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in ("chroma", "wan", "qwen_image")
+             else None}
     if family == "flux":
         extra["guidance"] = 3.5
     return [[torch.randn(batch, length, width, generator=gen), extra]]

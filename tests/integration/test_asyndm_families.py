@@ -15,7 +15,7 @@ import torch
 from asyndm_helpers import core_ksampler, empty_latent, sampler_node
 from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _rel, _sigma, dit_setups
 
-FAMILIES = ["chroma", "wan"]
+FAMILIES = ["chroma", "wan", "qwen_image"]
 TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
 SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
             ("dpmpp_2m_sde", "simple")]
@@ -34,7 +34,7 @@ def fams(comfy_env, tiny_models):
 
 def _latent(fam, batch=1, size=8, frames=1):
     """A family's empty latent: Wan's is a video (B, 16, frames, size, size); one frame is text-to-image."""
-    if fam == "wan":
+    if fam in ("wan", "qwen_image"):  # Qwen-Image: a one-frame video latent (Wan's VAE)
         return {"samples": torch.zeros(batch, 16, frames, size, size)}
     return empty_latent(batch, size, 16)
 
@@ -163,6 +163,39 @@ def test_wan_constant_map_is_stock_forward_time_rows_per_row_and_its_own_cross_a
     assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
 
 
+def test_qwen_image_constant_map_is_stock_forward_per_token_modulation_and_its_own_attention(fams):
+    """Caught: the image stream modulated with the stock per-image vector (naive per-token oracle of
+    block 0's modulated attention input)."""
+    model, pos, neg = fams["qwen_image"]
+    x = torch.randn(2, 16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    rows, seen = [], {}
+    block = dm.transformer_blocks[0]
+    r = _forwards(model, x, {"c_crossattn": pos[0][0].expand(2, -1, -1)}, [
+        (dm.time_text_embed.timestep_embedder.linear_1, "hook", lambda m, a, o: rows.append(a[0].shape[0])),
+        (dm.img_in, "hook", lambda m, a, o: seen.update(img=o)),
+        (block.attn.to_q, "hook", lambda m, a, o: seen.setdefault("q_in", []).append(a[0]))], [rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    assert type(backend).__name__ == "ComfyQwenImageBackend" and backend.cell == 2
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    assert rows == [2, 5]  # ComfyUI's 2 images, then the 5 distinct (image, timestep) rows; never 32 tokens
+    assert float((mixed - const).abs().max()) > 1e-3
+    ms = model.get_model_object("model_sampling")
+    t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
+    img, q_in = seen["img"], seen["q_in"][-1]  # the mixed forward's block 0
+    naive = torch.empty_like(q_in)
+    for b in range(2):
+        for j in range(t_tokens.shape[1]):
+            temb = dm.time_text_embed(t_tokens[b, j:j + 1], img)
+            shift, scale, _ = block.img_mod(temb).chunk(2, dim=-1)[0].chunk(3, dim=-1)
+            naive[b, j] = block.img_norm1(img[b:b + 1, j:j + 1])[0, 0] * (1 + scale[0]) + shift[0]
+    assert _rel(q_in, naive) <= 1e-5, _rel(q_in, naive)
+    n_txt = pos[0][0].shape[1]
+    ref = _reference_maps(log, sorted(backend.capture_blocks), n_txt, TARGETS["positions"])
+    assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
 def test_wan_video_plan_on_the_frame_patch_grid_with_masks_per_frame(fams):
     """A 2-frame video: maps, masks and timesteps per frame, frames stacked along the height; frame
     1 of a video is not frame 0 (each frame reads its own attention)."""
@@ -227,7 +260,8 @@ def test_family_weight_patches_reach_the_per_token_path(fams, fam):
     Caught: rows computed from a copy of the unpatched module."""
     model, pos, neg = fams[fam]
     key = {"chroma": "diffusion_model.distilled_guidance_layer.out_proj.weight",
-           "wan": "diffusion_model.time_projection.1.weight"}[fam]
+           "wan": "diffusion_model.time_projection.1.weight",
+           "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight"}[fam]
     weight = model.model.get_parameter(key)
     patched = model.clone()
     patched.add_patches({key: (0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
@@ -270,3 +304,42 @@ def test_wan_targets_read_umt5_positions_of_the_padded_context(comfy_env, tiny_m
     rabbit = clip.tokenize("rabbit")["umt5xxl"][0][0][0]
     assert info["context_len"] == len(ids) == cond[0][0].shape[1] == 512  # UMT5 pads to 512
     assert [ids[p] for p in info["positions"][0]] == [rabbit] and info["positions"][0][0] > info["positions"][1][-1]
+
+
+def test_qwen_image_targets_follow_the_context_after_the_chat_template(comfy_env, monkeypatch):
+    """ComfyUI's Qwen-Image tokenizer (its Qwen2.5 files ship with ComfyUI) and the text encoder's
+    own template trimming (QwenImageTEModel.encode_token_weights, a 7B model replaced by a stand-in
+    whose hidden state is each token's id): the positions index the context the model receives.
+    Caught: positions left on the templated token list."""
+    from comfy import sd1_clip
+    from comfy.text_encoders import qwen_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    def ids_as_states(self, token_weight_pairs):
+        ids = torch.tensor([[float(t[0]) for c in token_weight_pairs["qwen25_7b"] for t in c]])
+        return ids[..., None], None, {"attention_mask": torch.ones_like(ids)}
+
+    monkeypatch.setattr(sd1_clip.SD1ClipModel, "encode_token_weights", ids_as_states)
+    encoder = object.__new__(qwen_image.QwenImageTEModel)
+    tokenizer = qwen_image.QwenImageTokenizer()
+
+    class Clip:
+        cond_stage_model = None
+
+        def __init__(self):
+            self.tokenizer = tokenizer
+
+        def tokenize(self, text):
+            return tokenizer.tokenize_with_weights(text)
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [[encoder.encode_token_weights(tokens)[0], {}]]
+
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(Clip(), prompt, "rabbit#2:0.6, basketball")[0]
+    info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0]
+    rabbit = tokenizer.qwen25_7b.tokenizer(" rabbit", add_special_tokens=False)["input_ids"]  # "Ġrabbit"
+    assert info["context_len"] == context.shape[0] < len(Clip().tokenize(prompt)["qwen25_7b"][0])
+    assert [int(context[p]) for p in info["positions"][0]] == rabbit
+    assert info["positions"][0][0] > info["positions"][1][-1]
