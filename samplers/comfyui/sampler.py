@@ -49,8 +49,29 @@ def scheduler_names() -> List[str]:
     return [PAPER_SCHEDULER] + names
 
 
+def time_axis(model_sampling):
+    """The plan's time axis of a ComfyUI model sampling (time_axis.py), chosen by the ``sigma``
+    function the object really uses (a subclass that overrides it gets its table)."""
+    import comfy.model_sampling as ms
+
+    from ..time_axis import FluxAxis, FlowAxis, TableAxis
+
+    sigma_fn = type(model_sampling).sigma
+    if sigma_fn is ms.ModelSamplingDiscreteFlow.sigma:  # SD3/SD3.5, AuraFlow, ModelSamplingSD3/AuraFlow nodes
+        return FlowAxis(model_sampling.shift)
+    if sigma_fn is ms.ModelSamplingFlux.sigma:  # Flux, the ModelSamplingFlux node
+        return FluxAxis(model_sampling.shift)
+    sigmas = getattr(model_sampling, "sigmas", None)
+    if sigmas is None:
+        raise ValueError(f"AsynDM needs the model sampling's table of sigmas; {type(model_sampling).__name__} has "
+                         "none. Remove the model-sampling patch or use a model ComfyUI ships a sampling for.")
+    logs = getattr(model_sampling, "log_sigmas", None)
+    return TableAxis(sigmas.float().cpu(), None if logs is None else logs.float().cpu())
+
+
 class ComfySchedule:
-    """ComfyUI's model_sampling seen as the plan's schedule (sigma <-> timestep, noise scaling)."""
+    """ComfyUI's model_sampling seen as the plan's schedule: the time ``axis`` (σ ↔ position),
+    what the model is fed (``timestep``: the model's own), noise scaling."""
 
     def __init__(self, model_sampling):
         import comfy.model_sampling as ms
@@ -61,13 +82,12 @@ class ComfySchedule:
         self.flow = isinstance(model_sampling, ms.CONST)
         self.sigma_min, self.sigma_max = model_sampling.sigma_min, model_sampling.sigma_max
         self.sigmas = model_sampling.sigmas
+        self.axis = time_axis(model_sampling)
 
     def timestep(self, sigma):
+        """The model's timestep for σ: what the model is fed (not a position on the axis)."""
         return self.ms.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)).float().view(
             torch.as_tensor(sigma).shape)
-
-    def sigma(self, t):
-        return self.ms.sigma(torch.as_tensor(t, dtype=torch.float32))
 
     def percent_to_sigma(self, percent):  # flow SDE samplers' first-sigma offset (pixel_samplers._snr_safe)
         return self.ms.percent_to_sigma(percent)

@@ -357,7 +357,7 @@ def stand_ins(family=None):
 # ---------------------------------------------------------------------------------------------
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
-DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "chroma", "wan", "qwen_image")
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35", "chroma", "wan", "qwen_image")
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -387,13 +387,15 @@ def _dit_config(family, depth=2, hidden=64):
         unet = dict(cls.unet_config, patch_size=2, in_channels=64, out_channels=16, num_layers=depth + 1,
                     attention_head_dim=32, num_attention_heads=hidden // 32, joint_attention_dim=FLUX_CONTEXT,
                     axes_dims_rope=(8, 12, 12))
-    elif family == "sd3":
+    elif family in ("sd3", "sd35"):
         cls = sm.SD3
         size = 32  # the position-embedding grid: latents up to 64×64
         unet = dict(cls.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=size * size,
                     pos_embed_max_size=size, adm_in_channels=SD3_ADM,
                     context_embedder_config={"target": "torch.nn.Linear",
                                              "params": {"in_features": SD3_CONTEXT, "out_features": 64 * depth}})
+        if family == "sd35":  # SD3.5 medium: extra x self-attention in the first blocks, RMS QK norm
+            unet.update(x_block_self_attn_layers=[0], qk_norm="rms")
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {DIT_FAMILIES}")
     config = cls(unet)
@@ -402,7 +404,7 @@ def _dit_config(family, depth=2, hidden=64):
 
 
 def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
-    """A MODEL (ModelPatcher) of a tiny random Flux / Flux-schnell / SD3 MMDiT, fp32 on CPU
+    """A MODEL (ModelPatcher) of a tiny random Flux / Flux-schnell / SD3 / SD3.5-medium MMDiT, fp32 on CPU
     (SD3: hidden = 64·depth, heads = depth, as MMDiT fixes them)."""
     import comfy.model_management
     import comfy.model_patcher
