@@ -11,7 +11,7 @@ with it.
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_transformers.py \
         [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4] \\
-        [--families flux,sd3,chroma]
+        [--families flux,sd3,chroma,wan,qwen_image]
 
 Models: ComfyUI's own Flux (dev: guidance embedding) and SD3 MMDiT classes and configs with random
 weights — Flux with Flux dev's block structure (19 double and 38 single blocks, of which the masks
@@ -55,6 +55,13 @@ def build(family, hidden, depth):
         head = hidden // 4
         unet["axes_dim"] = [head - 2 * (head * 3 // 8 // 2 * 2), head * 3 // 8 // 2 * 2, head * 3 // 8 // 2 * 2]
         config = sm.Chroma(unet)
+    elif family == "wan":  # Wan 2.1 t2v layout, 4 heads; one frame (text-to-image)
+        config = sm.WAN21_T2V(dict(sm.WAN21_T2V.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=hidden,
+                                   ffn_dim=4 * hidden, freq_dim=256, text_dim=512, num_heads=4, num_layers=depth))
+    elif family == "qwen_image":  # head 64 = RoPE axes 16 + 24 + 24
+        config = sm.QwenImage(dict(sm.QwenImage.unet_config, patch_size=2, in_channels=64, out_channels=16,
+                                   num_layers=depth, attention_head_dim=64, num_attention_heads=hidden // 64,
+                                   joint_attention_dim=512, axes_dims_rope=(16, 24, 24)))
     else:
         unet = dict(sm.SD3.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=64 * 64,
                     pos_embed_max_size=64, adm_in_channels=2048,
@@ -74,7 +81,9 @@ def main():
     ap.add_argument("--flux-depth", type=int, default=19,
                     help="Flux double blocks (2× as many single blocks): 19 is Flux dev's 19 + 38")
     ap.add_argument("--sd3-depth", type=int, default=4, help="SD3 joint blocks (MMDiT's hidden is 64·blocks)")
-    ap.add_argument("--families", default="flux,sd3,chroma", help="comma-separated: flux, sd3, chroma")
+    ap.add_argument("--families", default="flux,sd3,chroma,wan,qwen_image",
+                    help="comma-separated: flux, sd3, chroma, wan, qwen_image (Flux's depth: double blocks, "
+                         "or all blocks for Wan / Qwen-Image)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--denormals", choices=("keep", "flush", "both"), default="both",
                     help="float32 denormals kept, flushed (process-wide: both sides), or a table for each")
@@ -95,17 +104,18 @@ def main():
     lat = args.size // 8
     settings = {"keep": [False], "flush": [True], "both": [False, True]}[args.denormals]
     rows = []
-    cfgs = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0}
+    cfgs = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0}
     for family in args.families.split(","):
         cfg = cfgs[family]
         model = build(family, args.hidden, args.sd3_depth if family == "sd3" else args.flux_depth)
         pooled = 768 if family == "flux" else 2048
-        extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if family != "chroma" else None}
+        extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if family in ("flux", "sd3") else None}
         if family == "flux":
             extra["guidance"] = 3.5
         pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
         neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
-        latent = {"samples": torch.zeros(1, 16, lat, lat)}
+        latent = {"samples": torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else
+                  torch.zeros(1, 16, lat, lat)}
 
         def core():
             return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg, latent)
@@ -135,7 +145,9 @@ def main():
           f"{'no attention read':>18s} {'rounds':>11s}")
     names = {"flux": f"Flux-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 1)",
              "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)",
-             "chroma": f"Chroma-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 4)"}
+             "chroma": f"Chroma-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 4)",
+             "wan": f"Wan-shaped ({args.flux_depth} blocks, h{args.hidden}, 1 frame, cfg 6)",
+             "qwen_image": f"Qwen-Image-shaped ({args.flux_depth} blocks, h{args.hidden}, cfg 4)"}
     for family, flush, c, a, r, r_tokens, rounds in rows:
         print(f"  {names[family]:40s} {'flushed' if flush else 'kept':>9s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms "
               f"{r:6.3f} {r_tokens:18.3f} {rounds:>11s}")
