@@ -22,3 +22,34 @@ def test_joint_item_attention_blockwise_equals_the_full_softmax():
     naive = probs[..., :lt].mean(dim=1) @ weights
     for block in (3, 1024):
         assert_close(joint_item_attention(q, k_txt, k_img, weights, block=block), naive, 1e-5, f"block {block}")
+
+
+def test_fold_stacks_frames_along_the_height_in_wan_token_order():
+    """A (1, 2, 2)-patch token (frame, row, column) is a 2×2 cell of the folded image, row-major.
+    Caught: frames stacked along the width (token order no longer frame-major)."""
+    from asyndm_fpdm.samplers.backends.comfy_call import fold, unfold
+
+    t, h, w = 3, 4, 6
+    video = torch.arange(t * h * w, dtype=torch.float32).view(1, 1, t, h, w)
+    tall = fold(video)
+    assert tall.shape == (1, 1, t * h, w) and torch.equal(unfold(tall, t), video)
+    # tokens as a (1, 2, 2) patchify orders them: frame, then row, then column
+    tokens = video[0, 0, :, ::2, ::2].flatten()
+    assert torch.equal(tall[0, 0, ::2, ::2].flatten(), tokens)
+    assert fold(torch.zeros(1, 4, 8, 8)).shape == (1, 4, 8, 8)  # an image is left alone
+
+
+def test_forward_image_rows_find_or_append_each_images_own_timestep():
+    """The stock per-image conditioning is one of the rows (Chroma's approximator runs once); a
+    pair no pixel has (an area crop away from the background) gets a row appended."""
+    from asyndm_fpdm.samplers.backends.comfy_call import Forward, PixelCall
+    from asyndm_fpdm.samplers.backends.pixel_math import distinct_rows
+
+    t_map = torch.tensor([[[5.0, 7.0]], [[7.0, 7.0]]])  # (2 images, 1, 2)
+    uniq, row_img, index = distinct_rows(t_map, per_image=True)
+    fwd = Forward(PixelCall(torch.zeros(2, 1, 1, 2)), None, torch.zeros(2, 1, 1, 2), t_map, uniq, row_img, index, 1,
+                  [], (0, 0), t_image=torch.tensor([5.0, 3.0]))
+    rows = fwd.image_rows()
+    assert float(fwd.uniq_t[rows[0]]) == 5.0 and int(fwd.row_img[rows[0]]) == 0
+    assert float(fwd.uniq_t[rows[1]]) == 3.0 and int(fwd.row_img[rows[1]]) == 1  # appended
+    assert len(fwd.uniq_t) == len(uniq) + 1
