@@ -210,10 +210,22 @@ def _noise_sampler(name, x, sigmas, seed, batch_index=None):
     return draw
 
 
+def _backend(model_patcher, per_pixel: bool):
+    """The MODEL's per-pixel backend. Vanilla mode needs none — every pixel is on the background's
+    sigma, ComfyUI's own model call is exact — so it runs on any model ComfyUI loads (None)."""
+    from ..backends import UnsupportedModelError, backend_for
+
+    try:
+        return backend_for(model_patcher)
+    except UnsupportedModelError as err:
+        if per_pixel:
+            raise UnsupportedModelError(f"{err} (Mode 'vanilla' runs on any model.)") from err
+        return None
+
+
 def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask):
     import comfy.model_management
 
-    from ..backends import backend_for
     from ..backends.comfy_call import PixelCall, fold, unfold
 
     frames = noise.shape[2] if noise.ndim == 5 else None  # video: frames stacked along the height
@@ -242,7 +254,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         external = external_item_masks(opts.mask, len(ks), batch)
         if external.shape[1] == 1 and len(ks) > 1:
             ks = [max(ks)]  # one painted region: it lags with the strongest strength
-    backend = backend_for(model_wrap.model_patcher)
+    backend = _backend(model_wrap.model_patcher, mode != "vanilla" or opts.capture_all)
     areas = _areas(conds)
     latent = torch.zeros_like(noise) if latent_image is None else latent_image
     seed = extra_args.get("seed")
@@ -255,9 +267,11 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
                          targets.uuids if targets else None, areas)
         if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
             x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
-        out = model_wrap(unfold(x, frames) if frames else x, sigma.flatten(1).amin(dim=1),
-                         model_options=backend.model_options(model_options or {}, call), seed=seed)
-        out = fold(out)
+        options = model_options or {}
+        if backend is not None:
+            options = backend.model_options(options, call)
+        out = fold(model_wrap(unfold(x, frames) if frames else x, sigma.flatten(1).amin(dim=1), model_options=options,
+                              seed=seed))
         if denoise_mask is not None:
             out = out * denoise_mask + latent * (1 - denoise_mask)
         maps = call.item_maps()

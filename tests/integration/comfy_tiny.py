@@ -480,3 +480,33 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     clip = comfy.sd.CLIP(target, model_options=options)
     _randomize_(clip.cond_stage_model, seed)
     return clip
+
+
+# ---------------------------------------------------------------------------------------------
+# A family the per-pixel backends do not cover (vanilla mode runs on it): Lumina 2's NextDiT
+# ---------------------------------------------------------------------------------------------
+LUMINA_CAP = 32  # tiny Gemma stand-in's width
+
+
+def tiny_lumina2(seed=SEED):
+    """A MODEL of a tiny random Lumina 2 (NextDiT, flow with shift 6, multiplier 1) from ComfyUI's own
+    ``supported_models.Lumina2`` config, fp32 on CPU."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    unet = dict(sm.Lumina2.unet_config, patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+                n_heads=2, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                cap_feat_dim=LUMINA_CAP, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64])
+    config = sm.Lumina2(unet)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device="cpu")
+    _randomize_(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def lumina2_conditioning(length=9, seed=SEED + 9):
+    """CONDITIONING as Lumina 2's text encoder gives it: [[hidden states, {attention_mask}]]."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, length, LUMINA_CAP, generator=gen), {"attention_mask": torch.ones(1, length, dtype=torch.long)}]]
