@@ -1,20 +1,23 @@
 """FPDM training cost and warm start, measured side by side in one process.
 
-1. Step time and memory of one training step (forward + hybrid loss + backward + AdamW), FPDM vs a plain
-   DiT of the same width and depth budget (DiT: ``depth`` blocks; FPDM: 1 pre + fixed-point block + 1
-   post, the reference's stochastic iterations: no-grad drawn from [0, 10], with-grad from [1, 12]).
-   Rounds are interleaved (DiT, FPDM, DiT, FPDM, ...) and medians are reported; FPDM's iteration
-   counts follow one seeded sequence, the same every run.
+1. Step time, parameters and memory of one training step (forward + hybrid loss + backward + AdamW),
+   FPDM vs a plain DiT of the same width (DiT: ``depth`` blocks; FPDM: 1 pre + fixed-point block + 1
+   post, the reference's stochastic iterations: no-grad drawn from [0, 10], with-grad from [1, 12]),
+   at two widths (``--widths``), each with and without gradient checkpointing. Rounds are interleaved
+   over all rows; times are medians, FPDM / DiT time ratios medians of the per-round ratios; FPDM's
+   iteration counts follow one seeded sequence, the same every run.
    Memory, CPU (no allocator statistics there): the bytes of the tensors autograd saves for backward
    during the step, counted once per storage through ``torch.autograd.graph.saved_tensors_hooks``
    (the activation memory, which is what differs between the two), plus parameters + gradients +
-   AdamW's two moments = 4 x parameter bytes. CUDA: ``torch.cuda.max_memory_allocated`` of the step.
+   AdamW's two moments = 4 x parameter bytes. With gradient checkpointing the saved bytes leave out the
+   transient of recomputing one block during backward (about one block's activations; the CUDA peak
+   includes it). CUDA: ``torch.cuda.max_memory_allocated`` of the step.
 2. Warm start vs from scratch on a small synthetic task (tiny VAE latents of coloured blobs): a DiT is
    trained first (the stand-in for public DiT weights), then an FPDM is trained for the same number of
    steps from the DiT (``--warm-start``) and from scratch; reported: the loss on a fixed held-out draw
    (same timesteps, noise, labels; EMA-free weights) after equal steps, and the training loss curve.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_fpdm_train.py [--hidden 384 --depth 12 --grid 16 --batch 8]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_fpdm_train.py [--widths 192,384 --depth 12 --grid 16 --batch 8]
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ class SavedBytes:
         return t
 
 
-def make(args, fixed_point):
-    cfg = FPDMConfig(hidden_size=args.hidden, num_heads=args.heads, patch_size=2, num_classes=1000,
+def make(args, width, fixed_point, checkpointing):
+    cfg = FPDMConfig(hidden_size=width, num_heads=max(width // 64, 1), patch_size=2, num_classes=1000,
                      input_size=args.grid, depth=args.depth, fixed_point=fixed_point, pre_depth=1, post_depth=1)
+    torch.manual_seed(0)
     model = initialize_weights(DiT(cfg)).to(args.device).train()
-    model.gradient_checkpointing = args.checkpointing
+    model.gradient_checkpointing = checkpointing
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
@@ -104,42 +108,51 @@ class _null:
 
 
 def bench_step(args):
+    """Every (width, checkpointing, model) in the same interleaved rounds; FPDM / DiT ratios per pair."""
     sched = make_schedule(None)
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(args.batch, 4, args.grid, args.grid, generator=g).to(args.device),
              torch.randint(0, 1000, (args.batch,), generator=g).to(args.device),
              torch.randint(0, 1000, (args.batch,), generator=g).to(args.device),
              torch.randn(args.batch, 4, args.grid, args.grid, generator=g).to(args.device))
-    models = {"DiT": make(args, False), "FPDM": make(args, True)}
+    widths = [int(w) for w in args.widths.split(",")]
+    keys = [(w, ck, name) for w in widths for ck in (True, False) for name in ("DiT", "FPDM")]
+    models = {k: make(args, k[0], k[2] == "FPDM", k[1]) for k in keys}
     draws = torch.Generator().manual_seed(1)
     iters = [draw_iterations(draws, (0, 10), (1, 12)) for _ in range(args.rounds + 1)]
-    times = {k: [] for k in models}
-    mem = {}
+    times, mem = {k: [] for k in keys}, {k: [] for k in keys}
     for r in range(args.rounds + 1):  # round 0: warm-up
-        for name, (model, opt) in models.items():
-            took, saved, peak = step(model, opt, batch, iters[r], sched, measure=True)
+        for k in keys:
+            took, saved, peak = step(*models[k], batch, iters[r], sched, measure=True)
             if r:
-                times[name].append(took)
-                mem.setdefault(name, []).append((saved, peak or 0))
-    print(f"\n1. one training step, batch {args.batch}, {args.grid}x{args.grid} latents, width {args.hidden}, "
-          f"device {args.device}, gradient checkpointing {'on' if args.checkpointing else 'off'}, "
-          f"median of {args.rounds} interleaved rounds")
-    print(f"{'model':<6} {'params':>10} {'step s':>8} {'activations MiB':>16} {'params+grads+Adam MiB':>22} "
-          f"{'total MiB':>10} {'CUDA peak MiB':>14}")
+                times[k].append(took)
+                mem[k].append((saved, peak or 0))
+    mean_iters = sum(a + b for a, b in iters[1:]) / args.rounds
+    print(f"\n1. one training step (forward + hybrid loss + backward + AdamW), batch {args.batch}, {args.grid}x"
+          f"{args.grid} latents, DiT depth {args.depth}, FPDM 1 pre + fixed point + 1 post (mean {mean_iters:.1f} "
+          f"iterations per step), device {args.device}, {torch.get_num_threads()} torch threads, medians of "
+          f"{args.rounds} rounds interleaved over all rows")
+    print("\n| width | grad. ckpt | model | params | step s | activations MiB | params+grads+Adam MiB | total MiB "
+          "| CUDA peak MiB |\n|---:|---|---|---:|---:|---:|---:|---:|---:|")
     rows = {}
-    for name, (model, _) in models.items():
+    for k in keys:
+        model = models[k][0]
         n = sum(p.numel() for p in model.parameters())
         state = 4 * n * 4 / 2**20
-        act = statistics.median(m[0] for m in mem[name]) / 2**20
-        cuda_peak = statistics.median(m[1] for m in mem[name])
-        peak = f"{cuda_peak / 2**20:.1f}" if cuda_peak else "-"
-        rows[name] = (n, statistics.median(times[name]), act, state)
-        print(f"{name:<6} {n:>10,} {rows[name][1]:>8.3f} {act:>16.1f} {state:>22.1f} {act + state:>10.1f} {peak:>14}")
-    (nd, td, ad, sd), (nf, tf, af, sf) = rows["DiT"], rows["FPDM"]
-    mean_iters = sum(a + b for a, b in iters[1:]) / args.rounds
-    print(f"FPDM / DiT: parameters {nf / nd:.2f}x ({100 * (1 - nf / nd):.0f}% fewer), step time {tf / td:.2f}x "
-          f"(mean {mean_iters:.1f} fixed-point iterations per step), activation memory {af / ad:.2f}x, "
-          f"total training memory {(af + sf) / (ad + sd):.2f}x ({100 * (1 - (af + sf) / (ad + sd)):.0f}% less)")
+        act = statistics.median(m[0] for m in mem[k]) / 2**20
+        cuda_peak = statistics.median(m[1] for m in mem[k]) / 2**20
+        rows[k] = (n, statistics.median(times[k]), act, state, cuda_peak)
+        print(f"| {k[0]} | {'on' if k[1] else 'off'} | {k[2]} | {n:,} | {rows[k][1]:.3f} | {act:.1f} | {state:.1f} "
+              f"| {act + state:.1f} | {f'{cuda_peak:.1f}' if cuda_peak else '-'} |")
+    print("\nFPDM / DiT (time: median of the per-round ratios)\n\n| width | grad. ckpt | parameters | step time "
+          "| activation memory | total training memory | CUDA peak |\n|---:|---|---:|---:|---:|---:|---:|")
+    for w in widths:
+        for ck in (True, False):
+            d, f = rows[(w, ck, "DiT")], rows[(w, ck, "FPDM")]
+            ratio_t = statistics.median(a / b for a, b in zip(times[(w, ck, "FPDM")], times[(w, ck, "DiT")]))
+            peak = f"{f[4] / d[4]:.2f}x" if d[4] else "-"
+            print(f"| {w} | {'on' if ck else 'off'} | {f[0] / d[0]:.2f}x | {ratio_t:.2f}x | {f[2] / d[2]:.2f}x "
+                  f"| {(f[2] + f[3]) / (d[2] + d[3]):.2f}x | {peak} |")
 
 
 # ----------------------------------------------------------------------------- 2. warm start vs scratch
@@ -152,6 +165,7 @@ def bench_warm_start(args):
     from asyndm_fpdm.cli import main
     from asyndm_fpdm.fpdm.features import load_features
     from asyndm_fpdm.fpdm.loading import read_checkpoint
+    from asyndm_fpdm.fpdm.config import TrainConfig
     from asyndm_fpdm.fpdm.train import build_model
 
     tmp = tempfile.mkdtemp(prefix="fpdm_warm_")
@@ -191,7 +205,7 @@ def bench_warm_start(args):
         sd, _, _ = read_checkpoint(path)  # "ema" preferred by the loader; this is the raw model
         ckpt = torch.load(path, weights_only=True)
         args_ = json.load(open(os.path.join(os.path.dirname(os.path.dirname(path)), "args.json")))
-        model = build_model(args_)
+        model = build_model(TrainConfig.from_args(args_))
         model.load_state_dict(ckpt["model"])
         model.eval()
         with torch.no_grad():
@@ -213,14 +227,11 @@ def bench_warm_start(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=384, help="width (384 = DiT-S)")
-    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--widths", default="192,384", help="widths to compare (384 = DiT-S); heads = width / 64")
     p.add_argument("--depth", type=int, default=12, help="the DiT's depth (DiT-S: 12)")
     p.add_argument("--grid", type=int, default=16, help="latent size (32 = 256px images)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="gradient checkpointing of the explicit blocks (the reference's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warm-width", type=int, default=64)
     p.add_argument("--dit-steps", type=int, default=400)

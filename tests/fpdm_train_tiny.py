@@ -51,6 +51,7 @@ def launch(launcher, argv, timeout=180):
     """``launcher -m asyndm_fpdm *argv`` as a user types it (e.g. ``["torchrun", "--nproc_per_node", "2"]``),
     with ``asyndm_fpdm`` resolving to this checkout and one thread per process. -> (stdout, stderr).
     Retries once on the rare gloo teardown abort (see torchrun.py)."""
+    import shutil
     import subprocess
     import sys
     import tempfile
@@ -63,9 +64,12 @@ def launch(launcher, argv, timeout=180):
                PYTHONPATH=os.pathsep.join([pkg, os.environ.get("PYTHONPATH", "")]))
     tool = os.path.join(os.path.dirname(sys.executable), launcher[0])
     cmd = [tool if os.path.exists(tool) else launcher[0], *launcher[1:], "-m", "asyndm_fpdm", *map(str, argv)]
-    for _ in range(2):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr:
-            break
+    try:
+        for _ in range(2):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr:
+                break
+    finally:
+        shutil.rmtree(pkg)  # the link only, never what it points to
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout, proc.stderr
