@@ -1,5 +1,5 @@
-"""Asynchronous KSampler (AsynDM, dynamic mask) against ComfyUI's own KSampler on a Flux-shaped and
-an SD3-shaped transformer (issue 11): same model, sampler (euler), scheduler (simple), steps, latent
+"""Asynchronous KSampler (AsynDM, dynamic mask) against ComfyUI's own KSampler on Flux-, SD3- and
+Chroma-shaped transformers (issues 11, 16): same model, sampler (euler), scheduler (simple), steps, latent
 and conditioning, one process; every run warmed, then timed in interleaved rounds
 (benchmarks/interleaved.py); prints per-step medians side by side and the median of the rounds'
 ratios (target: AsynDM dynamic ≤ 1.05× core). Threads: torch's default, as ComfyUI runs.
@@ -10,7 +10,8 @@ so it applies to both sides alike; ``--denormals both`` (default) reports the ta
 with it.
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_transformers.py \
-        [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4]
+        [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4] \\
+        [--families flux,sd3,chroma,wan,qwen_image]
 
 Models: ComfyUI's own Flux (dev: guidance embedding) and SD3 MMDiT classes and configs with random
 weights — Flux with Flux dev's block structure (19 double and 38 single blocks, of which the masks
@@ -47,6 +48,20 @@ def build(family, hidden, depth):
         head = hidden // 4  # RoPE axes like Flux's (16, 56, 56) of 128: even splits of the head
         unet["axes_dim"] = [head - 2 * (head * 3 // 8 // 2 * 2), head * 3 // 8 // 2 * 2, head * 3 // 8 // 2 * 2]
         config = sm.Flux(unet)
+    elif family == "chroma":  # Flux's layout; the approximator at the hidden width, 5 layers as Chroma's
+        unet = dict(sm.Chroma.unet_config, in_channels=64, out_channels=64, context_in_dim=512, hidden_size=hidden,
+                    mlp_ratio=4.0, num_heads=4, depth=depth, depth_single_blocks=2 * depth, theta=10000,
+                    patch_size=2, qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=hidden, n_layers=5)
+        head = hidden // 4
+        unet["axes_dim"] = [head - 2 * (head * 3 // 8 // 2 * 2), head * 3 // 8 // 2 * 2, head * 3 // 8 // 2 * 2]
+        config = sm.Chroma(unet)
+    elif family == "wan":  # Wan 2.1 t2v layout, 4 heads; one frame (text-to-image)
+        config = sm.WAN21_T2V(dict(sm.WAN21_T2V.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=hidden,
+                                   ffn_dim=4 * hidden, freq_dim=256, text_dim=512, num_heads=4, num_layers=depth))
+    elif family == "qwen_image":  # head 64 = RoPE axes 16 + 24 + 24
+        config = sm.QwenImage(dict(sm.QwenImage.unet_config, patch_size=2, in_channels=64, out_channels=16,
+                                   num_layers=depth, attention_head_dim=64, num_attention_heads=hidden // 64,
+                                   joint_attention_dim=512, axes_dims_rope=(16, 24, 24)))
     else:
         unet = dict(sm.SD3.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=64 * 64,
                     pos_embed_max_size=64, adm_in_channels=2048,
@@ -66,6 +81,9 @@ def main():
     ap.add_argument("--flux-depth", type=int, default=19,
                     help="Flux double blocks (2× as many single blocks): 19 is Flux dev's 19 + 38")
     ap.add_argument("--sd3-depth", type=int, default=4, help="SD3 joint blocks (MMDiT's hidden is 64·blocks)")
+    ap.add_argument("--families", default="flux,sd3,chroma,wan,qwen_image",
+                    help="comma-separated: flux, sd3, chroma, wan, qwen_image (Flux's depth: double blocks, "
+                         "or all blocks for Wan / Qwen-Image)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--denormals", choices=("keep", "flush", "both"), default="both",
                     help="float32 denormals kept, flushed (process-wide: both sides), or a table for each")
@@ -86,15 +104,18 @@ def main():
     lat = args.size // 8
     settings = {"keep": [False], "flush": [True], "both": [False, True]}[args.denormals]
     rows = []
-    for family, cfg in (("flux", 1.0), ("sd3", 4.5)):
-        model = build(family, args.hidden, args.flux_depth if family == "flux" else args.sd3_depth)
+    cfgs = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0}
+    for family in args.families.split(","):
+        cfg = cfgs[family]
+        model = build(family, args.hidden, args.sd3_depth if family == "sd3" else args.flux_depth)
         pooled = 768 if family == "flux" else 2048
-        extra = {"pooled_output": torch.randn(1, pooled, generator=gen)}
+        extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if family in ("flux", "sd3") else None}
         if family == "flux":
             extra["guidance"] = 3.5
         pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
         neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
-        latent = {"samples": torch.zeros(1, 16, lat, lat)}
+        latent = {"samples": torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else
+                  torch.zeros(1, 16, lat, lat)}
 
         def core():
             return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg, latent)
@@ -123,7 +144,10 @@ def main():
     print(f"  {'model':40s} {'denormals':>9s} {'ComfyUI':>10s} {'AsynDM dynamic':>15s} {'ratio':>6s} "
           f"{'no attention read':>18s} {'rounds':>11s}")
     names = {"flux": f"Flux-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 1)",
-             "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)"}
+             "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)",
+             "chroma": f"Chroma-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 4)",
+             "wan": f"Wan-shaped ({args.flux_depth} blocks, h{args.hidden}, 1 frame, cfg 6)",
+             "qwen_image": f"Qwen-Image-shaped ({args.flux_depth} blocks, h{args.hidden}, cfg 4)"}
     for family, flush, c, a, r, r_tokens, rounds in rows:
         print(f"  {names[family]:40s} {'flushed' if flush else 'kept':>9s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms "
               f"{r:6.3f} {r_tokens:18.3f} {rounds:>11s}")

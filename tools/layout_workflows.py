@@ -32,7 +32,8 @@ PREFERRED = {
     "VAEDecode": (210, 46), "SaveImage": (300, 300), "PreviewImage": (300, 280), "AsynDMCurvePreview": (315, 106),
     "AsynDMMaskStepsPreview": (315, 102), "SolidMask": (315, 106), "MaskComposite": (315, 126),
     "MaskToImage": (210, 26), "AsynDMSampler": (315, 226), "BasicScheduler": (315, 106), "CFGGuider": (315, 98),
-    "RandomNoise": (315, 82), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130), "TripleCLIPLoader": (315, 106),
+    "RandomNoise": (315, 82), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130), "CLIPLoader": (315, 106), "EmptyHunyuanLatentVideo": (315, 130),
+    "SaveAnimatedWEBP": (315, 360), "TripleCLIPLoader": (315, 106),
     "FluxGuidance": (315, 58), "EmptySD3LatentImage": (315, 106), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
     "FPDMClassConditioning": (360, 126), "FPDMSampler": (320, 238), "KSampler": (320, 262), "VAELoader": (320, 58),
 }
@@ -108,6 +109,21 @@ SPECS = {
             ("Inputs: Flux dev (UNET, T5 + CLIP-L, VAE), prompt with targets, size", BLUE, FIRST_X, 0,
              [[1, 2, 3], [4, 5, 6, 7]]),
             ("AsynDM on Flux (per-token timesteps)", GREEN, FIRST_X, "below", [[8], [9], [10]]),
+        ]},
+    "asyndm_chroma.json": {
+        "note_height": 380, "titles": {},
+        "groups": [
+            ("Inputs: Chroma (UNET, T5, VAE), prompt with targets, negative, size", BLUE, FIRST_X, 0,
+             [[1, 2, 3], [4, 6, 7]]),
+            ("AsynDM on Chroma (per-token timesteps)", GREEN, FIRST_X, "below", [[8], [9], [10]]),
+        ]},
+    "asyndm_wan_t2v.json": {
+        "note_height": 560, "titles": {},
+        "groups": [
+            ("Inputs: Wan (UNET, UMT5, VAE), prompt with targets, negative, video size", BLUE, FIRST_X, 0,
+             [[1, 2, 3], [4, 5, 6]]),
+            ("AsynDM on Wan (per-token timesteps over frames)", GREEN, FIRST_X, "below", [[7], [8], [9]]),
+            ("What the AsynDM run did (frames stacked top to bottom)", PURPLE, FIRST_X, "below", [[10], [11], [12]]),
         ]},
     "asyndm_sd35.json": {
         "note_height": 380, "titles": {},

@@ -1,34 +1,26 @@
-"""One selection point for the ComfyUI backends (DESIGN.md, "One backend interface").
+"""One selection point for the ComfyUI backends (DESIGN.md, "Backend protocol").
 
-``backend_for(model_patcher)`` → the backend of the MODEL's family: ComfyUNetBackend (SD1.x,
-SD2.x, SDXL), ComfyFluxBackend (Flux dev/schnell and fine-tunes), ComfyMMDiTBackend (SD3/SD3.5);
-anything else (video models, other DiTs) gets an UnsupportedModelError naming what is supported.
-ComfyUI is imported only when a backend is built.
+``backend_for(model_patcher)`` → the registered family backend (protocol.py) that accepts the
+MODEL's diffusion model; anything else gets an UnsupportedModelError naming what is supported
+(``protocol.supported()``, the one message). ComfyUI is imported only when a backend is built.
 """
 
 from .pixel_math import UnsupportedModelError
 
-SUPPORTED = "Stable Diffusion UNets (SD1.x, SD2.x, SDXL), Flux (dev, schnell and fine-tunes) and SD3/SD3.5 (MMDiT)"
+FAMILY_MODULES = ("comfy_unet", "comfy_flux", "comfy_mmdit", "comfy_chroma", "comfy_wan", "comfy_qwen_image")
 
 
 def backend_for(model_patcher, **kwargs):
+    import importlib
+
+    from .protocol import FAMILIES, supported
+
+    for name in FAMILY_MODULES:
+        importlib.import_module(f"{__name__}.{name}")  # registers its families
     dm = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
-    from comfy.ldm.flux.model import Flux
-    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    if type(dm) is Flux:
-        from .comfy_flux import ComfyFluxBackend
-
-        return ComfyFluxBackend(model_patcher, **kwargs)
-    if type(dm) is OpenAISignatureMMDITWrapper:
-        from .comfy_mmdit import ComfyMMDiTBackend
-
-        return ComfyMMDiTBackend(model_patcher, **kwargs)
-    if isinstance(dm, UNetModel):
-        from .comfy_unet import ComfyUNetBackend
-
-        return ComfyUNetBackend(model_patcher, **kwargs)
+    for family in FAMILIES:
+        if family.accepts(dm):
+            return family(model_patcher, **kwargs)
     raise UnsupportedModelError(
-        f"AsynDM supports {SUPPORTED}; this MODEL is {type(dm).__name__} "
+        f"AsynDM supports {supported()}; this MODEL is {type(dm).__name__} "
         f"({type(getattr(model_patcher, 'model', None)).__name__}). Load one of those models.")

@@ -20,99 +20,107 @@ only one a DiT has. Conditional rows only, captured steps only: the ``dit`` repl
 only in calls that capture, and reads the block's own q/k through hooks on its QK norms.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from .comfy_dit import DiTBackend, middle_blocks, per_token, record_maps, unsupported
-from .comfy_unet import FORWARD_KEY
+from .comfy_call import FORWARD_KEY
+from .comfy_dit import middle_blocks, per_token, record_maps
+from .protocol import PixelBackend, chain, register, unsupported
 
 
-class ComfyFluxBackend(DiTBackend):
+@dataclass
+class _Streams:  # the image and text token streams of one forward, as the model embedded them
+    img: Optional[torch.Tensor] = None
+    txt: Optional[torch.Tensor] = None
+
+
+class FluxLike(PixelBackend):
+    """Flux's stream layout and capture, shared by the Flux-derived families."""
+
+    TEXT = "t5xxl"
+
     def __init__(self, model_patcher, capture_blocks=None):
         super().__init__(model_patcher)
+        self.cell = self.dm.patch_size
         self.capture_blocks = list(capture_blocks) if capture_blocks is not None else middle_blocks(
             len(self.dm.double_blocks))
 
-    def check_supported(self, model_patcher):
-        import comfy.model_sampling as ms
+    def validate(self, model_patcher, dm):
+        if not len(dm.double_blocks) or not hasattr(dm, "final_layer"):
+            raise unsupported(f"this {self.FAMILY} MODEL has no double-stream blocks or final layer")
+
+    def patch_replace(self, call, replace):
+        if call.capture:
+            dit = replace.setdefault("dit", {})
+            for i in self.capture_blocks:
+                dit[("double_block", i)] = chain(_capture(self.dm, i), dit.get(("double_block", i)))
+
+
+@register
+class ComfyFluxBackend(FluxLike):
+    FAMILY = "Flux (dev, schnell and fine-tunes)"
+
+    @classmethod
+    def accepts(cls, dm):
         from comfy.ldm.flux.model import Flux
 
-        dm = getattr(model_patcher.model, "diffusion_model", None)
-        if type(dm) is not Flux:
-            raise unsupported(f"this MODEL is {type(dm).__name__}, not Flux")
-        if not isinstance(model_patcher.get_model_object("model_sampling"), ms.CONST):
-            raise unsupported("this Flux MODEL's sampling is not flow matching (remove model-sampling patches)")
-        if not len(dm.double_blocks) or not hasattr(dm, "final_layer"):
-            raise unsupported("this Flux MODEL has no double-stream blocks or final layer")
-        return dm
+        return type(dm) is Flux
 
-    def patch_size(self, dm):
-        return dm.patch_size
-
-    def hooks(self, dm, fwd):
+    def hooks(self, dm, fwd, transformer_options):
         from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 
-        cache = fwd.cache
+        streams = _Streams()
+
+        def time_rows(module, args, output):
+            fwd.time = module.forward(timestep_embedding(fwd.uniq_t.to(output.device), 256).to(output.dtype))
+
+        def per_image(module, args, output):  # guidance, then pooled text: the stock sum's order
+            fwd.per_image.append(output)
 
         def keep(name):
             def hook(module, args, output):
-                cache[name] = output
+                setattr(streams, name, output)
             return hook
 
-        def time_rows(module, args, output):
-            t = cache["uniq_t"].to(output.device)
-            cache["time"] = module.forward(timestep_embedding(t, 256).to(output.dtype))
-
-        def rows():
-            r = cache.get("rows")
-            if r is None:  # the order of the stock sum: time, + guidance, + pooled text
-                img = cache["row_img"].to(cache["time"].device)
-                r = cache["time"]
-                if "guidance" in cache:
-                    r = r + cache["guidance"][img]
-                r = cache["rows"] = r + cache["vector"][img]
-            return r
-
         def extra_tokens():  # Kontext: reference-image tokens after the image's own (background)
-            return cache["img"].shape[1] - cache["tokens"].shape[1]
+            return streams.img.shape[1] - fwd.tokens.shape[1]
 
         def double(module, args, output):
             stock = torch.cat([output[0].shift, output[0].scale, output[0].gate,
                                output[1].shift, output[1].scale, output[1].gate], dim=-1)
-            c = per_token(fwd, module.lin(torch.nn.functional.silu(rows())), stock, after=extra_tokens(), parts=6)
+            c = per_token(fwd, module.lin(torch.nn.functional.silu(fwd.rows())), stock, after=extra_tokens(), parts=6)
             return ModulationOut(*c[:3]), ModulationOut(*c[3:])
 
         def single(module, args, output):
             stock = torch.cat([output[0].shift, output[0].scale, output[0].gate], dim=-1)
-            c = per_token(fwd, module.lin(torch.nn.functional.silu(rows())), stock,
-                          before=cache["txt"].shape[1], after=extra_tokens(), parts=3)
+            c = per_token(fwd, module.lin(torch.nn.functional.silu(fwd.rows())), stock,
+                          before=streams.txt.shape[1], after=extra_tokens(), parts=3)
             return ModulationOut(*c), None
 
         def final(module, args, output):
-            return per_token(fwd, module.forward(rows()), output, after=extra_tokens())
+            return per_token(fwd, module.forward(fwd.rows()), output, after=extra_tokens())
 
-        handles = [dm.time_in.register_forward_hook(time_rows), dm.vector_in.register_forward_hook(keep("vector")),
-                   dm.img_in.register_forward_hook(keep("img")), dm.txt_in.register_forward_hook(keep("txt"))]
+        handles = [dm.time_in.register_forward_hook(time_rows), dm.img_in.register_forward_hook(keep("img")),
+                   dm.txt_in.register_forward_hook(keep("txt"))]
         if dm.params.guidance_embed:  # called only when the conditioning has a guidance value
-            handles.append(dm.guidance_in.register_forward_hook(keep("guidance")))
+            handles.append(dm.guidance_in.register_forward_hook(per_image))
+        handles.append(dm.vector_in.register_forward_hook(per_image))
         handles += [b.img_mod.register_forward_hook(double) for b in dm.double_blocks]
         handles += [b.modulation.register_forward_hook(single) for b in dm.single_blocks]
         handles.append(dm.final_layer.adaLN_modulation.register_forward_hook(final))
         return handles
 
-    def block_patches(self, call):
-        if not call.capture:
-            return {}
-        return {("double_block", i): _capture(i) for i in self.capture_blocks}
 
-
-def _capture(index):
+def _capture(dm, index):
     def patch(args, original_block):
         fwd = (args.get("transformer_options") or {}).get(FORWARD_KEY)
         if fwd is None or not fwd.capture_rows:
             return original_block(args)
         from comfy.ldm.flux.math import apply_rope1
 
-        block = fwd.cache["dm"].double_blocks[index]
+        block = dm.double_blocks[index]
         seen = {}
 
         def grab(name):

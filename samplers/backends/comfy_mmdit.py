@@ -17,45 +17,43 @@ and CLIP-G place every word identically, so one set of positions (tokens.py) rea
 
 import torch
 
-from .comfy_dit import DiTBackend, middle_blocks, per_token, record_maps, unsupported
-from .comfy_unet import FORWARD_KEY
+from .comfy_call import FORWARD_KEY
+from .comfy_dit import middle_blocks, per_token, record_maps
+from .protocol import PixelBackend, chain, register, unsupported
 
 
-class ComfyMMDiTBackend(DiTBackend):
+@register
+class ComfyMMDiTBackend(PixelBackend):
+    FAMILY = "SD3/SD3.5 (MMDiT)"
+    TEXT = "l / g (CLIP part of the joint context)"
+
     def __init__(self, model_patcher, capture_blocks=None):
         super().__init__(model_patcher)
+        self.cell = self.dm.x_embedder.patch_size[0]
         # the last block's context stream is pre-only: it still attends, but keep to full blocks
         self.capture_blocks = set(capture_blocks if capture_blocks is not None else middle_blocks(
             max(len(self.dm.joint_blocks) - 1, 1)))
 
-    def check_supported(self, model_patcher):
-        import comfy.model_sampling as ms
+    @classmethod
+    def accepts(cls, dm):
         from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
 
-        dm = getattr(model_patcher.model, "diffusion_model", None)
-        if type(dm) is not OpenAISignatureMMDITWrapper:
-            raise unsupported(f"this MODEL is {type(dm).__name__}, not SD3's MMDiT")
-        if not isinstance(model_patcher.get_model_object("model_sampling"), ms.CONST):
-            raise unsupported("this SD3 MODEL's sampling is not flow matching (remove model-sampling patches)")
+        return type(dm) is OpenAISignatureMMDITWrapper
+
+    def validate(self, model_patcher, dm):
         if dm.context_processor is not None or not hasattr(dm, "final_layer"):
             raise unsupported("this MMDiT variant (context processor / no final layer) is not covered")
-        return dm
 
-    def patch_size(self, dm):
-        return dm.x_embedder.patch_size[0]
-
-    def hooks(self, dm, fwd):
-        cache = fwd.cache
-
+    def hooks(self, dm, fwd, transformer_options):
         def time_rows(module, args, output):
-            cache["time"] = module.forward(cache["uniq_t"].to(output.device), dtype=output.dtype)
+            fwd.time = module.forward(fwd.uniq_t.to(output.device), dtype=output.dtype)
 
         def keep_y(module, args, output):
-            cache["y"] = output
+            fwd.per_image.append(output)
 
         def final(module, args, output):
             x = args[0]
-            shift, scale = per_token(fwd, module.adaLN_modulation.forward(rows(fwd)), x).chunk(2, dim=-1)
+            shift, scale = per_token(fwd, module.adaLN_modulation.forward(fwd.rows()), x).chunk(2, dim=-1)
             return module.linear(torch.addcmul(shift, module.norm_final(x), 1 + scale))
 
         handles = [dm.t_embedder.register_forward_hook(time_rows), dm.final_layer.register_forward_hook(final)]
@@ -63,27 +61,18 @@ class ComfyMMDiTBackend(DiTBackend):
             handles.append(dm.y_embedder.register_forward_hook(keep_y))
         return handles
 
-    def block_patches(self, call):
-        return {("double_block", i): _joint_block(i, i in self.capture_blocks and call.capture)
-                for i in range(len(self.dm.joint_blocks))}
-
-
-def rows(fwd):
-    cache = fwd.cache
-    r = cache.get("rows")
-    if r is None:  # the stock sum: c = t_embedder(t) + y_embedder(y)
-        r = cache["time"]
-        if "y" in cache:
-            r = r + cache["y"][cache["row_img"].to(r.device)]
-        cache["rows"] = r
-    return r
+    def patch_replace(self, call, replace):
+        dit = replace.setdefault("dit", {})
+        for i in range(len(self.dm.joint_blocks)):
+            fn = _joint_block(self.dm, i, i in self.capture_blocks and call.capture)
+            dit[("double_block", i)] = chain(fn, dit.get(("double_block", i)))
 
 
 def _mod(x, shift, scale):
     return x * (1 + scale) if shift is None else torch.addcmul(shift, x, 1 + scale)
 
 
-def _joint_block(index, capture):
+def _joint_block(dm, index, capture):
     def patch(args, original_block):
         to = args.get("transformer_options") or {}
         fwd = to.get(FORWARD_KEY)
@@ -91,11 +80,11 @@ def _joint_block(index, capture):
             return original_block(args)
         from comfy.ldm.modules.attention import optimized_attention
 
-        block = fwd.cache["dm"].joint_blocks[index]
+        block = dm.joint_blocks[index]
         cb, xb = block.context_block, block.x_block
         context, x, c = args["txt"], args["img"], args["vec"]
         context_qkv, context_inter = cb.pre_attention(context, c)  # the context on the background
-        mods = per_token(fwd, xb.adaLN_modulation.forward(rows(fwd)), x[:, :1])
+        mods = per_token(fwd, xb.adaLN_modulation.forward(fwd.rows()), x[:, :1])
         if xb.x_block_self_attn:
             (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
              shift_msa2, scale_msa2, gate_msa2) = mods.chunk(9, dim=-1)
@@ -120,7 +109,7 @@ def _joint_block(index, capture):
                 return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
             record_maps(fwd, split(x_qkv[0]), split(context_qkv[1]), split(x_qkv[1]),
-                        context_len_offset=getattr(fwd.cache["dm"], "register_length", 0))
+                        context_len_offset=getattr(dm, "register_length", 0))
         context = None if cb.pre_only else cb.post_attention(context_attn, *context_inter)
         if xb.x_block_self_attn:
             attn2 = optimized_attention(x_qkv2[0], x_qkv2[1], x_qkv2[2], heads=xb.attn2.num_heads,

@@ -76,7 +76,7 @@ class ComfySchedule:
     def __init__(self, model_sampling):
         import comfy.model_sampling as ms
 
-        from ..backends.comfy_unet import pixelwise
+        from ..backends.comfy_call import pixelwise
 
         self.ms, self._pixelwise = model_sampling, pixelwise
         self.flow = isinstance(model_sampling, ms.CONST)
@@ -150,17 +150,16 @@ def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler
     return full(int(steps / denoise))[-(steps + 1):]
 
 
-def _areas(conds: dict, size):
-    """(h, w, y, x) of every area condition, clamped as ComfyUI's get_area_and_mult does."""
-    out = set()
+def _areas(conds: dict) -> dict:
+    """cond uuid → (y, x) of its area crop (latent units), for the backends to place each batch chunk."""
+    out = {}
     for entries in (conds or {}).values():
         for c in entries or []:
             a = c.get("area") if isinstance(c, dict) else None
-            if a is None or isinstance(a[0], str) or len(a) != 4:
+            if a is None or isinstance(a[0], str) or len(a) != 4 or "uuid" not in c:
                 continue
-            h, w, y, x = (int(v) for v in a)
-            out.add((min(size[0] - y, h), min(size[1] - x, w), y, x))
-    return sorted(out)
+            out[c["uuid"]] = (int(a[2]), int(a[3]))
+    return out
 
 
 def _sampler_class():
@@ -227,7 +226,10 @@ def _backend(model_patcher, per_pixel: bool):
 def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask):
     import comfy.model_management
 
-    from ..backends.comfy_unet import PixelCall
+    from ..backends.comfy_call import PixelCall, fold, unfold
+
+    frames = noise.shape[2] if noise.ndim == 5 else None  # video: frames stacked along the height
+    noise, latent_image, denoise_mask = fold(noise), fold(latent_image), fold(denoise_mask)
 
     opts = sampler.options
     ms = model_wrap.inner_model.model_sampling
@@ -253,7 +255,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         if external.shape[1] == 1 and len(ks) > 1:
             ks = [max(ks)]  # one painted region: it lags with the strongest strength
     backend = _backend(model_wrap.model_patcher, mode != "vanilla" or opts.capture_all)
-    areas = _areas(conds, size)
+    areas = _areas(conds)
     latent = torch.zeros_like(noise) if latent_image is None else latent_image
     seed = extra_args.get("seed")
     extra_args = dict(extra_args, denoise_mask=denoise_mask)  # as KSAMPLER passes it to its model
@@ -262,13 +264,14 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
 
     def model_fn(x, sigma, capture, model_options=None, seed=None, denoise_mask=None, **_):
         call = PixelCall(sigma, capture, targets.positions if targets else (), targets.context_len if targets else 77,
-                         targets.uuids if targets else None, x, areas)
+                         targets.uuids if targets else None, areas)
         if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
             x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
         options = model_options or {}
         if backend is not None:
             options = backend.model_options(options, call)
-        out = model_wrap(x, sigma.flatten(1).amin(dim=1), model_options=options, seed=seed)
+        out = fold(model_wrap(unfold(x, frames) if frames else x, sigma.flatten(1).amin(dim=1), model_options=options,
+                              seed=seed))
         if denoise_mask is not None:
             out = out * denoise_mask + latent * (1 - denoise_mask)
         maps = call.item_maps()
@@ -282,7 +285,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     def step_callback(d):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if callback is not None:
-            callback(d["i"], d["denoised"], d["x"], total)
+            shown = [unfold(d[k], frames) if frames else d[k] for k in ("denoised", "x")]
+            callback(d["i"], *shown, total)
 
     def run(plan):
         x = initial_latent(plan, noise, latent, schedule.noise_scaling)
@@ -304,7 +308,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         timestep_maps=[t.cpu() for t in plan.timestep_maps],
         masks=[m.cpu() if m is not None else None for m in plan.mask_history],
         item_maps=[m.cpu() if m is not None else None for m in plan.item_maps])
-    return ms.inverse_noise_scaling(sigmas[-1], samples)
+    samples = ms.inverse_noise_scaling(sigmas[-1], samples)
+    return unfold(samples, frames) if frames else samples
 
 
 def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,

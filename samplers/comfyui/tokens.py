@@ -58,6 +58,30 @@ def _word_ids(clip, key, sub, word) -> List[int]:
     return ids
 
 
+def _bpe_word_ids(sub, word) -> List[List[int]]:
+    """A byte-level BPE tokenizer (Qwen2.5, Llama, Gemma) spells a word after a space differently
+    from the same word alone ("Ġrabbit"), and a chat-template tokenizer wraps a lone word in its
+    template: the word's ids with a leading space, straight from the underlying tokenizer."""
+    hf = getattr(sub, "tokenizer", None)
+    if hf is None or not callable(hf):
+        return []
+    try:
+        ids = hf(" " + word, add_special_tokens=False)["input_ids"]
+    except (TypeError, KeyError):
+        return []
+    return [list(ids)] if ids else []
+
+
+def _locate(prompt_ids, candidates, shown, word, occurrence):
+    """The first spelling of the word that is in the prompt."""
+    for wids in candidates[1:]:
+        try:
+            return locate_word(prompt_ids, wids, shown, word=word, occurrence=occurrence)
+        except UnknownWordError:
+            continue
+    return locate_word(prompt_ids, candidates[0], shown, word=word, occurrence=occurrence)
+
+
 def _token_names(sub, ids):
     inv = getattr(sub, "inv_vocab", None) or {}
     names = []
@@ -65,7 +89,7 @@ def _token_names(sub, ids):
         name = inv.get(i, str(i))
         if name in ("<|startoftext|>", "<|endoftext|>", "</s>", "<pad>"):
             continue
-        names.append(name.replace("</w>", "").replace("\u2581", ""))
+        names.append(name.replace("</w>", "").replace("\u2581", "").replace("\u0120", "").replace("\u010a", ""))
     return names
 
 
@@ -94,7 +118,22 @@ def locate_targets(clip, prompt: str, targets_text: str) -> dict:
         wids = _word_ids(clip, key, sub, word)
         if not wids:
             raise UnknownWordError(f"the target {raw!r} has no tokens; name a word of the prompt")
-        positions.append(locate_word(prompt_ids, wids, shown, word=word, occurrence=occurrence))
+        positions.append(_locate(prompt_ids, [wids] + _bpe_word_ids(sub, word), shown, word, occurrence))
         words.append(raw)
         ks.append(k)
     return {"words": words, "ks": ks, "positions": positions, "context_len": len(prompt_ids)}
+
+
+def fit_to_context(info: dict, context_len: int) -> dict:
+    """The targets dict on the context the model receives. An encoder may drop a prefix of the
+    tokens (Qwen-Image's drops its chat template before the prompt): the context is then the
+    tokens' last ``context_len``, and every position moves back by the dropped count. A longer
+    context (SD3's [CLIP | T5]) keeps the positions."""
+    drop = int(info["context_len"]) - int(context_len)
+    if drop <= 0:
+        return dict(info, context_len=int(context_len))
+    positions = [[p - drop for p in ps] for ps in info["positions"]]
+    if any(p < 0 for ps in positions for p in ps):
+        raise UnknownWordError("a target word lies in the part of the prompt the text encoder drops (its "
+                               "template); name words of your own prompt")
+    return dict(info, positions=positions, context_len=int(context_len))

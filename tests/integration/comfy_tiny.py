@@ -152,7 +152,19 @@ def _cached(kind, family):
         return tiny_dit(family) if dit else tiny_model(family)
     if kind == "clip":
         return tiny_dit_clip(family) if dit else tiny_clip(family)
+    if family == "wan":
+        return wan_vae()
     return tiny_vae(channels=16) if dit else tiny_vae()
+
+
+def wan_vae(seed=SEED + 4):
+    """ComfyUI's Wan 2.1 video VAE with random weights (its size is fixed by ComfyUI's detection)."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+    net = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True])
+    _randomize_(net, seed)
+    return comfy.sd.VAE(sd={k: v.clone() for k, v in net.state_dict().items()})
 
 
 def tiny_checkpoint(family="sd15", cached=True):
@@ -165,6 +177,10 @@ def tiny_checkpoint(family="sd15", cached=True):
 
 def family_for_filename(name: str, default="sd15") -> str:
     low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
+    if "chroma" in low:
+        return "chroma"
+    if low.startswith("wan") or "umt5" in low:
+        return "wan"
     if "flux" in low or low in ("ae.safetensors", "ae.sft"):
         return "flux_schnell" if "schnell" in low else "flux"
     if "sd3" in low:
@@ -296,8 +312,8 @@ def stand_ins(family=None):
         reg.loads.append(("unet", unet_name, fam))
         return (_cached("model", fam).clone(),)
 
-    def load_clip(self, clip_name, *args, **kwargs):
-        fam = reg.family_for(clip_name)
+    def load_clip(self, clip_name, type="stable_diffusion", *args, **kwargs):
+        fam = type if type in ("chroma", "wan") and not reg.family else reg.family_for(clip_name)
         reg.loads.append(("clip", clip_name, fam))
         return (_cached("clip", fam).clone(),)
 
@@ -341,7 +357,7 @@ def stand_ins(family=None):
 # ---------------------------------------------------------------------------------------------
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
-DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35")
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35", "chroma", "wan", "qwen_image")
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -356,6 +372,21 @@ def _dit_config(family, depth=2, hidden=64):
                     context_in_dim=FLUX_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=2, depth=depth,
                     depth_single_blocks=depth, axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2],
                     theta=10000, patch_size=2, qkv_bias=True)
+    elif family == "chroma":  # img_in takes the patched channels (16·2·2); a 2-layer approximator
+        cls = sm.Chroma
+        unet = dict(cls.unet_config, in_channels=64, out_channels=64, context_in_dim=FLUX_CONTEXT, hidden_size=hidden,
+                    mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=depth,
+                    axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2], theta=10000, patch_size=2,
+                    qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=2)
+    elif family == "wan":  # Wan 2.1 / 2.2 A14B t2v layout; head dim 32 for Wan's 3-axis RoPE
+        cls = sm.WAN21_T2V
+        unet = dict(cls.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=hidden, ffn_dim=2 * hidden,
+                    freq_dim=32, text_dim=FLUX_CONTEXT, num_heads=2, num_layers=depth + 1)
+    elif family == "qwen_image":  # head dim 32 = RoPE axes 8 + 12 + 12
+        cls = sm.QwenImage
+        unet = dict(cls.unet_config, patch_size=2, in_channels=64, out_channels=16, num_layers=depth + 1,
+                    attention_head_dim=32, num_attention_heads=hidden // 32, joint_attention_dim=FLUX_CONTEXT,
+                    axes_dims_rope=(8, 12, 12))
     elif family in ("sd3", "sd35"):
         cls = sm.SD3
         size = 32  # the position-embedding grid: latents up to 64×64
@@ -391,11 +422,35 @@ def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
 def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     """Random CONDITIONING for a tiny DiT, as its text encoders would give it: [[context, {pooled}]]."""
     gen = torch.Generator().manual_seed(seed)
-    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") else (SD3_CONTEXT, SD3_ADM)
-    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen)}
+    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") or family == "chroma" else (SD3_CONTEXT,
+                                                                                                     SD3_ADM)
+    if family in ("wan", "qwen_image"):
+        width = FLUX_CONTEXT
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in ("chroma", "wan", "qwen_image")
+             else None}
     if family == "flux":
         extra["guidance"] = 3.5
     return [[torch.randn(batch, length, width, generator=gen), extra]]
+
+
+UMT5_STANDIN_VOCAB = 64
+STANDIN_CORPUS = ("a rabbit playing basketball beside a rabbit", "a green field under a blue sky",
+                  "a cat and a dog on a red sofa", "a photo of a tree by the river")
+
+
+@functools.lru_cache(maxsize=None)
+def umt5_standin_spiece() -> bytes:
+    """A tiny sentencepiece model with UMT5's special ids (pad 0, eos 1, unk 2), trained in memory
+    on a few sentences: Wan's real tokenizer lives inside its text-encoder file (no download)."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(STANDIN_CORPUS * 4), model_writer=out,
+                                   vocab_size=UMT5_STANDIN_VOCAB, hard_vocab_limit=False, model_type="word",
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return out.getvalue()
 
 
 def tiny_dit_clip(family="flux", seed=SEED + 1):
@@ -407,6 +462,16 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     from comfy.text_encoders import flux, sd3_clip
     if family.startswith("flux"):
         target = smb.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
+    elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
+        from comfy.text_encoders import pixart_t5
+        target = smb.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
+    elif family == "wan":  # UMT5 with a stand-in sentencepiece model (the real one ships inside the TE file)
+        from comfy.text_encoders import wan
+        target = smb.ClipTarget(wan.WanT5Tokenizer, wan.te())
+        options = {"umt5xxl_model_config": dict(TINY_T5_CONFIG, vocab_size=UMT5_STANDIN_VOCAB), "dtype": torch.float32}
+        clip = comfy.sd.CLIP(target, model_options=options, tokenizer_data={"spiece_model": umt5_standin_spiece()})
+        _randomize_(clip.cond_stage_model, seed)
+        return clip
     else:
         target = smb.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
     options = {k: dict(v) for k, v in TINY_TE_OPTIONS.items()}

@@ -670,6 +670,9 @@ def shrink_prompt(api_prompt: dict, size=64, batch_size=None) -> dict:
             value = inputs.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > size:
                 inputs[key] = size
+        if isinstance(inputs.get("length"), int) and node.get("class_type", "").startswith("Empty") and \
+                inputs["length"] > 5:  # video latents: 2 latent frames
+            inputs["length"] = 5
         if batch_size is not None and isinstance(inputs.get("batch_size"), int) and inputs["batch_size"] > batch_size:
             inputs["batch_size"] = batch_size
     return api_prompt

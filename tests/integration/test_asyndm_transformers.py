@@ -23,16 +23,21 @@ def _inference_mode():
         yield
 
 
-@pytest.fixture(scope="module")
-def dits(comfy_env, tiny_models):
+def dit_setups(tiny_models, families):
+    """{family: (MODEL, positive with TARGETS, negative)} of tiny random DiTs."""
     out = {}
-    for fam in FAMILIES:
+    for fam in families:
         model = tiny_models.tiny_dit(fam)
         pos = tiny_models.dit_conditioning(fam)
         pos[0][1]["asyndm_targets"] = dict(TARGETS)
         neg = tiny_models.dit_conditioning(fam, length=7, seed=99)
         out[fam] = (model, pos, neg)
     return out
+
+
+@pytest.fixture(scope="module")
+def dits(comfy_env, tiny_models):
+    return dit_setups(tiny_models, FAMILIES)
 
 
 def _rel(a, b):

@@ -74,7 +74,9 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
     for k, (regions, times) in previews.items():
         inputs = result.prompt[k]["inputs"]
         shown, clamped, _ = pick_steps(inputs["at_steps"], steps)
-        assert regions.shape == times.shape == (len(shown), 64, 64, 3)
+        # a video's maps show its frames stacked top to bottom
+        assert regions.shape == times.shape and regions.shape[0] == len(shown) and regions.shape[2:] == (64, 3)
+        assert regions.shape[1] % 64 == 0
         run = result.outputs[inputs["run"][0]][inputs["run"][1]]  # the run wired into the preview
         if run.masks[0] is not None and not clamped:  # (clamped frames carry a red border)
             assert_mask_steps_preview_shows(regions, times, run, shown, inputs.get("image_index", 0), PALETTE)

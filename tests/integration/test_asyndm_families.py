@@ -1,0 +1,345 @@
+"""AsynDM on the families added on the backend protocol (issue 16), inside a real ComfyUI: tiny random
+stand-ins built from ComfyUI's own model configs (comfy_tiny.py). Per family the invariants of
+DESIGN.md: a constant map is the stock forward; the time conditioning runs on the distinct
+(image, timestep) rows only and equals, per token, a naive loop over tokens; the captured attention
+equals the attention recomputed from the model's own q/k; with an empty mask every sampler is
+ComfyUI's; image 0 of a batch equals itself alone; the input MODEL is unchanged; weight patches
+(LoRA) reach the per-token path.
+
+Run: COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/integration/test_asyndm_families.py
+"""
+
+import pytest
+import torch
+
+from asyndm_helpers import core_ksampler, empty_latent, sampler_node
+from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _rel, _sigma, dit_setups
+
+FAMILIES = ["chroma", "wan", "qwen_image"]
+TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
+SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
+            ("dpmpp_2m_sde", "simple")]
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture(scope="module")
+def fams(comfy_env, tiny_models):
+    return dit_setups(tiny_models, FAMILIES)
+
+
+def _latent(fam, batch=1, size=8, frames=1):
+    """A family's empty latent: Wan's is a video (B, 16, frames, size, size); one frame is text-to-image."""
+    if fam in ("wan", "qwen_image"):  # Qwen-Image: a one-frame video latent (Wan's VAE)
+        return {"samples": torch.zeros(batch, 16, frames, size, size)}
+    return empty_latent(batch, size, 16)
+
+
+def _chroma_kwargs(pos, batch):
+    return {"c_crossattn": pos[0][0].expand(batch, -1, -1), "guidance": torch.zeros(batch)}
+
+
+def _naive_chroma_img_mod(dm, stock_in, t_tokens, block):
+    """Every image token's first double-block image modulation, one token at a time: the stock
+    approximator input of its image with the token's own timestep embedding (a slow loop)."""
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    out = torch.empty(t_tokens.shape[0], t_tokens.shape[1], dm.hidden_size)
+    for b in range(t_tokens.shape[0]):
+        for j in range(t_tokens.shape[1]):
+            v = stock_in[b:b + 1].clone()
+            v[:, :, :16] = timestep_embedding(t_tokens[b, j:j + 1], 16).to(v.dtype)
+            out[b, j] = dm.get_modulations(dm.distilled_guidance_layer(v), "double_img", idx=block)[0].shift[0, 0]
+    return out
+
+
+def _forwards(model, x, kw, hooks, counters):
+    """The stock forward at one sigma (its attention logged), the constant map of that sigma with
+    capture (maps), and a mixed map (rows 0–3 at a later sigma, image 1's first columns at an
+    earlier one), with ``hooks`` (module, kind, fn) active; ``counters`` are cleared before the
+    mixed forward. Returns a dict of stock, const, maps, mixed, sig_map, backend, log."""
+    import comfy.model_management
+
+    from asyndm_fpdm.samplers.backends import backend_for
+    from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
+
+    s = _sigma(model, 0.6)
+    sigma = s.expand(2)
+    comfy.model_management.load_models_gpu([model])
+    log, override = _attention_log()
+    stock = model.model.apply_model(x, sigma, transformer_options={"optimized_attention_override": override}, **kw)
+    backend = backend_for(model)
+    register = {"hook": lambda m, fn: m.register_forward_hook(fn),
+                "pre_hook": lambda m, fn: m.register_forward_pre_hook(fn),
+                "pre_hook_kw": lambda m, fn: m.register_forward_pre_hook(fn, with_kwargs=True)}
+    handles = [register[kind](m, fn) for m, kind, fn in hooks]
+    try:
+        base = {"transformer_options": {"cond_or_uncond": [0]}}
+        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
+        const = model.model.apply_model(x, sigma, transformer_options=backend.model_options(base, call)[
+            "transformer_options"], **kw)
+        for c in counters:
+            c.clear()
+        sig_map = s.expand(2, 1, 8, 8).clone()
+        sig_map[:, :, :4] = _sigma(model, 0.9)
+        sig_map[1, :, :, :2] = _sigma(model, 0.1)
+        to2 = backend.model_options(base, PixelCall(sig_map))["transformer_options"]
+        mixed = model.model.apply_model(x, sig_map.flatten(1).amin(1), transformer_options=to2, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(stock=stock, const=const, maps=call.item_maps(), mixed=mixed, sig_map=sig_map, backend=backend,
+                log=log)
+
+
+# ---------------------------------------------------------------------------------------- inv. 1, 6
+def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models_own_attention(fams):
+    """Caught: timestep embedding of the image's sigma instead of the row's (naive-loop oracle);
+    the approximator run per token (row count)."""
+    model, pos, neg = fams["chroma"]
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    rows, seen = [], {}
+    r = _forwards(model, x, _chroma_kwargs(pos, 2), [
+        (dm.distilled_guidance_layer.in_proj, "hook", lambda m, a, o: rows.append(a[0].shape[0])),
+        (dm.distilled_guidance_layer, "pre_hook", lambda m, a: seen.update(stock_in=a[0])),
+        (dm.double_blocks[0], "pre_hook_kw", lambda m, a, k: seen.update(vec=k["vec"]))], [rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    distinct = list(rows)
+    assert type(backend).__name__ == "ComfyChromaBackend" and backend.cell == 2
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    # invariant 6: the approximator ran once, on the 5 distinct (image, timestep) rows (344
+    # modulation slots each; the stock per-image rows are among them), never on the 32 tokens
+    assert distinct == [5]
+    assert float((mixed - const).abs().max()) > 1e-3
+    # the per-token modulation the first double block receives = a naive loop over tokens
+    t_tokens = sig_map[:, 0, ::2, ::2].flatten(1)  # flow time = sigma (multiplier 1)
+    naive = _naive_chroma_img_mod(dm, seen["stock_in"], t_tokens, 0)
+    got = seen["vec"][0][0].shift
+    assert got.shape == naive.shape and _rel(got, naive) <= 1e-5, _rel(got, naive)
+    # masks: the model's own joint attention of image queries to the target tokens (captured blocks)
+    assert maps.shape == (2, 2, 4, 4)
+    ref = _reference_maps(log, backend.capture_blocks, 12, TARGETS["positions"])
+    assert _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_wan_constant_map_is_stock_forward_time_rows_per_row_and_its_own_cross_attention(fams):
+    """Wan (one frame here; frames are rows of the folded grid, test below). Caught: the stock
+    per-image projection left in place of the per-token one (naive loop)."""
+    from comfy.ldm.wan.model import sinusoidal_embedding_1d
+
+    model, pos, neg = fams["wan"]
+    x = torch.randn(2, 16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    emb_rows, proj_rows, seen = [], [], {}
+    r = _forwards(model, x, {"c_crossattn": pos[0][0].expand(2, -1, -1)}, [
+        (dm.time_embedding[0], "hook", lambda m, a, o: emb_rows.append(a[0].shape[0])),
+        (dm.time_projection[1], "hook", lambda m, a, o: proj_rows.append(a[0].shape[:-1])),
+        (dm.blocks[0], "pre_hook_kw", lambda m, a, k: seen.update(e=k["e"]))], [emb_rows, proj_rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    assert type(backend).__name__ == "ComfyWanBackend" and backend.cell == 2
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    # invariant 6: the time MLP and the projection ran on ComfyUI's 2 images and the 5 distinct
+    # (image, timestep) rows, never on the 32 tokens
+    assert emb_rows == [2, 5] and [tuple(r) for r in proj_rows] == [(2, 1), (5,)]
+    assert float((mixed - const).abs().max()) > 1e-3
+    # the per-token modulation block 0 receives = each token through the time MLPs alone (a loop)
+    ms = model.get_model_object("model_sampling")
+    t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
+    naive = torch.stack([torch.stack([dm.time_projection(dm.time_embedding(
+        sinusoidal_embedding_1d(dm.freq_dim, t_tokens[b, j:j + 1]))).view(6, -1) for j in range(t_tokens.shape[1])])
+        for b in range(2)])
+    assert seen["e"].shape == naive.shape and _rel(seen["e"], naive) <= 1e-5, _rel(seen["e"], naive)
+    # masks: softmax of the image queries over the text keys of the captured blocks' cross-attention
+    cross = [entry for entry in log if entry[1].shape[1] == 12]  # keys = the 12 text tokens
+    assert len(cross) == len(dm.blocks)
+    ref = _reference_maps(cross, backend.capture_blocks, 0, TARGETS["positions"])
+    assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_qwen_image_constant_map_is_stock_forward_per_token_modulation_and_its_own_attention(fams):
+    """Caught: the image stream modulated with the stock per-image vector (naive per-token oracle of
+    block 0's modulated attention input)."""
+    model, pos, neg = fams["qwen_image"]
+    x = torch.randn(2, 16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    rows, seen = [], {}
+    block = dm.transformer_blocks[0]
+    r = _forwards(model, x, {"c_crossattn": pos[0][0].expand(2, -1, -1)}, [
+        (dm.time_text_embed.timestep_embedder.linear_1, "hook", lambda m, a, o: rows.append(a[0].shape[0])),
+        (dm.img_in, "hook", lambda m, a, o: seen.update(img=o)),
+        (block.attn.to_q, "hook", lambda m, a, o: seen.setdefault("q_in", []).append(a[0]))], [rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    assert type(backend).__name__ == "ComfyQwenImageBackend" and backend.cell == 2
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    assert rows == [2, 5]  # ComfyUI's 2 images, then the 5 distinct (image, timestep) rows; never 32 tokens
+    assert float((mixed - const).abs().max()) > 1e-3
+    ms = model.get_model_object("model_sampling")
+    t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
+    img, q_in = seen["img"], seen["q_in"][-1]  # the mixed forward's block 0
+    naive = torch.empty_like(q_in)
+    for b in range(2):
+        for j in range(t_tokens.shape[1]):
+            temb = dm.time_text_embed(t_tokens[b, j:j + 1], img)
+            shift, scale, _ = block.img_mod(temb).chunk(2, dim=-1)[0].chunk(3, dim=-1)
+            naive[b, j] = block.img_norm1(img[b:b + 1, j:j + 1])[0, 0] * (1 + scale[0]) + shift[0]
+    assert _rel(q_in, naive) <= 1e-5, _rel(q_in, naive)
+    n_txt = pos[0][0].shape[1]
+    ref = _reference_maps(log, sorted(backend.capture_blocks), n_txt, TARGETS["positions"])
+    assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_wan_video_plan_on_the_frame_patch_grid_with_masks_per_frame(fams):
+    """A 2-frame video: maps, masks and timesteps per frame, frames stacked along the height; frame
+    1 of a video is not frame 0 (each frame reads its own attention)."""
+    model, pos, neg = fams["wan"]
+    out, info = sampler_node(model, pos, neg, _latent("wan", 1, 8, frames=2), sampler_name="euler",
+                             scheduler="simple", steps=4, cfg=2.0)
+    assert out.shape == (1, 16, 2, 8, 8) and torch.isfinite(out).all()
+    maps = [m for m in info.item_maps if m is not None]
+    assert len(maps) == 4 and maps[0].shape == (1, 2, 8, 4)  # (frames · 8/2, 8/2) token grid
+    assert not torch.equal(maps[1][..., :4, :], maps[1][..., 4:, :])
+    assert info.timestep_maps[0].shape[-2:] == (16, 8)
+    # a constant (vanilla) run equals ComfyUI's own sampler on the video
+    van, _ = sampler_node(model, pos, neg, _latent("wan", 1, 8, frames=2), mode="vanilla", sampler_name="euler",
+                          scheduler="simple", steps=4, cfg=2.0)
+    core = core_ksampler(model, pos, neg, _latent("wan", 1, 8, frames=2), steps=4, cfg=2.0, sampler="euler",
+                         scheduler="simple")
+    assert _rel(van, core) <= TOL_SAME_SAMPLER
+
+
+# ---------------------------------------------------------------------------------------- inv. 2
+@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("sampler,scheduler", SAMPLERS)
+def test_family_empty_mask_equals_comfyui_sampler_and_a_mask_lags_whole_tokens(fams, fam, sampler, scheduler):
+    model, pos, neg = fams[fam]
+    lat = _latent(fam)
+    empty = torch.zeros(1, 64, 64)
+    ours, _ = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=empty, sampler_name=sampler,
+                           scheduler=scheduler, eta=1.0, steps=4, cfg=2.0)
+    core = core_ksampler(model, pos, neg, lat, steps=4, cfg=2.0, sampler=sampler, scheduler=scheduler)
+    assert _rel(ours, core) <= TOL_SAME_SAMPLER, (sampler, _rel(ours, core))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :28] = 1  # 3.5 latent rows: token row 1 is 3/4 covered, so the plan puts 4 rows in
+    lagged, info = sampler_node(model, pos, neg, lat, mask_source="mask input", mask=mask, sampler_name=sampler,
+                                scheduler=scheduler, eta=1.0, steps=4, cfg=2.0)
+    assert torch.isfinite(lagged).all() and float((lagged - ours).abs().max()) > 1e-4
+    t = torch.stack(info.timestep_maps)[:, 0]
+    assert t.shape[-2:] == (8, 8)
+    assert bool((t[:, :4].amin(dim=(1, 2)) > t[:, 4:].amax(dim=(1, 2))).any())  # it lags
+    assert torch.equal(t[:, 2:4], t[:, 0:2])  # one sigma per token
+
+
+# ---------------------------------------------------------------------------------------- inv. 4, 5
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_family_dynamic_run_batch_independent_and_leaves_the_model_untouched(fams, fam):
+    model, pos, neg = fams[fam]
+    options_before = repr(model.model_options)
+    one, info = sampler_node(model, pos, neg, _latent(fam), sampler_name="euler_ancestral",
+                             scheduler="simple", steps=3, cfg=2.0, eta=0.5)
+    three, _ = sampler_node(model, pos, neg, _latent(fam, 3), sampler_name="euler_ancestral",
+                            scheduler="simple", steps=3, cfg=2.0, eta=0.5)
+    assert len([m for m in info.item_maps if m is not None]) == 3  # masks from its own attention
+    assert _rel(three[:1], one) <= 1e-5 and float((three[1] - three[0]).abs().max()) > 1e-3
+    assert repr(model.model_options) == options_before
+    assert all(not w for w in model.wrappers.values())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.model.diffusion_model.modules())
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_family_weight_patches_reach_the_per_token_path(fams, fam):
+    """A LoRA-like weight patch on the time-conditioning network: the per-token path (constant map)
+    still equals ComfyUI's sampler on the patched model, and the patch changes the result.
+    Caught: rows computed from a copy of the unpatched module."""
+    model, pos, neg = fams[fam]
+    key = {"chroma": "diffusion_model.distilled_guidance_layer.out_proj.weight",
+           "wan": "diffusion_model.time_projection.1.weight",
+           "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight"}[fam]
+    weight = model.model.get_parameter(key)
+    patched = model.clone()
+    patched.add_patches({key: (0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
+    lat = _latent(fam)
+    empty = torch.zeros(1, 64, 64)
+    ours, _ = sampler_node(patched, pos, neg, lat, mask_source="mask input", mask=empty, sampler_name="euler",
+                           scheduler="simple", steps=3, cfg=2.0)
+    core = core_ksampler(patched, pos, neg, lat, steps=3, cfg=2.0, sampler="euler", scheduler="simple")
+    plain = core_ksampler(model, pos, neg, lat, steps=3, cfg=2.0, sampler="euler", scheduler="simple")
+    assert _rel(ours, core) <= TOL_SAME_SAMPLER
+    assert float((core - plain).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------- targets
+def test_chroma_targets_read_t5_positions_of_the_context_the_model_gets(comfy_env, tiny_models):
+    """Chroma's text encoder (ComfyUI's PixArt T5 config, tiny T5, the real T5 tokenizer): the text
+    encode node's positions index the context Chroma attends to, no padding."""
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    clip = tiny_models.tiny_dit_clip("chroma")
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, basketball")[0]
+    info = cond[0][1]["asyndm_targets"]
+    ids = [t[0] for c in clip.tokenize(prompt)["t5xxl"] for t in c]
+    rabbit = clip.tokenize("rabbit")["t5xxl"][0][0][0]
+    assert info["context_len"] == len(ids) == cond[0][0].shape[1] < 77  # T5 unpadded: the context's length
+    assert [ids[p] for p in info["positions"][0]] == [rabbit] and info["positions"][0][0] > info["positions"][1][-1]
+
+
+def test_wan_targets_read_umt5_positions_of_the_padded_context(comfy_env, tiny_models):
+    """Wan's text encoder (ComfyUI's UMT5 classes, tiny; a stand-in sentencepiece model, since the
+    real one ships inside the text-encoder file): positions index the 512-token padded context."""
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    clip = tiny_models.tiny_dit_clip("wan")
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, basketball")[0]
+    info = cond[0][1]["asyndm_targets"]
+    ids = [t[0] for c in clip.tokenize(prompt)["umt5xxl"] for t in c]
+    rabbit = clip.tokenize("rabbit")["umt5xxl"][0][0][0]
+    assert info["context_len"] == len(ids) == cond[0][0].shape[1] == 512  # UMT5 pads to 512
+    assert [ids[p] for p in info["positions"][0]] == [rabbit] and info["positions"][0][0] > info["positions"][1][-1]
+
+
+def test_qwen_image_targets_follow_the_context_after_the_chat_template(comfy_env, monkeypatch):
+    """ComfyUI's Qwen-Image tokenizer (its Qwen2.5 files ship with ComfyUI) and the text encoder's
+    own template trimming (QwenImageTEModel.encode_token_weights, a 7B model replaced by a stand-in
+    whose hidden state is each token's id): the positions index the context the model receives.
+    Caught: positions left on the templated token list."""
+    from comfy import sd1_clip
+    from comfy.text_encoders import qwen_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    def ids_as_states(self, token_weight_pairs):
+        ids = torch.tensor([[float(t[0]) for c in token_weight_pairs["qwen25_7b"] for t in c]])
+        return ids[..., None], None, {"attention_mask": torch.ones_like(ids)}
+
+    monkeypatch.setattr(sd1_clip.SD1ClipModel, "encode_token_weights", ids_as_states)
+    encoder = object.__new__(qwen_image.QwenImageTEModel)
+    tokenizer = qwen_image.QwenImageTokenizer()
+
+    class Clip:
+        cond_stage_model = None
+
+        def __init__(self):
+            self.tokenizer = tokenizer
+
+        def tokenize(self, text):
+            return tokenizer.tokenize_with_weights(text)
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [[encoder.encode_token_weights(tokens)[0], {}]]
+
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(Clip(), prompt, "rabbit#2:0.6, basketball")[0]
+    info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0]
+    rabbit = tokenizer.qwen25_7b.tokenizer(" rabbit", add_special_tokens=False)["input_ids"]  # "Ġrabbit"
+    assert info["context_len"] == context.shape[0] < len(Clip().tokenize(prompt)["qwen25_7b"][0])
+    assert [int(context[p]) for p in info["positions"][0]] == rabbit
+    assert info["positions"][0][0] > info["positions"][1][-1]

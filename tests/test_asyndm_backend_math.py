@@ -1,0 +1,55 @@
+"""Backend math without ComfyUI: the joint-attention read for masks against a naive full softmax."""
+
+import torch
+
+from asyndm_fpdm.samplers.backends.comfy_dit import joint_item_attention
+from numeric import assert_close
+
+
+def test_joint_item_attention_blockwise_equals_the_full_softmax():
+    """Blocks of queries, one head at a time, image keys only through a logsumexp = the full joint
+    softmax's text columns, head-averaged and weighted per item (naive oracle).
+    Caught: a block's result overwriting the previous heads' (``=`` for ``+=``)."""
+    gen = torch.Generator().manual_seed(0)
+    b, heads, nq, lt, d = 2, 3, 10, 5, 4
+    q = torch.randn(b, heads, nq, d, generator=gen)
+    k_txt = torch.randn(b, heads, lt, d, generator=gen)
+    k_img = torch.randn(b, heads, nq, d, generator=gen)
+    weights = torch.zeros(lt, 2)
+    weights[1, 0] = 1.0
+    weights[[2, 4], 1] = 0.5
+    probs = torch.softmax(q @ torch.cat([k_txt, k_img], dim=2).transpose(-1, -2) * d ** -0.5, dim=-1)
+    naive = probs[..., :lt].mean(dim=1) @ weights
+    for block in (3, 1024):
+        assert_close(joint_item_attention(q, k_txt, k_img, weights, block=block), naive, 1e-5, f"block {block}")
+
+
+def test_fold_stacks_frames_along_the_height_in_wan_token_order():
+    """A (1, 2, 2)-patch token (frame, row, column) is a 2×2 cell of the folded image, row-major.
+    Caught: frames stacked along the width (token order no longer frame-major)."""
+    from asyndm_fpdm.samplers.backends.comfy_call import fold, unfold
+
+    t, h, w = 3, 4, 6
+    video = torch.arange(t * h * w, dtype=torch.float32).view(1, 1, t, h, w)
+    tall = fold(video)
+    assert tall.shape == (1, 1, t * h, w) and torch.equal(unfold(tall, t), video)
+    # tokens as a (1, 2, 2) patchify orders them: frame, then row, then column
+    tokens = video[0, 0, :, ::2, ::2].flatten()
+    assert torch.equal(tall[0, 0, ::2, ::2].flatten(), tokens)
+    assert fold(torch.zeros(1, 4, 8, 8)).shape == (1, 4, 8, 8)  # an image is left alone
+
+
+def test_forward_image_rows_find_or_append_each_images_own_timestep():
+    """The stock per-image conditioning is one of the rows (Chroma's approximator runs once); a
+    pair no pixel has (an area crop away from the background) gets a row appended."""
+    from asyndm_fpdm.samplers.backends.comfy_call import Forward, PixelCall
+    from asyndm_fpdm.samplers.backends.pixel_math import distinct_rows
+
+    t_map = torch.tensor([[[5.0, 7.0]], [[7.0, 7.0]]])  # (2 images, 1, 2)
+    uniq, row_img, index = distinct_rows(t_map, per_image=True)
+    fwd = Forward(PixelCall(torch.zeros(2, 1, 1, 2)), None, torch.zeros(2, 1, 1, 2), t_map, uniq, row_img, index, 1,
+                  [], (0, 0), t_image=torch.tensor([5.0, 3.0]))
+    rows = fwd.image_rows()
+    assert float(fwd.uniq_t[rows[0]]) == 5.0 and int(fwd.row_img[rows[0]]) == 0
+    assert float(fwd.uniq_t[rows[1]]) == 3.0 and int(fwd.row_img[rows[1]]) == 1  # appended
+    assert len(fwd.uniq_t) == len(uniq) + 1
