@@ -16,12 +16,14 @@ into per-pixel timesteps), and steps with the per-pixel sampler of the chosen na
   background's sigmas (pixel_samplers.py).
 """
 
+import inspect
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..engine import initial_latent, run as engine_run, static_prepass
+from ..clock import NOISE_DOWN, Clock, ClockModel
+from ..engine import initial_latent, plan_model, run as engine_run, static_prepass
 from ..pixel_samplers import BROWNIAN, ETA_SAMPLERS, SAMPLERS
 from ..plan import DEFAULT_K, SigmaPlan
 from .conditioning import external_item_masks, resolve_ks, targets_of
@@ -30,8 +32,58 @@ MODE_NAMES = {"AsynDM": "asyn", "DMconcave": "concave", "vanilla": "vanilla"}
 MASK_NAMES = {"dynamic": "dynamic", "static": "static", "mask input": "external"}
 LAST_STEPS = ("timestep 0 (paper)", "clean (sigma 0, like ComfyUI)")
 PAPER_SCHEDULER = "asyndm_paper"
-SAMPLER_NAMES = list(SAMPLERS)
-DISCARD_PENULTIMATE = ("dpm_2",)  # as the core KSampler does for these samplers
+# ComfyUI 0.3.64's KSampler.SAMPLERS, for node schemas read without ComfyUI (tests, docs)
+COMFY_SAMPLERS = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
+    "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
+    "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+    "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+    "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
+    "uni_pc_bh2")
+DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")  # as the core KSampler does
+
+
+def sampler_names() -> List[str]:
+    """Every sampler ComfyUI lists: the native per-pixel ones (SAMPLERS) and, for the rest,
+    ComfyUI's own function through the change of clock (clock.py)."""
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SAMPLERS)
+    except ImportError:
+        return list(COMFY_SAMPLERS)
+
+
+SAMPLER_NAMES = sampler_names()
+
+
+@dataclass(frozen=True)
+class NoiseInfo:
+    """How a ComfyUI sampler draws its noise: its noise sampler (ComfyUI's default per call, or a
+    Brownian tree on the CPU or the device) and the rule of its steps' noise (clock.NOISE_DOWN)."""
+
+    rule: Optional[str]  # None (deterministic), "ancestral" or "sde"
+    brownian: bool = False
+    tree_on_cpu: bool = True
+
+
+def noise_info(name: str) -> NoiseInfo:
+    brownian = name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))
+    if "ancestral" in name or name in ("ddpm", "lcm", "dpm_fast", "dpm_adaptive"):
+        rule = "ancestral"
+    elif "sde" in name or name.startswith(("seeds_", "sa_solver")):
+        rule = "sde"
+    else:
+        rule = None
+    return NoiseInfo(rule, brownian, not name.endswith("_gpu"))
+
+
+def _function_name(fn) -> str:
+    """sample_euler → euler, dpm_fast_function → dpm_fast (ComfyUI's naming)."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    name = name[len("sample_"):] if name.startswith("sample_") else name
+    return name[:-len("_function")] if name.endswith("_function") else name
 
 
 # ComfyUI 0.3.6x's schedulers, for node schemas read without ComfyUI (tests, docs)
@@ -147,30 +199,70 @@ def _sampler_class():
     import comfy.samplers
 
     class AsynKSAMPLER(comfy.samplers.KSAMPLER):
-        """A KSAMPLER whose sampler steps every latent pixel on its own sigma."""
+        """A KSAMPLER whose sampler steps every latent pixel on its own sigma: a native per-pixel
+        sampler (``function`` None) or any k-diffusion-style function through the change of clock."""
 
-        def __init__(self, name: str, options: AsynOptions, extra_options=None):
-            super().__init__(None, extra_options or {})
+        def __init__(self, name: str, options: AsynOptions, extra_options=None, function: Optional[Callable] = None,
+                     inpaint_options=None):
+            super().__init__(function, extra_options or {}, inpaint_options or {})
             self.name, self.options, self.info = name, options, None
             self.batch_index = None  # the latent's batch_index, for per-image noise streams
 
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                    disable_pbar=False):
-            return _sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask)
+            return _sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                           disable_pbar)
 
     return AsynKSAMPLER
 
 
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s_noise: float = 1.0):
-    """The SAMPLER object (for SamplerCustom, or comfy.sample.sample_custom)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"the sampler {name!r} has no per-pixel version: use one of {', '.join(SAMPLERS)}")
-    extra = {}
-    if name in ETA_SAMPLERS and eta is not None:
+    """The SAMPLER object (for SamplerCustom, or comfy.sample.sample_custom). A native per-pixel
+    sampler where the pack has one (pixel_samplers.SAMPLERS), else ComfyUI's own function of that
+    name through the change of clock; ``eta`` None keeps the sampler's own default."""
+    if name in SAMPLERS:
+        extra = {}
+        if name in ETA_SAMPLERS and eta is not None:
+            extra["eta"] = float(eta)
+        if name not in ("dpmpp_2m", "lcm"):
+            extra["s_noise"] = float(s_noise)
+        return _sampler_class()(name, options, extra)
+    names = sampler_names()
+    if name not in names:
+        raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(names)}")
+    import comfy.samplers
+
+    return from_ksampler(comfy.samplers.sampler_object(name), options, eta=eta, s_noise=s_noise, name=name)
+
+
+def from_ksampler(ksampler, options: AsynOptions, eta: Optional[float] = None, s_noise: Optional[float] = None,
+                  name: Optional[str] = None):
+    """Any KSAMPLER (KSamplerSelect, the custom-sampling sampler nodes with their options, another
+    pack's) made asynchronous: its own function and options, every pixel on its own clock."""
+    import comfy.samplers
+
+    if isinstance(ksampler, comfy.samplers.KSAMPLER) and hasattr(ksampler, "options"):
+        raise ValueError("this SAMPLER is already asynchronous (an AsynDM sampler): connect the plain sampler")
+    if not isinstance(ksampler, comfy.samplers.KSAMPLER) or not callable(getattr(ksampler, "sampler_function", None)):
+        raise ValueError(
+            f"the SAMPLER is a {type(ksampler).__module__}.{type(ksampler).__qualname__}, not a KSAMPLER: AsynDM can "
+            "make asynchronous only samplers built on ComfyUI's KSAMPLER (KSamplerSelect, the sampling/custom_sampling/"
+            "samplers nodes, and packs that return comfy.samplers.KSAMPLER); use the 'AsynDM Sampler' node instead")
+    fn = ksampler.sampler_function
+    extra = dict(ksampler.extra_options or {})
+    if eta is not None and _accepts(fn, "eta"):
         extra["eta"] = float(eta)
-    if name not in ("dpmpp_2m", "lcm"):
+    if s_noise is not None and _accepts(fn, "s_noise"):
         extra["s_noise"] = float(s_noise)
-    return _sampler_class()(name, options, extra)
+    return _sampler_class()(name or _function_name(fn), options, extra, fn, dict(ksampler.inpaint_options or {}))
 
 
 def _noise_sampler(name, x, sigmas, seed, batch_index=None):
@@ -191,7 +283,42 @@ def _noise_sampler(name, x, sigmas, seed, batch_index=None):
     return draw
 
 
-def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask):
+def _comfy_noise_sampler(info: NoiseInfo, x, sigmas, seed):
+    """The noise sampler ComfyUI's sampler would build itself (same seed, same tree)."""
+    from comfy.k_diffusion import sampling as kd
+
+    if info.brownian:
+        return kd.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seed, cpu=info.tree_on_cpu)
+    return kd.default_noise_sampler(x, seed=seed)
+
+
+def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callback, disable, seed, flow):
+    """ComfyUI's own sampler function, unmodified, stepping the background's sigmas; every pixel on
+    its own sigma through the change of clock (clock.py)."""
+    clock = Clock(sigmas, plan.step)
+    model = ClockModel(plan_model(model_fn, plan), clock, inner_model=model_wrap,
+                       base_options=extra_args.get("model_options"))
+    opts = dict(sampler.extra_options)
+    info = noise_info(sampler.name)
+    fn = sampler.sampler_function
+    if plan.mode != "vanilla" and info.rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
+        if flow:
+            raise ValueError(
+                f"the stochastic sampler {sampler.name!r} has no per-pixel noise on flow-matching models (Flux, SD3): "
+                f"use one of {', '.join(n for n in SAMPLERS if n in ETA_SAMPLERS or n == 'lcm')}, a deterministic "
+                "sampler, or mode 'vanilla'")
+        base = _comfy_noise_sampler(info, x, sigmas, seed)
+        down, eta = NOISE_DOWN[info.rule], float(opts.get("eta", 1.0))
+
+        def noise_sampler(s, s_next):
+            s, s_next = float(s), float(s_next)
+            return base(s, s_next) * clock.noise_scale(s, s_next, down(s, s_next, eta)).to(x)
+
+        opts["noise_sampler"] = noise_sampler
+    return fn(model, x, sigmas, extra_args=dict(extra_args), callback=callback, disable=disable, **opts)
+
+
+def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar=False):
     import comfy.model_management
 
     from ..backends import backend_for
@@ -252,6 +379,9 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
 
     def run(plan):
         x = initial_latent(plan, noise, latent, schedule.noise_scaling)
+        if sampler.sampler_function is not None:
+            return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
+                              seed, schedule.flow)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
                           noise_sampler=_noise_sampler(sampler.name, x, sigmas, seed, batch_index), **sampler.extra_options)
 
@@ -285,7 +415,8 @@ def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: 
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     if sigmas is None:
         sigmas = node_sigmas(model, scheduler, steps, denoise, sampler_name, last_step)
-    sampler = asyn_sampler(sampler_name, options, eta)
+    # eta is the paper's DDIM's; every other sampler keeps its ComfyUI default, as in the core KSampler
+    sampler = asyn_sampler(sampler_name, options, eta if sampler_name == "ddim" else None)
     sampler.batch_index = latent.get("batch_index")
     samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
                                          noise_mask=latent.get("noise_mask"), callback=callback,

@@ -1,0 +1,108 @@
+"""Every sampler ComfyUI lists, asynchronously (samplers/clock.py, DESIGN.md "Any sampler by a change
+of clock"), in a real ComfyUI with the tiny SD1.5 stand-in.
+
+- vanilla mode equals the core KSampler of the same sampler, scheduler and seed at its default
+  options (relative 1e-4): every pixel on the background gets σ = s, r = 1 and D̃ = D exactly, and
+  the noise is ComfyUI's own;
+- AsynDM with a dynamic mask runs and is finite;
+- with a fixed mask, at every model call (read at the UNet's input through a function wrapper on
+  a clone: the per-pixel sigma map the call carries), no object pixel is below the background's
+  sigma, the background is the sigma the sampler passes, and the objects do lag somewhere.
+
+Mutations caught (tried once): D̃ = D + (r − 1 + 1e-3)(D − x) (background pixels no longer
+exactly D: vanilla off by 4.6e-4 for every wrapped sampler); the lag's sign flipped (objects below
+the background). Whether the lagging pixels are *right* is the Gaussian oracle's job
+(test_asyndm_clock_oracle.py).
+"""
+
+import pytest
+import torch
+
+from asyndm_helpers import PROMPT, core_ksampler, empty_latent, encode, sampler_node
+from numeric import rel_err
+
+TARGETS = "rabbit:0.7, basketball:0.5"
+TOL = 1e-4
+STEPS = 3
+
+
+def _names():
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy_env, tiny_models):
+    model, clip, _ = tiny_models.tiny_checkpoint("sd15")
+    return model, encode(clip, PROMPT, TARGETS), encode(clip, "")
+
+
+def _recording(model):
+    """A clone whose UNet wrapper records (timestep passed, per-pixel sigma map) of every call."""
+    from asyndm_fpdm.samplers.backends.comfy_unet import KEY
+
+    seen = []
+
+    def wrapper(apply_model, args):
+        call = args["c"].get("transformer_options", {}).get(KEY)
+        seen.append((args["timestep"].clone(), None if call is None else call.sigma_map.clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(wrapper)
+    return m, seen
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "simple"])
+def test_every_comfyui_sampler_vanilla_equals_core_ksampler(sd15, scheduler):
+    model, pos, neg = sd15
+    lat = empty_latent(1)
+    bad = []
+    for name in _names():
+        ours, _ = sampler_node(model, pos, neg, lat, mode="vanilla", sampler_name=name, scheduler=scheduler,
+                               steps=STEPS)
+        core = core_ksampler(model, pos, neg, lat, steps=STEPS, sampler=name, scheduler=scheduler)
+        err = rel_err(ours, core)
+        if not err <= TOL:
+            bad.append((name, err))
+    assert not bad, f"vanilla vs the core KSampler above {TOL}: {bad}"
+
+
+def test_every_comfyui_sampler_runs_dynamic_and_keeps_objects_behind(sd15):
+    model, pos, neg = sd15
+    lat = empty_latent(1)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1  # objects: the left half
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[:, :4] = True
+    problems = []
+    for name in _names():
+        dyn, _ = sampler_node(model, pos, neg, lat, sampler_name=name, scheduler="karras", steps=STEPS)
+        if not torch.isfinite(dyn).all():
+            problems.append((name, "dynamic not finite"))
+        rec, seen = _recording(model)
+        fixed, _ = sampler_node(rec, pos, neg, lat, mask_source="mask input", mask=mask, sampler_name=name,
+                                scheduler="karras", steps=STEPS)
+        if not torch.isfinite(fixed).all():
+            problems.append((name, "fixed mask not finite"))
+        lags = False
+        for t, sigma in seen:
+            sig = sigma[0, 0]
+            bg = sig[~region]
+            if float(sig[region].min()) < float(bg.max()) * (1 - 1e-6):
+                problems.append((name, "object below background", float(sig[region].min()), float(bg.max())))
+                break
+            if float(bg.max() - bg.min()) > 1e-6 * float(bg.max()):
+                problems.append((name, "background not uniform"))
+                break
+            lags = lags or float(sig[region].max()) > float(bg.max()) * (1 + 1e-3)
+        if not seen or not lags:
+            problems.append((name, "no call" if not seen else "objects never lag"))
+    assert not problems, problems
