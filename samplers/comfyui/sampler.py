@@ -46,16 +46,14 @@ DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")  # as
 
 def sampler_names() -> List[str]:
     """Every sampler ComfyUI lists: the native per-pixel ones (SAMPLERS) and, for the rest,
-    ComfyUI's own function through the change of clock (clock.py)."""
-    try:
-        import comfy.samplers
+    ComfyUI's own function through the change of clock (clock.py). Read from ComfyUI when it is
+    loaded (never imported here: the pack imports cheaply)."""
+    import sys
 
-        return list(comfy.samplers.KSampler.SAMPLERS)
-    except ImportError:
-        return list(COMFY_SAMPLERS)
-
-
-SAMPLER_NAMES = sampler_names()
+    comfy_samplers = sys.modules.get("comfy.samplers")
+    if comfy_samplers is not None:
+        return list(comfy_samplers.KSampler.SAMPLERS)
+    return list(COMFY_SAMPLERS)
 
 
 @dataclass(frozen=True)

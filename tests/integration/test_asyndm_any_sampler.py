@@ -106,3 +106,87 @@ def test_every_comfyui_sampler_runs_dynamic_and_keeps_objects_behind(sd15):
         if not seen or not lags:
             problems.append((name, "no call" if not seen else "objects never lag"))
     assert not problems, problems
+
+
+def _wrap(sampler, mode, mask_source="dynamic", mask=None):
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMSamplerFromSampler
+
+    return AsynDMSamplerFromSampler().get_sampler(sampler, mode, mask_source, "bin", "", 1.0, mask)[0]
+
+
+def test_wrapper_node_around_custom_sampling_samplers_in_samplercustomadvanced(sd15):
+    """KSamplerSelect and the custom-sampling sampler nodes with non-default options, made
+    asynchronous: vanilla is the plain sampler's run (its options kept: eta 0.5 / s_noise 0.8 are
+    not 3M SDE's defaults, order 3 is not LMS's), AsynDM dynamic runs and changes the image. A
+    wrapper that dropped the KSAMPLER's extra options would fail the 3M SDE comparison."""
+    from asyndm_helpers import custom_nodes, unwrap
+    from numeric import FAR_ABOVE_ROUNDOFF, assert_differs
+
+    cs = custom_nodes()
+    model, pos, neg = sd15
+    lat = empty_latent(1)
+    sigmas = unwrap(cs.BasicScheduler().get_sigmas(model, "karras", STEPS + 1, 1.0))[0]
+    noise = unwrap(cs.RandomNoise().get_noise(3))[0]
+    guider = unwrap(cs.CFGGuider().get_guider(model, pos, neg, 2.0))[0]
+    plain = {
+        "select euler_ancestral": unwrap(cs.KSamplerSelect().get_sampler("euler_ancestral"))[0],
+        "select uni_pc": unwrap(cs.KSamplerSelect().get_sampler("uni_pc"))[0],
+        "3M SDE": unwrap(cs.SamplerDPMPP_3M_SDE().get_sampler(0.5, 0.8, "cpu"))[0],
+        "LMS": unwrap(cs.SamplerLMS().get_sampler(3))[0],
+    }
+
+    def run(sampler):
+        return unwrap(cs.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, lat))[0]["samples"]
+
+    default = run(unwrap(cs.SamplerDPMPP_3M_SDE().get_sampler(1.0, 1.0, "cpu"))[0])
+    for label, sampler in plain.items():
+        ref = run(sampler)
+        vanilla = run(_wrap(sampler, "vanilla"))
+        assert rel_err(vanilla, ref) <= TOL, (label, rel_err(vanilla, ref))
+        dyn = run(_wrap(sampler, "AsynDM"))
+        assert torch.isfinite(dyn).all(), label
+        assert_differs(dyn, ref, FAR_ABOVE_ROUNDOFF, f"{label}: AsynDM vs plain")
+    assert_differs(run(_wrap(plain["3M SDE"], "vanilla")), default, FAR_ABOVE_ROUNDOFF, "3M SDE options kept")
+
+
+def test_wrapper_node_names_what_is_not_a_ksampler(sd15):
+    import comfy.samplers
+
+    class OtherSampler(comfy.samplers.Sampler):
+        def sample(self, *args, **kwargs):
+            raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="OtherSampler, not a KSAMPLER"):
+        _wrap(OtherSampler(), "AsynDM")
+    once = _wrap(comfy.samplers.sampler_object("euler"), "AsynDM")
+    with pytest.raises(ValueError, match="already asynchronous"):
+        _wrap(once, "AsynDM")
+
+
+def test_old_api_prompts_without_sampler_scheduler_denoise_run_with_the_papers_values(comfy_env, pack_nodes,
+                                                                                      stand_ins):
+    """API prompts saved before sampler_name / scheduler / denoise existed pass ComfyUI's validator
+    and run with the paper's ddim, asyndm_paper schedule and denoise 1. (With those inputs required,
+    as before, the validator refuses it: "Required input is missing: scheduler" — tried once.)"""
+    import pathlib
+
+    import comfy_workflows as cw
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    api = cw.ui_to_api_prompt(cw.load_ui_workflow(root / "workflows" / "asyndm_sd15_dynamic_vs_vanilla.json"))
+    cw.shrink_prompt(api, size=64)
+    ks = [k for k, v in api.items() if v["class_type"] == "AsynDMKSampler"]
+    for k in ks:
+        api[k]["inputs"]["steps"] = 3
+    explicit = {k: dict(api[k]["inputs"], sampler_name="ddim", scheduler="asyndm_paper", denoise=1.0) for k in ks}
+    for k in ks:
+        for name in ("sampler_name", "scheduler", "denoise"):
+            api[k]["inputs"].pop(name, None)
+    checked = cw.validate_prompt(api)
+    assert checked.ok, cw.format_node_errors(checked.node_errors)
+    old = cw.run_workflow(api, outputs=ks).outputs
+    for k in ks:
+        api[k]["inputs"] = explicit[k]
+    new = cw.run_workflow(api, outputs=ks).outputs
+    for k in ks:
+        assert torch.equal(old[k][0]["samples"], new[k][0]["samples"])
