@@ -130,10 +130,3 @@ def asyn_generate(
     out = sample_along(plan, callback)
     return SampleResult(latents=out, timestep_maps=[t.long() for t in plan.timestep_maps],
                         masks=plan.mask_history, item_maps=plan.item_maps)
-
-
-def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
-    """ᾱ of a diffusers scheduler config (computed by diffusers' DDIMScheduler itself)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(dict(config)).alphas_cumprod
