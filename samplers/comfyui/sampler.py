@@ -24,7 +24,7 @@ import torch
 
 from ..clock import NOISE_DOWN, Clock, ClockModel
 from ..engine import initial_latent, plan_model, run as engine_run, static_prepass
-from ..pixel_samplers import BROWNIAN, ETA_SAMPLERS, SAMPLERS
+from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS
 from ..plan import DEFAULT_K, SigmaPlan
 from .conditioning import external_item_masks, resolve_ks, targets_of
 
@@ -263,16 +263,16 @@ def from_ksampler(ksampler, options: AsynOptions, eta: Optional[float] = None, s
     return _sampler_class()(name or _function_name(fn), options, extra, fn, dict(ksampler.inpaint_options or {}))
 
 
-def _noise_sampler(name, x, sigmas, seed, batch_index=None):
+def _noise_sampler(info: NoiseInfo, x, sigmas, seed, batch_index=None):
     """ComfyUI's noise samplers, one stream per image (seed + batch index), so image i never
     depends on the batch size (DESIGN.md invariant 5); for one image they are ComfyUI's exactly."""
     from comfy.k_diffusion import sampling as kd
 
     seed = 0 if seed is None else int(seed)
     seeds = [seed + int(i) for i in (batch_index if batch_index is not None else range(x.shape[0]))]
-    if name in BROWNIAN:
+    if info.brownian:
         positive = sigmas[sigmas > 0]
-        return kd.BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seeds, cpu=True)
+        return kd.BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seeds, cpu=info.tree_on_cpu)
     gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
 
     def draw(sigma, sigma_next):
@@ -281,16 +281,8 @@ def _noise_sampler(name, x, sigmas, seed, batch_index=None):
     return draw
 
 
-def _comfy_noise_sampler(info: NoiseInfo, x, sigmas, seed):
-    """The noise sampler ComfyUI's sampler would build itself (same seed, same tree)."""
-    from comfy.k_diffusion import sampling as kd
-
-    if info.brownian:
-        return kd.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seed, cpu=info.tree_on_cpu)
-    return kd.default_noise_sampler(x, seed=seed)
-
-
-def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callback, disable, seed, flow):
+def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callback, disable, seed, flow,
+               batch_index=None):
     """ComfyUI's own sampler function, unmodified, stepping the background's sigmas; every pixel on
     its own sigma through the change of clock (clock.py)."""
     clock = Clock(sigmas, plan.step)
@@ -299,20 +291,22 @@ def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callb
     opts = dict(sampler.extra_options)
     info = noise_info(sampler.name)
     fn = sampler.sampler_function
-    if plan.mode != "vanilla" and info.rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
-        if flow:
-            raise ValueError(
-                f"the stochastic sampler {sampler.name!r} has no per-pixel noise on flow-matching models (Flux, SD3): "
-                f"use one of {', '.join(n for n in SAMPLERS if n in ETA_SAMPLERS or n == 'lcm')}, a deterministic "
-                "sampler, or mode 'vanilla'")
-        base = _comfy_noise_sampler(info, x, sigmas, seed)
-        down, eta = NOISE_DOWN[info.rule], float(opts.get("eta", 1.0))
+    if info.rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
+        base = _noise_sampler(info, x, sigmas, seed, batch_index)
+        opts["noise_sampler"] = base
+        if plan.mode != "vanilla":
+            if flow:
+                raise ValueError(
+                    f"the stochastic sampler {sampler.name!r} has no per-pixel noise on flow-matching models (Flux, "
+                    f"SD3): use one of {', '.join(n for n in SAMPLERS if n in ETA_SAMPLERS or n == 'lcm')}, a "
+                    "deterministic sampler, or mode 'vanilla'")
+            down, eta = NOISE_DOWN[info.rule], float(opts.get("eta", 1.0))
 
-        def noise_sampler(s, s_next):
-            s, s_next = float(s), float(s_next)
-            return base(s, s_next) * clock.noise_scale(s, s_next, down(s, s_next, eta)).to(x)
+            def noise_sampler(s, s_next):
+                s, s_next = float(s), float(s_next)
+                return base(s, s_next) * clock.noise_scale(s, s_next, down(s, s_next, eta)).to(x)
 
-        opts["noise_sampler"] = noise_sampler
+            opts["noise_sampler"] = noise_sampler
     return fn(model, x, sigmas, extra_args=dict(extra_args), callback=callback, disable=disable, **opts)
 
 
@@ -379,9 +373,9 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         x = initial_latent(plan, noise, latent, schedule.noise_scaling)
         if sampler.sampler_function is not None:
             return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
-                              seed, schedule.flow)
+                              seed, schedule.flow, batch_index)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
-                          noise_sampler=_noise_sampler(sampler.name, x, sigmas, seed, batch_index), **sampler.extra_options)
+                          noise_sampler=_noise_sampler(noise_info(sampler.name), x, sigmas, seed, batch_index), **sampler.extra_options)
 
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
         return SigmaPlan(sigmas, schedule, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
