@@ -11,6 +11,7 @@ group to accelerate (see fpdm/train.py).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Sequence
 
@@ -27,24 +28,42 @@ class Context:
         return self.rank == 0
 
 
+def resolve_device(device: str, local_rank: int = 0) -> str:
+    """"auto": this process's GPU (cuda:LOCAL_RANK) when CUDA is there, else the CPU; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
 def env_context(device: str = "auto") -> Context:
-    """Rank and world size from the launcher's environment; ``device`` "auto": this process's GPU
-    (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    """Rank and world size from the launcher's environment (never from what hardware is present);
+    ``device`` as ``resolve_device``."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", rank))
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"launcher environment is inconsistent: RANK={rank}, WORLD_SIZE={world}")
-    if device == "auto":
-        import torch
+    return Context(rank, world, local, resolve_device(device, local))
 
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    return Context(rank, world, local, device)
+
+def warn_lone_launch() -> None:
+    """Warn when a launcher meant several processes but gave this one no world: ``accelerate launch
+    --cpu --num_processes N`` starts one plain process unless it runs under mpirun (it sets MASTER_ADDR
+    for a group but no WORLD_SIZE)."""
+    if "WORLD_SIZE" in os.environ or "MASTER_ADDR" not in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return
+    print("warning: accelerate launch set MASTER_ADDR but no WORLD_SIZE, so this is ONE process. On CPUs, "
+          "`accelerate launch --cpu --num_processes N` needs MPI (--mpirun_hostfile); use `torchrun "
+          "--nproc_per_node N -m ...` or `accelerate launch --multi_gpu --num_processes N -m ...` (gloo on CPU)",
+          file=sys.stderr, flush=True)
 
 
 def init(device: str = "auto") -> Context:
     """``env_context`` plus the process group when there is more than one process."""
     ctx = env_context(device)
+    warn_lone_launch()
     if ctx.world > 1:
         import torch
         import torch.distributed as dist
@@ -69,6 +88,16 @@ def shard(items: Sequence, rank: int, world: int) -> list:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"bad shard: rank {rank} of {world}")
     return list(items)[rank::world]
+
+
+def all_reduce_mean(t):
+    """The mean of ``t`` over the processes, in place (``t`` itself for one process)."""
+    if active():
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
 
 
 def barrier() -> None:

@@ -1,17 +1,15 @@
 """AsynDM engine cost: vanilla vs AsynDM-dynamic vs AsynDM-static on one mid-size random UNet.
 
-Runs are interleaved (one of each mode per round) and the medians compared, so the ratios are
-measured side by side in one process. Target (DESIGN.md): dynamic ≤ 1.10× vanilla; static is
-one extra vanilla pass (≈ 2×).
+Every mode is warmed once, then timed in interleaved rounds (one run of each mode per round); the
+ratio is the median of the rounds' ratios (benchmarks/interleaved.py), at torch's default thread
+count. Target (DESIGN.md): dynamic ≤ 1.10× vanilla; static is one extra vanilla pass (≈ 2×).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_asyndm.py [--rounds 5] [--steps 20]
 """
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -20,6 +18,9 @@ import torch  # noqa: E402
 
 from asyndm_fpdm import tiny  # noqa: E402
 from asyndm_fpdm.samplers.api import asyn_generate  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interleaved import interleaved, median, ratio, spread  # noqa: E402
 
 
 def mid_unet(latent):
@@ -54,20 +55,15 @@ def main():
         "asyn-dynamic": dict(mode="asyn", mask_source="dynamic"),
         "asyn-static": dict(mode="asyn", mask_source="static"),
     }
-    times = {m: [] for m in modes}
-    asyn_generate(unet, cfg, cond, uncond, items=items, steps=2, seed=0)  # warm-up
-    for _ in range(args.rounds):
-        for name, kw in modes.items():
-            t0 = time.perf_counter()
-            asyn_generate(unet, cfg, cond, uncond, items=items, steps=args.steps, seed=0, eta=0.0, **kw)
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["vanilla"])
+    runs = {name: (lambda kw=kw: asyn_generate(unet, cfg, cond, uncond, items=items, steps=args.steps, seed=0,
+                                                eta=0.0, **kw)) for name, kw in modes.items()}
+    times = interleaved(runs, args.rounds)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"UNet {params:.1f}M params, latent {args.latent}x{args.latent}, {args.steps} steps, CFG, "
-          f"{args.rounds} rounds, torch threads {torch.get_num_threads()}")
+          f"{args.rounds} interleaved rounds after a warm-up of each, torch threads {torch.get_num_threads()}")
     for name in modes:
-        med = statistics.median(times[name])
-        print(f"{name:14s} median {med:7.3f} s   ratio vs vanilla {med / base:5.3f}")
+        print(f"{name:14s} median {median(times[name]):7.3f} s   ratio vs vanilla {ratio(times, name, 'vanilla'):5.3f}"
+              f" (median of per-round ratios; rounds {spread(times, name, 'vanilla')})")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 of the same name inside ComfyUI, for every sampler ComfyUI lists (the native per-pixel ones and
 the rest through the change of clock).
 
-Same model, sigmas, latent and conditioning, one process, runs interleaved; prints per sampler
-the median wall time per step of each and their ratio (target: AsynDM dynamic ≤ 1.05× per step).
+Same model, sigmas, latent and conditioning, one process; per sampler both sides are warmed, then
+timed in interleaved rounds (benchmarks/interleaved.py); prints the median wall time per step of
+each and the median of the rounds' ratios (target: AsynDM dynamic ≤ 1.05× per step). Threads:
+torch's default, as ComfyUI runs (``--threads N`` to pin; the test harness's one thread is not used).
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm.py \
         [--size 256] [--steps 4] [--repeats 3] [--channels 320] [--samplers all | euler,uni_pc,...]
@@ -17,16 +19,18 @@ process-wide setting (denormal flushing, thread count) is applied, to either sid
 import argparse
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def bootstrap(comfy_path, prefix="bench_asyndm_"):
+def bootstrap(comfy_path, prefix="bench_asyndm_", threads=0):
+    """ComfyUI imported as the integration harness does, but at ComfyUI's own thread count (torch's
+    default) unless ``threads`` > 0."""
+    os.environ["COMFYUI_TEST_THREADS"] = str(threads)
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     sys.path.insert(0, str(ROOT / "tests"))
     import conftest  # noqa: F401  (imports this checkout as asyndm_fpdm)
@@ -86,11 +90,12 @@ def main():
     ap.add_argument("--channels", type=int, default=320, help="UNet base channels (SD1.5: 320)")
     ap.add_argument("--light", action="store_true", help="three levels, one ResBlock each (quick look)")
     ap.add_argument("--scheduler", default="karras")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--samplers", default="all", help="comma-separated names, or all (comfy's KSampler.SAMPLERS)")
     args = ap.parse_args()
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
-    bootstrap(args.comfyui)
+    bootstrap(args.comfyui, threads=args.threads)
 
     import comfy.utils
     import nodes
@@ -122,23 +127,18 @@ def main():
     print(f"SD1.5-shaped UNet, base channels {args.channels}{' (light)' if args.light else ''}, latent "
           f"{args.size // 8}x{args.size // 8}, {args.steps} steps ({args.scheduler}), cfg 7.5, threads "
           f"{torch.get_num_threads()}, {args.repeats} interleaved rounds (median per step; ratio: median of the rounds' ratios)")
-    print(f"  {'sampler':20s} {'core ms/step':>13s} {'AsynDM ms/step':>15s} {'ratio':>7s}")
+    print(f"  {'sampler':20s} {'core ms/step':>13s} {'AsynDM ms/step':>15s} {'ratio':>7s} {'rounds':>11s}")
+    from interleaved import interleaved, median, ratio, spread
+
     with torch.inference_mode():
-        core("euler")()  # warm-up: model load
         ratios = []
         for name in names:
-            runs = {"core": core(name), "asyn": asyn(name)}
-            times = {k: [] for k in runs}
-            for _ in range(args.repeats):
-                for key, fn in runs.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[key].append((time.perf_counter() - t) / args.steps)
-            c, a = statistics.median(times["core"]), statistics.median(times["asyn"])
-            ratio = statistics.median(x / y for x, y in zip(times["asyn"], times["core"]))  # per round: drift-proof
-            ratios.append(ratio)
-            print(f"  {name:20s} {c * 1000:13.1f} {a * 1000:15.1f} {ratio:7.3f}", flush=True)
-    print(f"  median ratio over {len(ratios)} samplers {statistics.median(ratios):.3f}, largest {max(ratios):.3f}")
+            times = interleaved({"core": core(name), "asyn": asyn(name)}, args.repeats, per=args.steps)
+            c, a = median(times["core"]), median(times["asyn"])
+            ratios.append(ratio(times, "asyn", "core"))
+            print(f"  {name:20s} {c * 1000:13.1f} {a * 1000:15.1f} {ratios[-1]:7.3f} "
+                  f"{spread(times, 'asyn', 'core'):>11s}", flush=True)
+    print(f"  median ratio over {len(ratios)} samplers {median(ratios):.3f}, largest {max(ratios):.3f}")
 
 
 if __name__ == "__main__":

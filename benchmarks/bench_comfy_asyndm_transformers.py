@@ -1,7 +1,13 @@
 """Asynchronous KSampler (AsynDM, dynamic mask) against ComfyUI's own KSampler on a Flux-shaped and
 an SD3-shaped transformer (issue 11): same model, sampler (euler), scheduler (simple), steps, latent
-and conditioning, one process, runs interleaved; prints per-step medians side by side and their
-ratio (target: AsynDM dynamic ≤ 1.05× core).
+and conditioning, one process; every run warmed, then timed in interleaved rounds
+(benchmarks/interleaved.py); prints per-step medians side by side and the median of the rounds'
+ratios (target: AsynDM dynamic ≤ 1.05× core). Threads: torch's default, as ComfyUI runs.
+
+Denormals: random weights drive some activations into float32 denormals, whose CPU cost depends
+on the values (so on which pixels lag); trained weights rarely do. Flushing them is process-wide,
+so it applies to both sides alike; ``--denormals both`` (default) reports the table without and
+with it.
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_transformers.py \
         [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4]
@@ -16,19 +22,17 @@ blocks (MMDiT fixes hidden = 64·blocks: 4 → 256); 512 px is a
 import argparse
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def bootstrap(comfy_path):
+def bootstrap(comfy_path, threads=0):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from bench_comfy_asyndm import bootstrap as bootstrap_comfyui
 
-    bootstrap_comfyui(comfy_path, prefix="bench_asyndm_dit_")
+    bootstrap_comfyui(comfy_path, prefix="bench_asyndm_dit_", threads=threads)
 
 
 def build(family, hidden, depth):
@@ -62,23 +66,25 @@ def main():
     ap.add_argument("--flux-depth", type=int, default=19,
                     help="Flux double blocks (2× as many single blocks): 19 is Flux dev's 19 + 38")
     ap.add_argument("--sd3-depth", type=int, default=4, help="SD3 joint blocks (MMDiT's hidden is 64·blocks)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
+    ap.add_argument("--denormals", choices=("keep", "flush", "both"), default="both",
+                    help="float32 denormals kept, flushed (process-wide: both sides), or a table for each")
     args = ap.parse_args()
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
-    bootstrap(args.comfyui)
+    bootstrap(args.comfyui, threads=args.threads)
 
     import nodes
     import torch
 
-    # random weights drive some activations into float32 denormals, whose CPU cost depends on the
-    # values (so on which pixels lag) and would swamp the comparison; trained weights do not
-    torch.set_flush_denormal(True)
+    from interleaved import flush_denormals, interleaved, median, ratio, spread
 
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
 
     gen = torch.Generator().manual_seed(1)
     targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": 64}
     lat = args.size // 8
+    settings = {"keep": [False], "flush": [True], "both": [False, True]}[args.denormals]
     rows = []
     for family, cfg in (("flux", 1.0), ("sd3", 4.5)):
         model = build(family, args.hidden, args.flux_depth if family == "flux" else args.sd3_depth)
@@ -103,26 +109,24 @@ def main():
 
         # dynamic: per-token timesteps + attention read every step; mask input: per-token timesteps only
         runs = {"core": core, "asyn": asyn(), "tokens": asyn("mask input", half)}
-        times = {k: [] for k in runs}
-        with torch.inference_mode():
-            for fn in runs.values():  # warm-up
-                fn()
-            for _ in range(args.repeats):
-                for name, fn in runs.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[name].append((time.perf_counter() - t) / args.steps)
-        # the ratio of each interleaved round, then the median: robust to a machine's slow drift
-        ratio = {k: statistics.median(a / c for a, c in zip(times[k], times["core"])) for k in ("asyn", "tokens")}
-        rows.append((family, statistics.median(times["core"]), statistics.median(times["asyn"]), ratio["asyn"],
-                     ratio["tokens"]))
+        for flush in settings:
+            if not flush_denormals(flush) and flush:
+                print("this CPU cannot flush denormals: the 'flushed' rows equal the kept ones")
+            with torch.inference_mode():
+                times = interleaved(runs, args.repeats, per=args.steps)
+            rows.append((family, flush, median(times["core"]), median(times["asyn"]), ratio(times, "asyn", "core"),
+                         ratio(times, "tokens", "core"), spread(times, "asyn", "core")))
+        flush_denormals(False)
     print(f"latent {lat}x{lat} ({(lat // 2) ** 2} tokens), {args.steps} steps euler/simple, threads "
-          f"{torch.get_num_threads()}, {args.repeats} interleaved rounds, median per step (ratios: median of rounds)")
-    print(f"  {'model':40s} {'ComfyUI':>10s} {'AsynDM dynamic':>15s} {'ratio':>6s} {'no attention read':>18s}")
+          f"{torch.get_num_threads()}, {args.repeats} interleaved rounds after a warm-up of each, median per step "
+          "(ratios: median of the rounds' ratios)")
+    print(f"  {'model':40s} {'denormals':>9s} {'ComfyUI':>10s} {'AsynDM dynamic':>15s} {'ratio':>6s} "
+          f"{'no attention read':>18s} {'rounds':>11s}")
     names = {"flux": f"Flux-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 1)",
              "sd3": f"SD3-shaped ({args.sd3_depth} blocks, h{64 * args.sd3_depth}, cfg 4.5)"}
-    for family, c, a, r, r_tokens in rows:
-        print(f"  {names[family]:40s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms {r:6.3f} {r_tokens:18.3f}")
+    for family, flush, c, a, r, r_tokens, rounds in rows:
+        print(f"  {names[family]:40s} {'flushed' if flush else 'kept':>9s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms "
+              f"{r:6.3f} {r_tokens:18.3f} {rounds:>11s}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from statistics import median
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -103,8 +104,9 @@ def probe(args):
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def reference_time(args, model, noise, iterations):
-    """The reference's own model (its plain loop) on the same weights, same DDIM sampling."""
+def reference_sampler(args, model, noise, iterations):
+    """The reference's own model (its plain loop) on the same weights, same DDIM sampling: a callable
+    that samples ``noise`` and returns the latents."""
     sys.path[:0] = [args.reference]
     import models as R  # the reference's models.py
     from diffusion import create_diffusion
@@ -121,13 +123,36 @@ def reference_time(args, model, noise, iterations):
     d = create_diffusion(str(args.steps))
     y = torch.cat([torch.arange(noise.shape[0]), torch.full((noise.shape[0],), 1000)]).to(args.device)
     z = torch.cat([noise, noise])
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = d.ddim_sample_loop(ref.forward_with_cfg, z.shape, z, clip_denoised=False,
-                                 model_kwargs=dict(y=y, cfg_scale=4.0), device=args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / noise.shape[0], out[: noise.shape[0]]
+
+    def sample():
+        with torch.inference_mode():
+            out = d.ddim_sample_loop(ref.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                     model_kwargs=dict(y=y, cfg_scale=4.0), device=args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out[: noise.shape[0]]
+    return sample
+
+
+def compare_reference(args, model, noise):
+    """Ours vs the reference's loop at 4 iterations: both warmed, the same rounds, interleaved; the
+    ratio is the median of the per-round ratios (load drift on a shared machine hits both alike)."""
+    ref = reference_sampler(args, model, noise, 4)
+    ours = run_config(model, args, dict(iterations=4), noise)[0]
+    ref_out = ref()  # warm-up (and the latents to compare)
+    walls, ratios = {"ours": [], "reference": []}, []
+    for _ in range(max(args.repeats, 3)):
+        t0 = time.perf_counter()
+        ref()
+        r = (time.perf_counter() - t0) / noise.shape[0]
+        o = run_config(model, args, dict(iterations=4), noise)[1]
+        walls["reference"].append(r)
+        walls["ours"].append(o)
+        ratios.append(o / r)
+    print(f"\nreference plain loop vs ours, iters 4, {len(ratios)} interleaved rounds after a warm-up of each: "
+          f"reference {median(walls['reference']):.3f} s/image, ours {median(walls['ours']):.3f} s/image (medians); "
+          f"ours/reference = {median(ratios):.2f} (median of per-round ratios, range {min(ratios):.2f}-{max(ratios):.2f}); "
+          f"max |latent diff| = {(ref_out - ours).abs().max().item():.2e}")
 
 
 def main(argv=None):
@@ -140,7 +165,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--memory", action="store_true", help="measure peak memory per configuration")
     p.add_argument("--reference", default=None, help="path of the reference FPDM checkout, to time its loop")
-    p.add_argument("--repeats", type=int, default=1, help="timing repeats (the minimum is reported)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (medians are reported)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe is not None:
@@ -151,13 +176,14 @@ def main(argv=None):
     run_config(model, args, dict(iterations=1), noise)  # warm-up
     converged, *_ = run_config(model, args, dict(iterations=200, tolerance=1e-5), noise)
 
-    # Round-robin over the configurations, keeping each one's fastest repeat: load drift on a
-    # shared machine then hits every configuration alike.
-    best, results = {}, {}
+    # Interleaved rounds over the configurations (all warmed by the runs above); each time is reported
+    # as the median over rounds and its ratio to "iters 4" as the median of the per-round ratios, so
+    # load drift on a shared machine hits every configuration alike.
+    walls, results = {name: [] for name, _ in CONFIGS}, {}
     for _ in range(args.repeats):
         for name, settings in CONFIGS:
             lat, wall, evals, peak = run_config(model, args, settings, noise)
-            best[name] = min(best.get(name, wall), wall)
+            walls[name].append(wall)
             results[name] = (lat, evals, peak)
     rows = []
     for name, settings in CONFIGS:
@@ -165,23 +191,23 @@ def main(argv=None):
         err = ((lat - converged).norm() / converged.norm()).item()
         if args.memory and peak is None and name in MEMORY_SUBSET:
             peak = memory_probe(args, settings)
-        rows.append((name, best[name], evals, peak, err))
+        ratio = median([w / b for w, b in zip(walls[name], walls["iters 4"])])
+        rows.append((name, median(walls[name]), ratio, evals, peak, err))
 
     base = next(r for r in rows if r[0] == "iters 4")
     print(f"\nFPDM hidden {args.hidden}, {args.grid}x{args.grid} latents, {args.steps} DDIM steps, CFG 4, "
-          f"batch {args.batch}, device {args.device}, torch threads {torch.get_num_threads()}")
+          f"batch {args.batch}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"{args.repeats} interleaved rounds")
     print(f"{'configuration':34s} {'s/image':>8s} {'x iters4':>8s} {'block evals':>11s} {'x iters4':>8s} "
           f"{'peak MiB':>9s} {'rel. error':>10s}")
-    for name, wall, evals, peak, err in rows:
+    for name, wall, ratio, evals, peak, err in rows:
         mem = f"{peak:9.1f}" if peak is not None else f"{'-':>9s}"
-        print(f"{name:34s} {wall:8.3f} {wall / base[1]:8.2f} {evals:11.0f} {evals / base[2]:8.2f} {mem} {err:10.4f}")
-    print("block evals: fixed-point block evaluations per image, cond + uncond halves together. "
-          "rel. error: |x - x_converged| / |x_converged| of the final latents.")
+        print(f"{name:34s} {wall:8.3f} {ratio:8.2f} {evals:11.0f} {evals / base[3]:8.2f} {mem} {err:10.4f}")
+    print("s/image: median over rounds; x iters4: median of the per-round time ratios. block evals: fixed-point "
+          "block evaluations per image, cond + uncond halves together. rel. error: |x - x_converged| / "
+          "|x_converged| of the final latents.")
     if args.reference:
-        ref_wall, ref_out = reference_time(args, model, noise, 4)
-        print(f"\nreference plain loop, iters 4: {ref_wall:.3f} s/image; ours {base[1]:.3f} s/image "
-              f"(ours/reference = {base[1] / ref_wall:.2f}); max |latent diff| = "
-              f"{(ref_out - run_config(model, args, dict(iterations=4), noise)[0]).abs().max().item():.2e}")
+        compare_reference(args, model, noise)
 
 
 if __name__ == "__main__":

@@ -165,24 +165,27 @@ def tool_parser(tool: str) -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto = this process's GPU, else cpu")
         p.set_defaults(run=run_features)
         return p
+    from .config import TrainConfig
+
+    D = TrainConfig()  # the flags' defaults are the config's
     p = argparse.ArgumentParser(prog=prog, description=(
         "Train an FPDM (or a plain DiT) on cached latents: the reference's stochastic fixed-point training, learned "
         "sigma with the hybrid loss, EMA, AdamW. Checkpoints in the train.py format that the FPDM loader, the CLI and "
         "ComfyUI open. Multi-GPU / multi-node: the same command under `accelerate launch` or `torchrun`."))
     p.add_argument("--features", required=True, help="folder written by `fpdm features`")
     p.add_argument("--out", required=True, help="run folder: args.json, metrics.csv, checkpoints/NNNNNNN.pt")
-    p.add_argument("--model", default="DiT-XL/2", help="size from DiT's table: DiT-{S,B,L,XL}/{2,4,8}")
+    p.add_argument("--model", default=D.model, help="size from DiT's table: DiT-{S,B,L,XL}/{2,4,8}")
     p.add_argument("--hidden-size", type=int, default=None, help="custom width (overrides the table)")
     p.add_argument("--depth", type=int, default=None, help="custom depth of a plain DiT (overrides the table)")
     p.add_argument("--num-heads", type=int, default=None, help="custom attention heads (overrides the table)")
     p.add_argument("--patch-size", type=int, default=None, help="custom patch size (overrides the /N of --model)")
-    p.add_argument("--fixed-point", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--fixed-point", action=argparse.BooleanOptionalAction, default=D.fixed_point,
                    help="FPDM (default) or, with --no-fixed-point, a plain DiT")
-    p.add_argument("--pre-depth", type=int, default=1, help="explicit blocks before the fixed-point block")
-    p.add_argument("--post-depth", type=int, default=1, help="explicit blocks after it")
-    p.add_argument("--no-grad-iters", type=int, nargs=2, default=(0, 10), metavar=("MIN", "MAX"),
+    p.add_argument("--pre-depth", type=int, default=D.pre_depth, help="explicit blocks before the fixed-point block")
+    p.add_argument("--post-depth", type=int, default=D.post_depth, help="explicit blocks after it")
+    p.add_argument("--no-grad-iters", type=int, nargs=2, default=D.no_grad_iters, metavar=("MIN", "MAX"),
                    help="fixed-point iterations without gradient, drawn per step from [MIN, MAX] (reference: 0 10)")
-    p.add_argument("--with-grad-iters", type=int, nargs=2, default=(1, 12), metavar=("MIN", "MAX"),
+    p.add_argument("--with-grad-iters", type=int, nargs=2, default=D.with_grad_iters, metavar=("MIN", "MAX"),
                    help="iterations with gradient after them, drawn per step from [MIN, MAX] (reference: 1 12)")
     p.add_argument("--timestep-conditioning", action="store_true",
                    help="pre/post blocks see the timestep too (train.py's fixed_point_pre_post_timestep_conditioning)")
@@ -192,23 +195,25 @@ def tool_parser(tool: str) -> argparse.ArgumentParser:
     p.add_argument("--zero-snr", action="store_true", help="zero-terminal-SNR schedule (needs --predict-v)")
     p.add_argument("--flow", action="store_true", help="the reference's flow-matching objective (no learned sigma)")
     p.add_argument("--num-classes", type=int, default=None, help="label count (default: from the features)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability a label becomes the null class (guidance)")
-    p.add_argument("--steps", type=int, default=400_000, help="total training steps (a resumed run continues to this)")
-    p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all processes")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as the reference)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--seed", type=int, default=0, help="global seed: data order, timesteps, noise, iteration counts")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--label-dropout", type=float, default=D.label_dropout, help="probability a label becomes the null class (guidance)")
+    p.add_argument("--steps", type=int, default=D.steps, help="total training steps (a resumed run continues to this)")
+    p.add_argument("--global-batch-size", type=int, default=D.global_batch_size, help="images per step over all processes")
+    p.add_argument("--lr", type=float, default=D.lr, help="AdamW learning rate (constant, as the reference)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=D.optimizer,
+                   help="adamw (the reference) or plain SGD (its step is proportional to the gradient; used by tests)")
+    p.add_argument("--weight-decay", type=float, default=D.weight_decay)
+    p.add_argument("--ema-decay", type=float, default=D.ema_decay)
+    p.add_argument("--seed", type=int, default=D.seed, help="global seed: data order, timesteps, noise, iteration counts")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=D.grad_checkpointing,
                    help="recompute explicit blocks in backward to save memory (the reference's default)")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default=D.mixed_precision,
                    help="auto = bf16 on GPUs that have it, else fp32")
-    p.add_argument("--engine", choices=["auto", "accelerate", "torch"], default="auto",
+    p.add_argument("--engine", choices=["auto", "accelerate", "torch"], default=D.engine,
                    help="auto = accelerate when installed, else torch.distributed")
-    p.add_argument("--device", default="auto", help="auto = this process's GPU, else cpu")
-    p.add_argument("--log-every", type=int, default=100, help="metrics.csv row (and progress) every N steps")
-    p.add_argument("--ckpt-every", type=int, default=10_000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-with", default="csv", help="comma list: csv (always), tensorboard, wandb")
+    p.add_argument("--device", default=D.device, help="auto = this process's GPU, else cpu")
+    p.add_argument("--log-every", type=int, default=D.log_every, help="metrics.csv row (and progress) every N steps")
+    p.add_argument("--ckpt-every", type=int, default=D.ckpt_every, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-with", default=",".join(D.log_with), help="comma list: csv (always), tensorboard, wandb")
     p.add_argument("--resume", default=None, help="a training checkpoint, or 'auto' = the latest in --out")
     p.add_argument("--warm-start", default=None, help="initialise from a plain DiT checkpoint (see README: warm start)")
     p.set_defaults(run=run_train)
@@ -220,6 +225,8 @@ def run_features(args) -> int:
     from .features import FeatureError, extract, write_manifest
 
     ctx = distributed.init(args.device)
+    if ctx.is_main:
+        print(f"fpdm features: world size {ctx.world}, device {ctx.device}", flush=True)
     try:
         vae = load_vae(args.vae, ctx.device)
         summary = extract(args.images, args.out, vae, args.image_size, args.flip, args.shard_size, args.batch_size,
@@ -238,26 +245,16 @@ def run_features(args) -> int:
     return 0
 
 
-def train_args(args) -> dict:
-    """CLI options -> the args dict stored in checkpoints (train.py's key names where it has them)."""
-    return {
-        "features": args.features, "out": args.out, "model": args.model, "hidden_size": args.hidden_size,
-        "depth": args.depth, "num_heads": args.num_heads, "patch_size": args.patch_size,
-        "num_classes": args.num_classes, "predict_v": args.predict_v, "use_zero_terminal_snr": args.zero_snr,
-        "flow": args.flow, "fixed_point": args.fixed_point, "fixed_point_pre_depth": args.pre_depth,
-        "fixed_point_post_depth": args.post_depth,
-        "fixed_point_no_grad_min_iters": args.no_grad_iters[0], "fixed_point_no_grad_max_iters": args.no_grad_iters[1],
-        "fixed_point_with_grad_min_iters": args.with_grad_iters[0],
-        "fixed_point_with_grad_max_iters": args.with_grad_iters[1],
-        "fixed_point_pre_post_timestep_conditioning": args.timestep_conditioning,
-        "fixed_point_iters": args.sampling_iterations, "label_dropout": args.label_dropout, "steps": args.steps,
-        "global_batch_size": args.global_batch_size, "global_seed": args.seed, "lr": args.lr,
-        "weight_decay": args.weight_decay, "ema_decay": args.ema_decay, "grad_checkpointing": args.grad_checkpointing,
-        "mixed_precision": args.mixed_precision, "engine": args.engine, "device": args.device,
-        "log_every": args.log_every, "ckpt_every": args.ckpt_every,
-        "log_with": [k.strip() for k in args.log_with.split(",") if k.strip()], "resume": args.resume,
-        "warm_start": args.warm_start,
-    }
+def train_config(args):
+    """CLI options -> the TrainConfig (the flags' dest names are its field names)."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    kw["log_with"] = [k.strip() for k in args.log_with.split(",") if k.strip()]
+    kw["no_grad_iters"], kw["with_grad_iters"] = tuple(args.no_grad_iters), tuple(args.with_grad_iters)
+    return TrainConfig(**kw)
 
 
 def run_train(args) -> int:
@@ -266,7 +263,7 @@ def run_train(args) -> int:
     from .train import TrainError, train
 
     try:
-        result = train(train_args(args))
+        result = train(train_config(args))
     except (TrainError, FeatureError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}")
     if result.get("checkpoint"):

@@ -241,8 +241,18 @@ def load_features(folder: str):
         raise FeatureError(f"{path} is not a features manifest of this pack (format {manifest.get('format')!r})")
     latents, labels = [], []
     for s in manifest["shards"]:
+        shard_path = os.path.join(folder, s["file"])
+        try:
+            d = load_file(shard_path)
+            ok = d["labels"].shape[0] == s["count"] == d["latents"].shape[0]
+        except Exception as exc:  # missing, truncated (safetensors' header check), not a shard
+            ok, why = False, " ".join(str(exc).split())[:120] or type(exc).__name__
+        else:
+            why = f"it holds {d['labels'].shape[0]} latents, the manifest says {s['count']}"
+        if not ok:
+            raise FeatureError(f"features shard {shard_path} is missing or damaged ({why}): rerun the same "
+                               "`fpdm features` command; it keeps the good shards and redoes this one")
         if s["count"]:
-            d = load_file(os.path.join(folder, s["file"]))
             latents.append(d["latents"])
             labels.append(d["labels"])
     return torch.cat(latents), torch.cat(labels), manifest

@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .config import reference_key
 from .model import DIT_CONFIGS, DiT, FPDMConfig
 
 PREFIXES = ("module.", "_orig_mod.", "model.diffusion_model.")
@@ -160,9 +161,9 @@ def infer_config(sd: dict, args: Optional[dict] = None, options: Optional[dict] 
             missing.append(field)
         return None
 
-    pptc = pick("pre_post_timestep_conditioning", "fixed_point_pre_post_timestep_conditioning", bool, fixed_point)
-    v = pick("prediction", "predict_v", lambda a: ("v" if a is True or a == "v" else "eps"), fixed_point)
-    zsnr = pick("zero_terminal_snr", "use_zero_terminal_snr", bool, fixed_point)
+    pptc = pick("pre_post_timestep_conditioning", reference_key("timestep_conditioning"), bool, fixed_point)
+    v = pick("prediction", reference_key("predict_v"), lambda a: ("v" if a is True or a == "v" else "eps"), fixed_point)
+    zsnr = pick("zero_terminal_snr", reference_key("zero_snr"), bool, fixed_point)
     if missing:
         raise CheckpointError(
             "this FPDM checkpoint does not say " + ", ".join(missing) + ". Put the args.json that train.py "
@@ -174,7 +175,7 @@ def infer_config(sd: dict, args: Optional[dict] = None, options: Optional[dict] 
     cfg.zero_terminal_snr = bool(zsnr) if zsnr is not None else False
     if cfg.zero_terminal_snr and cfg.prediction != "v":
         raise CheckpointError("zero terminal SNR needs v-prediction (the reference refuses it with epsilon)")
-    its = options.get("iterations") or args.get("fixed_point_iters")
+    its = options.get("iterations") or args.get(reference_key("sampling_iterations"))
     cfg.default_iterations = int(its) if its else None
     if "num_classes" in args and int(args["num_classes"]) != classes:
         raise CheckpointError(f"args.json says {args['num_classes']} classes, the weights have {classes}")

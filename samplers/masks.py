@@ -28,10 +28,26 @@ def resolve_priority(binary: torch.Tensor, ks: Sequence[float]) -> torch.Tensor:
     return keep.to(binary.dtype) * binary
 
 
-def resize_masks(masks: torch.Tensor, size) -> torch.Tensor:
+def resize_masks(masks: torch.Tensor, size, mode: str = "nearest") -> torch.Tensor:
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
-    return F.interpolate(masks, size=tuple(size), mode="nearest")
+    return F.interpolate(masks, size=tuple(size), mode=mode)
+
+
+def cell_coverage(masks: torch.Tensor, cell: int = 1) -> torch.Tensor:
+    """(B, N, H, W) masks, soft or binary → binary masks uniform on cell × cell blocks (a
+    transformer's tokens): a block belongs to an item when the item covers more than half of it
+    (the block's mean > 0.5, the threshold every mask input gets). Blocks cut by the edge average
+    over the pixels they have."""
+    if cell <= 1:
+        return (masks > 0.5).to(masks.dtype)
+    h, w = masks.shape[-2:]
+    gh, gw = -(-h // cell), -(-w // cell)
+    padded = F.pad(masks, (0, gw * cell - w, 0, gh * cell - h))
+    ones = F.pad(torch.ones_like(masks[:1, :1]), (0, gw * cell - w, 0, gh * cell - h))
+    share = F.avg_pool2d(padded, cell) / F.avg_pool2d(ones, cell)
+    full = (share > 0.5).to(masks.dtype).repeat_interleave(cell, dim=-2).repeat_interleave(cell, dim=-1)
+    return full[..., :h, :w]
 
 
 def build_item_masks(maps: torch.Tensor, ks: Sequence[float], size, mask_thr: float = 1.0) -> torch.Tensor:

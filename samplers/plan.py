@@ -3,12 +3,15 @@
 The background follows the run's sigmas S_0 > ... > S_N (any scheduler, any SIGMAS) exactly.
 Prompt-item pixels lag behind on the paper's concave curves (curves.py). The curves live in
 the paper's *virtual timestep* space y (1001 → 0, the linear curve gives the background's
-knots K_i); a pixel's y is mapped to the model's own timestep by interpolating, between the
-knots, the offset T_i − K_i where T_i = timestep(S_i), then rounded to the model's timestep grid
-and turned into a sigma (DESIGN.md, "AsynDM in sigma space"):
+knots K_i). A pixel's y is mapped to a *position* u on the schedule's time axis
+(time_axis.py) by interpolating, between the knots, the offset U_i − K_i where U_i =
+position(S_i), then rounded to the axis' grid and turned into a sigma by the axis' exact inverse
+sigma(u) (DESIGN.md, "AsynDM in sigma space"). What the model is fed, and what
+``timestep_maps`` report, is the model's own timestep(σ) of that sigma — on shifted flow models a
+different number from u:
 
 - a pixel exactly on the step's knot gets S_i itself (the background is the scheduler's);
-- in the paper's configuration (DDIM leading timesteps) T_i = K_i, so t = y exactly and the
+- in the paper's configuration (DDIM leading timesteps) U_i = K_i, so u = y exactly and the
   rounded timestep maps are the reference's, bit for bit;
 - from pure noise (txt2img) the first evaluation is one curve step from the virtual start
   y = 1001, as in the paper; from a partly noised latent (denoise < 1, img2img) every pixel
@@ -24,7 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .masks import build_item_masks, initial_dynamic_masks
+from .masks import build_item_masks, cell_coverage, initial_dynamic_masks
 from .schedule import AsyncSchedule
 
 MODES = ("asyn", "concave", "vanilla")
@@ -48,7 +51,6 @@ class SigmaPlan:
         mask_thr: float = 1.0,
         from_noise: Optional[bool] = None,
         capture_all: bool = False,
-        discrete: Optional[bool] = None,
         cell: int = 1,
     ):
         if mode not in MODES:
@@ -70,25 +72,22 @@ class SigmaPlan:
         self.curves = AsyncSchedule(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
         self._init_masks(masks, anchors)
 
-        timesteps = torch.stack([self._timestep(s) for s in sigmas])
-        self.t_max = float(schedule.timestep(torch.as_tensor(schedule.sigma_max, dtype=torch.float32)))
-        if discrete is None:
-            discrete = not getattr(schedule, "flow", False)
-        self.grid = 1.0 if discrete else self.t_max / 1000.0  # items' timesteps are rounded to it
+        self.axis = schedule.axis  # σ ↔ position u, exact inverses (time_axis.py)
+        positions = self.axis.position(sigmas.cpu()).float()
+        self.u_max = float(self.axis.u_max)
 
         start = float(self.curves.start_value)
         first = float(self.curves.step(torch.tensor([start]), self.steps)[0])
         if from_noise is None:  # txt2img: the first sigma is at or above the paper's first timestep
-            from_noise = float(timesteps[0]) >= first / start * self.t_max - 0.5
+            from_noise = float(positions[0]) >= first / start * self.u_max - 0.5
         self.from_noise = bool(from_noise)
         knots = [first if self.from_noise else start]
         for i in range(self.steps):
             knots.append(float(self.curves.step(torch.tensor([knots[-1]]), self.steps - i - 1)[0]))
         k = torch.tensor(knots)
-        t = timesteps.float().cpu()
-        # timestep − y at each knot; on a discrete grid against the rounded knot, so that in the
-        # paper's configuration it is exactly 0 and t = y (float32 knots drift by ~1e-4)
-        offsets = t - (k.round() if discrete else k)
+        # position − y at each knot, against the rounded knot, so that in the paper's configuration
+        # it is exactly 0 and u = y (float32 knots drift by ~1e-4)
+        offsets = positions - k.round()
         if self.from_noise:  # the virtual start y = 1001 keeps the first knot's offset
             k, offsets = torch.cat([torch.tensor([start]), k]), torch.cat([offsets[:1], offsets])
         self.knots, self.offsets = k, offsets  # knots descend in y
@@ -96,7 +95,7 @@ class SigmaPlan:
         self._y: List[torch.Tensor] = []
         self._sig: List[torch.Tensor] = []
         self.capture_pending = False
-        self.timestep_maps: List[torch.Tensor] = []  # (B, H, W) model timestep of every pixel, per step
+        self.timestep_maps: List[torch.Tensor] = []  # (B, H, W) what the model is fed, per pixel and step
         self.mask_history: List[Optional[torch.Tensor]] = []  # masks that set each step's next state
         self.item_maps: List[Optional[torch.Tensor]] = []  # attention observed at each step
         y0 = torch.full((batch, *self.size), start, device=self.device)
@@ -122,49 +121,43 @@ class SigmaPlan:
         self.masks = self._snap(self.masks)
 
     def _snap(self, masks):
-        """Masks uniform on cell × cell patches (each takes its top-left pixel), so every
-        transformer token has one sigma: the one its timestep and its pixels' updates use."""
-        c = self.cell
-        if masks is None or c <= 1:
-            return masks
-        h, w = masks.shape[-2:]
-        return masks[..., ::c, ::c].repeat_interleave(c, dim=-2).repeat_interleave(c, dim=-1)[..., :h, :w]
+        """Binary masks uniform on cell × cell patches, so every transformer token has one sigma
+        (the one its timestep and its pixels' updates use): a pixel or patch follows the share of
+        it a mask covers (masks.cell_coverage)."""
+        return None if masks is None else cell_coverage(masks, self.cell)
 
-    def _timestep(self, sigma):
-        if float(sigma) <= 0:
-            return torch.tensor(0.0)
-        return torch.as_tensor(self.schedule.timestep(torch.as_tensor(sigma, dtype=torch.float32)),
-                               dtype=torch.float32).cpu()
+    def model_timestep(self, sigma_map: torch.Tensor) -> torch.Tensor:
+        """What the model is fed for a (B, 1, H, W) sigma map: its own timestep(σ), looked up
+        once per distinct sigma; σ = 0 is timestep 0."""
+        uniq, inverse = torch.unique(sigma_map[:, 0], return_inverse=True)
+        t = torch.as_tensor(self.schedule.timestep(uniq.float().cpu()), dtype=torch.float32).to(uniq.device)
+        return torch.where(uniq > 0, t, torch.zeros_like(t))[inverse]
 
     # ------------------------------------------------------------------------------ y → sigma
-    def _sigma_of(self, y: torch.Tensor, i: int):
-        """(sigma map (B,1,H,W), timestep map (B,H,W)) of virtual states y at step i."""
+    def _sigma_of(self, y: torch.Tensor, i: int) -> torch.Tensor:
+        """Sigma map (B,1,H,W) of virtual states y at step i."""
         k = self.knots.to(y.device)
         d = self.offsets.to(y.device)
         # segment j with k[j] >= y >= k[j+1] (knots descend)
         j = (torch.searchsorted(-k, -y.contiguous(), right=True) - 1).clamp(0, len(k) - 2)
         f = ((k[j] - y) / (k[j] - k[j + 1])).clamp(0, 1)
-        t = (y + d[j] + f * (d[j + 1] - d[j])).clamp(0, self.t_max)
-        t = (t / self.grid).round() * self.grid
-        sig = torch.as_tensor(self.schedule.sigma(t.flatten()), dtype=torch.float32).to(y.device).view_as(y)
+        u = (y + d[j] + f * (d[j + 1] - d[j])).clamp(0, self.u_max).round()  # a position on the axis' grid
+        sig = torch.as_tensor(self.axis.sigma(u.flatten().cpu()), dtype=torch.float32).to(y.device).view_as(y)
         knot = self.knots[i + 1 if self.from_noise else i].item()
-        on_knot = y == knot
-        sig = torch.where(on_knot, self.sigmas[i].to(y.device), sig)
-        # a lagging pixel is never ahead of the background: σ(t) from the model's table can be an
-        # ulp below a scheduler's own σ at the same timestep (karras' σ_min vs σ(0))
+        sig = torch.where(y == knot, self.sigmas[i].to(y.device), sig)
+        # a lagging pixel is never ahead of the background: σ(u) from the model's table can be an
+        # ulp below a scheduler's own σ at the same position (karras' σ_min vs σ(0))
         sig = torch.maximum(sig, self.sigmas[i].to(y.device))
         if i == self.steps:
             sig = torch.where(y <= 0, self.sigmas[-1].to(y.device), sig)
-            t = torch.where(y <= 0, torch.zeros_like(t), t)
-        t = torch.where(on_knot, self._timestep(self.sigmas[i]).to(y.device), t)
-        return sig[:, None], t
+        return sig[:, None]
 
     def _push(self, y, i):
-        sig, t = self._sigma_of(y, i)
+        sig = self._sigma_of(y, i)
         self._y.append(y)
         self._sig.append(sig)
         if i < self.steps:
-            self.timestep_maps.append(t)
+            self.timestep_maps.append(self.model_timestep(sig))
 
     # ------------------------------------------------------------------------- sampler side
     def __len__(self):
@@ -197,7 +190,9 @@ class SigmaPlan:
 
 
 def fit_masks(masks: torch.Tensor, batch: int, size, n_items: int) -> torch.Tensor:
-    """Accept (N,H,W), (B,N,H,W) or (H,W) masks of any size; binarise at 0.5 and fit the latent."""
+    """Accept (N,H,W), (B,N,H,W) or (H,W) masks of any size: each latent pixel takes the share of
+    it the mask covers (area average), in the mask above 0.5. The plan then does the same for a
+    transformer's tokens from these shares."""
     from .masks import resize_masks
 
     m = torch.as_tensor(masks, dtype=torch.float32)
@@ -209,5 +204,4 @@ def fit_masks(masks: torch.Tensor, batch: int, size, n_items: int) -> torch.Tens
         raise ValueError(f"got masks for {m.shape[1]} items but {n_items} strengths k: give one mask per item")
     if m.shape[0] not in (1, batch):
         raise ValueError(f"mask batch {m.shape[0]} does not match the latent batch {batch}: give 1 or {batch}")
-    m = resize_masks(m, size).expand(batch, -1, -1, -1)
-    return (m > 0.5).float()
+    return resize_masks(m, size, mode="area").expand(batch, -1, -1, -1).clamp(0, 1)

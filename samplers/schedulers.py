@@ -2,9 +2,10 @@
 
 ``DiscreteSchedule`` is a variance-preserving model trained on discrete timesteps (the SD family)
 seen in sigma space, with the same formulas as ComfyUI's ``ModelSamplingDiscrete``:
-σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), ``timestep(σ)`` the nearest training timestep in log σ,
-``sigma(t)`` log-linear between neighbours. ComfyUI's own sampling object offers the same four
-members (sigma, timestep, sigma_min, sigma_max) and is used in its place inside ComfyUI.
+σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), ``timestep(σ)`` the nearest training timestep in log σ (what the
+model is fed), ``sigma(t)`` log-linear between neighbours, and the plan's time ``axis`` (its
+table: positions are the model's timesteps). Inside ComfyUI, ``comfyui.sampler.ComfySchedule``
+offers the same members around the model's own sampling object.
 
 Schedules return N + 1 descending sigmas ending at 0 (or at σ(0) for the paper's last step).
 """
@@ -12,6 +13,8 @@ Schedules return N + 1 descending sigmas ending at 0 (or at σ(0) for the paper'
 import math
 
 import torch
+
+from .time_axis import TableAxis
 
 SCHEDULERS = ("paper", "karras", "exponential", "leading", "trailing", "linspace")
 
@@ -23,6 +26,7 @@ class DiscreteSchedule:
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
         self.sigmas = ((1 - ac) / ac) ** 0.5
         self.log_sigmas = self.sigmas.log()
+        self.axis = TableAxis(self.sigmas)  # the plan's σ ↔ position (time_axis.py)
 
     @property
     def sigma_min(self):
@@ -53,13 +57,16 @@ def paper_sigmas(schedule, steps: int, steps_offset: int = 1, last_timestep_zero
     981, 961, ..., 1 for 50 steps, which is diffusers' DDIM "leading" + offset whenever the step
     count divides 1000 (the reference's vanilla run uses that spacing; at other counts its AsynDM
     background and its vanilla run differ by a few timesteps, and this follows the AsynDM one).
-    The last step lands on timestep 0 (σ(0) > 0), or on σ = 0."""
+    The last step lands on timestep 0 (σ(0) > 0), or on σ = 0. The timesteps are positions on the
+    schedule's time axis (time_axis.py): the model's timesteps on SD-family models, 1000 steps of
+    the unshifted flow time on flow models (whose σ(0) is 0)."""
     from .schedule import AsyncSchedule, timesteps_of
 
-    curve = AsyncSchedule(steps, num_train_timesteps=len(schedule.sigmas), steps_offset=steps_offset)
+    axis = schedule.axis
+    curve = AsyncSchedule(steps, num_train_timesteps=axis.steps, steps_offset=steps_offset)
     ts = timesteps_of(curve.plan(None, [], 1, 1, 1)[:-1]).flatten().float()
-    sig = schedule.sigma(ts)
-    end = schedule.sigma(torch.zeros(1)) if last_timestep_zero else torch.zeros(1)
+    sig = axis.sigma(ts).float()
+    end = axis.sigma(torch.zeros(1)).float() if last_timestep_zero else torch.zeros(1)
     return torch.cat([sig, end])
 
 

@@ -37,9 +37,35 @@ def make_vae(folder, seed=0):
     return folder
 
 
-def train_argv(features, out, *extra, steps=6):
-    """A tiny FPDM: hidden 32, 2 heads, patch 2, 1 pre + fixed point + 1 post block."""
+def train_argv(features, out, *extra, steps=6, device="cpu"):
+    """A tiny FPDM: hidden 32, 2 heads, patch 2, 1 pre + fixed point + 1 post block. ``device=None``
+    leaves --device out (its default, auto), as the README's launch lines do."""
     return ["fpdm", "train", "--features", str(features), "--out", str(out), "--model", "DiT-S/2",
             "--hidden-size", "32", "--num-heads", "2", "--no-grad-iters", "0", "2", "--with-grad-iters", "1", "2",
             "--steps", str(steps), "--global-batch-size", "4", "--lr", "1e-3", "--ema-decay", "0.9",
-            "--no-grad-checkpointing", "--log-every", "1", "--ckpt-every", "3", "--device", "cpu", *extra]
+            "--no-grad-checkpointing", "--log-every", "1", "--ckpt-every", "3",
+            *(["--device", device] if device else []), *extra]
+
+
+def launch(launcher, argv, timeout=180):
+    """``launcher -m asyndm_fpdm *argv`` as a user types it (e.g. ``["torchrun", "--nproc_per_node", "2"]``),
+    with ``asyndm_fpdm`` resolving to this checkout and one thread per process. -> (stdout, stderr).
+    Retries once on the rare gloo teardown abort (see torchrun.py)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from torchrun import ROOT, TEARDOWN_ABORT
+
+    pkg = tempfile.mkdtemp(prefix="asyndm_pkg_")
+    os.symlink(ROOT, os.path.join(pkg, "asyndm_fpdm"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join([pkg, os.environ.get("PYTHONPATH", "")]))
+    tool = os.path.join(os.path.dirname(sys.executable), launcher[0])
+    cmd = [tool if os.path.exists(tool) else launcher[0], *launcher[1:], "-m", "asyndm_fpdm", *map(str, argv)]
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout, proc.stderr

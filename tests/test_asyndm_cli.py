@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from asyndm_fpdm import tiny as tiny_pipeline
 
 from asyndm_fpdm.cli import main
+from png_content import assert_pngs_show_the_run, record_runs
 
 
 @pytest.fixture(scope="module")
@@ -17,23 +19,24 @@ def model_dir(tmp_path_factory):
     return tiny_pipeline.save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")))
 
 
-def test_cli_writes_all_modes_masks_and_timesteps(model_dir, tmp_path):
+def test_cli_writes_all_modes_masks_and_timesteps(model_dir, tmp_path, monkeypatch):
+    """Broken variants caught: the masks grid drawn from the next image of the batch
+    (``res.masks[s][(b + 1) % 2, i]``) and the timestep tiles at another scale (``scale=999.0``)."""
+    runs = record_runs(monkeypatch)
     out = tmp_path / "out"
     rc = main(["asyn", "--model", model_dir, "--prompt", "a rabbit playing basketball",
                "--targets", "rabbit:0.7, basketball:0.5", "--steps", "4", "--eta", "0",
                "--out", str(out), "--batch-size", "2"])
     assert rc == 0
-    for j in (0, 1):
-        for name in ("vanilla", "concave", "asyn", "compare", "masks", "timesteps"):
-            assert (out / f"{j:05}_{name}.png").is_file(), name
+    assert sorted(kw["mode"] for kw, _ in runs) == ["asyn", "concave", "vanilla"]
+    assert_pngs_show_the_run(out, runs, steps=[0, 1, 2, 3], items=2)  # 4 steps: all shown
     from PIL import Image
 
     assert Image.open(out / "00000_asyn.png").size == (128, 128)
-    assert Image.open(out / "00000_compare.png").size[0] > 3 * 128
     assert json.loads((out / "prompts.json").read_text()) == ["a rabbit playing basketball"] * 2
 
 
-def test_cli_reference_files_static_mask_and_resume(model_dir, tmp_path):
+def test_cli_reference_files_static_mask_and_resume(model_dir, tmp_path, monkeypatch):
     prompts = tmp_path / "p.json"
     items = tmp_path / "i.json"
     prompts.write_text(json.dumps(["a cat eating a sandwich", "a dog playing basketball"]))
@@ -44,7 +47,12 @@ def test_cli_reference_files_static_mask_and_resume(model_dir, tmp_path):
     out = tmp_path / "out"
     args = ["asyn", "--model", model_dir, "--prompt-file", str(prompts), "--item-file", str(items),
             "--steps", "3", "--mask", "static", "--modes", "asyn", "--out", str(out)]
+    runs = record_runs(monkeypatch)
     assert main(args) == 0
+    assert [kw["mask_source"] for kw, _ in runs] == ["static", "static"]
+    for n, (_, res) in enumerate(runs):  # a static mask: the same at every step, and shown so
+        assert all(torch.equal(m, res.masks[0]) for m in res.masks)
+        assert_pngs_show_the_run(out, [runs[n]], steps=[0, 1, 2], items=2, modes=("asyn",), first=n)
     assert sorted(os.listdir(out)) == sorted(
         ["00000_asyn.png", "00000_compare.png", "00000_masks.png", "00000_timesteps.png",
          "00001_asyn.png", "00001_compare.png", "00001_masks.png", "00001_timesteps.png",

@@ -66,6 +66,69 @@ def test_per_pixel_timesteps_act_locally(unet):
     assert left > 0 and left > right
 
 
+def _naive_pixel_forward(unet, x, tmap, ctx, added=None):
+    """Oracle for the per-pixel forward, slow and written out: the stock UNet runs with every
+    ResNet's per-image time embedding zeroed, and after each ResNet's conv1 a (B, C, h, w) map is
+    added whose every pixel is computed alone, by a Python loop through the model's own time MLP at
+    the timestep of the latent pixel at the top-left of that feature pixel's block (DESIGN.md,
+    "gathered per pixel, strided indices"), plus the image's added embedding (SDXL)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    height = tmap.shape[1]
+    vec = unet.get_aug_embed(emb=x.new_zeros(1), encoder_hidden_states=ctx, added_cond_kwargs=added or {})
+
+    def pixel_embedding(b, t):
+        emb = unet.time_embedding(unet.time_proj(torch.tensor([int(t)])).to(x.dtype), None)[0]
+        emb = emb + vec[b] if vec is not None else emb
+        return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
+
+    def add_map(resnet):
+        def hook(module, args, out):
+            s = max(height // out.shape[-2], 1)
+            extra = torch.zeros_like(out)
+            for b in range(out.shape[0]):
+                for i in range(out.shape[-2]):
+                    for j in range(out.shape[-1]):
+                        emb = resnet.nonlinearity(pixel_embedding(b, tmap[b, i * s, j * s]))
+                        extra[b, :, i, j] = torch.nn.functional.linear(emb, resnet.time_emb_proj.weight,
+                                                                       resnet.time_emb_proj.bias)
+            return out + extra
+        return hook
+
+    handles = []
+    for m in unet.modules():
+        if isinstance(m, ResnetBlock2D):
+            handles.append(m.conv1.register_forward_hook(add_map(m)))
+            handles.append(m.time_emb_proj.register_forward_hook(lambda mod, a, o: torch.zeros_like(o)))
+    try:
+        with torch.no_grad():
+            return unet(x, torch.zeros(x.shape[0], dtype=torch.long), encoder_hidden_states=ctx,
+                        added_cond_kwargs=added).sample
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_mixed_timestep_map_matches_a_naive_per_pixel_forward(sdxl):
+    """Per-pixel timesteps that differ from pixel to pixel (4 values at random, so every stride's
+    top-left sampling matters) against the slow per-pixel oracle above.
+
+    Broken variants caught: feature pixels of coarser levels taking the block's centre pixel
+    (``strided_index`` with ``index[:, stride // 2::stride, stride // 2::stride]``), and SDXL's
+    per-image added embedding taken from the wrong image (``vec[row_img.flip(0)]``)."""
+    unet = tm.tiny_unet(sdxl=sdxl)
+    x, ctx = tm.latents(2), tm.embeds(2)
+    gen = torch.Generator().manual_seed(5)
+    tmap = torch.tensor([30, 333, 640, 981])[torch.randint(0, 4, (2, 16, 16), generator=gen)]
+    added = None
+    if sdxl:
+        added = {"text_embeds": torch.randn(2, tm.CROSS_DIM, generator=gen), "time_ids": torch.randn(2, 6, generator=gen)}
+    fast, _ = pixel_forward(unet, x, tmap, ctx, added_cond_kwargs=added)
+    naive = _naive_pixel_forward(unet, x, tmap, ctx, added)
+    assert_close(fast, naive, ROUNDOFF_ONE_PASS, "gathered per-pixel forward vs naive per-pixel oracle")
+
+
 def _time_mlp_rows(unet, tmap, **kw):
     rows = []
     handle = unet.time_embedding.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))

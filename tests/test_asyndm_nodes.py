@@ -14,6 +14,7 @@ from asyndm_fpdm.samplers.comfyui import conditioning
 from asyndm_fpdm.samplers.comfyui import tokens as comfy_tokens
 from asyndm_fpdm.samplers.comfyui.sampler import RunInfo
 from asyndm_fpdm.samplers.tokens import UnknownWordError
+from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -148,6 +149,24 @@ def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
     assert "outside the run's 3 steps" in caplog.text and "outside the batch of 2" in caplog.text
     # an API prompt written before the rename still says "steps"
     assert node.preview(run, steps="0, -1")[1].shape[0] == 2 and node.VALIDATE_INPUTS(steps="0, x") is not True
+
+
+def test_asyndm_previews_show_the_run():
+    """The "Masks at Steps" frames show the run's masks and timestep maps of the chosen image at the
+    chosen steps, and "Timestep Curves" draws the mean timestep of the background and of each item.
+
+    Broken variants caught: regions of the first image of the batch (``m[0]`` in ``region_images``),
+    gray levels over 1000 instead of 1001 (``max_t=1000.0``), and curves averaged over all pixels."""
+    gen = torch.Generator().manual_seed(0)
+    steps, batch, h, w = 5, 2, 6, 5
+    maps = [torch.randint(0, 1000, (batch, h, w), generator=gen) for _ in range(steps)]
+    masks = [(torch.rand(batch, 2, h, w, generator=gen) > 0.6).float() for _ in range(steps)]
+    run = RunInfo(ks=[0.7, 0.5], words=["cat", "dog"], timestep_maps=maps, masks=masks, item_maps=[])
+    regions, times = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]().preview(run, "0, 2, -1", 1)
+    assert regions.shape == times.shape == (3, h * 8, w * 8, 3)
+    assert_mask_steps_preview_shows(regions, times, run, [0, 2, 4], 1, comfy_plots.PALETTE)
+    (img,) = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMCurvePreview"]().plot(steps, "bin", "0.7, 0.5", run=run)
+    assert_curves_drawn(img[0], mean_timesteps(run), comfy_plots.PALETTE)
 
 
 def test_asyndm_plots_shapes():

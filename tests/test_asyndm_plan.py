@@ -113,3 +113,26 @@ def test_bad_input_is_a_clear_error(sd):
         SigmaPlan(make_sigmas(sd, "karras", 4), sd, 1, SIZE, mode="sync")
     with pytest.raises(ValueError, match="unknown scheduler 'simple'"):
         make_sigmas(sd, "simple", 4)
+
+
+@pytest.mark.parametrize("cell", [1, 2])
+def test_unaligned_mask_follows_the_share_of_each_cell_it_covers(sd, cell):
+    """A 64×64 MASK for an 8×8 latent, not aligned to the latent or the token grid: a pixel (cell 1)
+    or a token (cell 2, a transformer's patch) is in the mask exactly when more than half of its
+    cell's image pixels are, computed here token by token. Caught: each cell taking its top-left
+    pixel (the old snap: 11 of 36 masked pixels on the background schedule)."""
+    mask = torch.zeros(64, 64)
+    mask[10:45, 5:37] = 1  # edges at 10, 45, 5, 37: inside cells, not on their borders
+    mask[50:53, 50:64] = 1  # a thin strip: under half of every cell it touches
+    plan = SigmaPlan(make_sigmas(sd, "karras", 4), sd, 1, SIZE, mode="asyn", ks=[0.7], masks=mask[None], cell=cell)
+    side = 8 * cell  # image pixels per cell side
+    expect = torch.zeros(SIZE)
+    for ty in range(8 // cell):
+        for tx in range(8 // cell):
+            share = float(mask[ty * side:(ty + 1) * side, tx * side:(tx + 1) * side].mean())
+            expect[ty * cell:(ty + 1) * cell, tx * cell:(tx + 1) * cell] = float(share > 0.5)
+    assert torch.equal(plan.masks[0, 0], expect)
+    top_left = mask[::side, ::side].repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    assert not torch.equal(top_left, expect)  # the old snap would differ on this mask
+    sig = walk(plan)[1, 0, 0]
+    assert (sig[expect > 0] > sig[expect == 0].max()).all()  # the covered cells lag, the others do not

@@ -15,6 +15,20 @@ from fpdm_train_tiny import make_vae
 from torchrun import run_two_processes
 
 LAUNCH = "from asyndm_fpdm.cli import main; raise SystemExit(main(sys.argv[3:]))"
+# The same command, and each worker reports the world size of its process group and the files it
+# saved itself (PIL's save observed from outside the CLI), so a test can see who did what.
+LAUNCH_REPORTING = """import json, os, PIL.Image, torch.distributed as dist
+from asyndm_fpdm.cli import main
+saved, _save = [], PIL.Image.Image.save
+def _recording_save(self, fp, *args, **kwargs):
+    saved.append(os.path.basename(str(fp)))
+    return _save(self, fp, *args, **kwargs)
+PIL.Image.Image.save = _recording_save
+rc = main(sys.argv[3:])
+world = dist.get_world_size() if dist.is_initialized() else 1
+print("WROTE " + json.dumps({"rank": int(os.environ["RANK"]), "world": world, "files": saved}), flush=True)
+raise SystemExit(rc)
+"""
 
 
 def _one_process(argv):
@@ -58,7 +72,13 @@ def test_fpdm_sampling_on_two_processes_writes_the_same_files(tmp_path):
         assert one == two  # byte for byte: same chunks, per-image noise
 
 
-def test_asyndm_batch_cli_on_two_processes_writes_the_same_images(tmp_path):
+def test_asyndm_batch_cli_on_two_processes_splits_the_work_and_writes_the_same_images(tmp_path):
+    """Each of the 2 workers is in a process group of 2, saves a different, non-empty share of the
+    images, and the shares together are the one-process run's images, byte for byte.
+
+    Broken variants caught: every rank taking all batches (``shard`` returning ``list(items)``: the
+    shares overlap, though the files are still identical) and each process running alone
+    (``distributed.init`` never forming the process group: world 1)."""
     from asyndm_fpdm import tiny as tiny_pipeline
 
     model = tiny_pipeline.save_tiny_pipeline(str(tmp_path / "sd"))
@@ -67,8 +87,15 @@ def test_asyndm_batch_cli_on_two_processes_writes_the_same_images(tmp_path):
     common = ["asyn", "--model", model, "--prompt-file", str(prompts), "--targets", "a:0.5", "--steps", "2",
               "--modes", "asyn", "--device", "cpu"]
     _one_process(common + ["--out", str(tmp_path / "one")])
-    _torchrun(common + ["--out", str(tmp_path / "two")])
+    out = run_two_processes(LAUNCH_REPORTING, *common, "--out", str(tmp_path / "two"))
+    reports = sorted((json.loads(line[len("WROTE "):]) for line in out.splitlines() if line.startswith("WROTE ")),
+                     key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"]) for r in reports] == [(0, 2), (1, 2)], out
+    shares = [set(r["files"]) for r in reports]
+    assert len(shares[0]) == len(reports[0]["files"]) and len(shares[1]) == len(reports[1]["files"])
+    assert shares[0] and shares[1] and not shares[0] & shares[1], f"overlapping or empty shares: {shares}"
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
     pngs = [p for p in one if p.endswith(".png")]
     assert len(pngs) == 3 * 4 and pngs == [p for p in two if p.endswith(".png")]
+    assert shares[0] | shares[1] == set(pngs)
     assert all(one[p] == two[p] for p in pngs)

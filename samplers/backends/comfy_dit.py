@@ -7,7 +7,7 @@ pair of the call (a handful, never one per token: invariant 6), each block's mod
 applied to those rows, and the rows gathered per token.
 
 Token grid: the plan itself lives on the token grid. The sampler builds its SigmaPlan with
-``cell = patch size`` (plan.py snaps every mask to the patch's top-left pixel), so the pixels of
+``cell = patch size`` (a patch follows the share of it a mask covers: masks.cell_coverage), so the pixels of
 one patch always share one sigma: the timestep the transformer sees for a token and the sigma
 ``calculate_denoised`` uses for each of its pixels (CONST: x − σ·v per pixel; its input scaling
 is the identity) are the same. Should a patch ever carry several sigmas (a caller that builds

@@ -99,8 +99,29 @@ def scheduler_names() -> List[str]:
     return [PAPER_SCHEDULER] + names
 
 
+def time_axis(model_sampling):
+    """The plan's time axis of a ComfyUI model sampling (time_axis.py), chosen by the ``sigma``
+    function the object really uses (a subclass that overrides it gets its table)."""
+    import comfy.model_sampling as ms
+
+    from ..time_axis import FluxAxis, FlowAxis, TableAxis
+
+    sigma_fn = type(model_sampling).sigma
+    if sigma_fn is ms.ModelSamplingDiscreteFlow.sigma:  # SD3/SD3.5, AuraFlow, ModelSamplingSD3/AuraFlow nodes
+        return FlowAxis(model_sampling.shift)
+    if sigma_fn is ms.ModelSamplingFlux.sigma:  # Flux, the ModelSamplingFlux node
+        return FluxAxis(model_sampling.shift)
+    sigmas = getattr(model_sampling, "sigmas", None)
+    if sigmas is None:
+        raise ValueError(f"AsynDM needs the model sampling's table of sigmas; {type(model_sampling).__name__} has "
+                         "none. Remove the model-sampling patch or use a model ComfyUI ships a sampling for.")
+    logs = getattr(model_sampling, "log_sigmas", None)
+    return TableAxis(sigmas.float().cpu(), None if logs is None else logs.float().cpu())
+
+
 class ComfySchedule:
-    """ComfyUI's model_sampling seen as the plan's schedule (sigma <-> timestep, noise scaling)."""
+    """ComfyUI's model_sampling seen as the plan's schedule: the time ``axis`` (σ ↔ position),
+    what the model is fed (``timestep``: the model's own), noise scaling."""
 
     def __init__(self, model_sampling):
         import comfy.model_sampling as ms
@@ -111,13 +132,12 @@ class ComfySchedule:
         self.flow = isinstance(model_sampling, ms.CONST)
         self.sigma_min, self.sigma_max = model_sampling.sigma_min, model_sampling.sigma_max
         self.sigmas = model_sampling.sigmas
+        self.axis = time_axis(model_sampling)
 
     def timestep(self, sigma):
+        """The model's timestep for σ: what the model is fed (not a position on the axis)."""
         return self.ms.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)).float().view(
             torch.as_tensor(sigma).shape)
-
-    def sigma(self, t):
-        return self.ms.sigma(torch.as_tensor(t, dtype=torch.float32))
 
     def percent_to_sigma(self, percent):  # flow SDE samplers' first-sigma offset (pixel_samplers._snr_safe)
         return self.ms.percent_to_sigma(percent)
@@ -310,10 +330,22 @@ def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callb
     return fn(model, x, sigmas, extra_args=dict(extra_args), callback=callback, disable=disable, **opts)
 
 
+def _backend(model_patcher, per_pixel: bool):
+    """The MODEL's per-pixel backend. Vanilla mode needs none — every pixel is on the background's
+    sigma, ComfyUI's own model call is exact — so it runs on any model ComfyUI loads (None)."""
+    from ..backends import UnsupportedModelError, backend_for
+
+    try:
+        return backend_for(model_patcher)
+    except UnsupportedModelError as err:
+        if per_pixel:
+            raise UnsupportedModelError(f"{err} (Mode 'vanilla' runs on any model.)") from err
+        return None
+
+
 def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar=False):
     import comfy.model_management
 
-    from ..backends import backend_for
     from ..backends.comfy_unet import PixelCall
 
     opts = sampler.options
@@ -339,7 +371,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         external = external_item_masks(opts.mask, len(ks), batch)
         if external.shape[1] == 1 and len(ks) > 1:
             ks = [max(ks)]  # one painted region: it lags with the strongest strength
-    backend = backend_for(model_wrap.model_patcher)
+    backend = _backend(model_wrap.model_patcher, mode != "vanilla" or opts.capture_all)
     areas = _areas(conds, size)
     latent = torch.zeros_like(noise) if latent_image is None else latent_image
     seed = extra_args.get("seed")
@@ -352,8 +384,10 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
                          targets.uuids if targets else None, x, areas)
         if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
             x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
-        out = model_wrap(x, sigma.flatten(1).amin(dim=1), model_options=backend.model_options(model_options or {}, call),
-                         seed=seed)
+        options = model_options or {}
+        if backend is not None:
+            options = backend.model_options(options, call)
+        out = model_wrap(x, sigma.flatten(1).amin(dim=1), model_options=options, seed=seed)
         if denoise_mask is not None:
             out = out * denoise_mask + latent * (1 - denoise_mask)
         maps = call.item_maps()
@@ -375,7 +409,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
             return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
                               seed, schedule.flow, batch_index)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
-                          noise_sampler=_noise_sampler(noise_info(sampler.name), x, sigmas, seed, batch_index), **sampler.extra_options)
+                          noise_sampler=_noise_sampler(noise_info(sampler.name), x, sigmas, seed, batch_index),
+                          **sampler.extra_options)
 
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
         return SigmaPlan(sigmas, schedule, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,

@@ -341,7 +341,7 @@ def stand_ins(family=None):
 # ---------------------------------------------------------------------------------------------
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
-DIT_FAMILIES = ("flux", "flux_schnell", "sd3")
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35")
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -356,13 +356,15 @@ def _dit_config(family, depth=2, hidden=64):
                     context_in_dim=FLUX_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=2, depth=depth,
                     depth_single_blocks=depth, axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2],
                     theta=10000, patch_size=2, qkv_bias=True)
-    elif family == "sd3":
+    elif family in ("sd3", "sd35"):
         cls = sm.SD3
         size = 32  # the position-embedding grid: latents up to 64×64
         unet = dict(cls.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=size * size,
                     pos_embed_max_size=size, adm_in_channels=SD3_ADM,
                     context_embedder_config={"target": "torch.nn.Linear",
                                              "params": {"in_features": SD3_CONTEXT, "out_features": 64 * depth}})
+        if family == "sd35":  # SD3.5 medium: extra x self-attention in the first blocks, RMS QK norm
+            unet.update(x_block_self_attn_layers=[0], qk_norm="rms")
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {DIT_FAMILIES}")
     config = cls(unet)
@@ -371,7 +373,7 @@ def _dit_config(family, depth=2, hidden=64):
 
 
 def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
-    """A MODEL (ModelPatcher) of a tiny random Flux / Flux-schnell / SD3 MMDiT, fp32 on CPU
+    """A MODEL (ModelPatcher) of a tiny random Flux / Flux-schnell / SD3 / SD3.5-medium MMDiT, fp32 on CPU
     (SD3: hidden = 64·depth, heads = depth, as MMDiT fixes them)."""
     import comfy.model_management
     import comfy.model_patcher
@@ -413,3 +415,33 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     clip = comfy.sd.CLIP(target, model_options=options)
     _randomize_(clip.cond_stage_model, seed)
     return clip
+
+
+# ---------------------------------------------------------------------------------------------
+# A family the per-pixel backends do not cover (vanilla mode runs on it): Lumina 2's NextDiT
+# ---------------------------------------------------------------------------------------------
+LUMINA_CAP = 32  # tiny Gemma stand-in's width
+
+
+def tiny_lumina2(seed=SEED):
+    """A MODEL of a tiny random Lumina 2 (NextDiT, flow with shift 6, multiplier 1) from ComfyUI's own
+    ``supported_models.Lumina2`` config, fp32 on CPU."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    unet = dict(sm.Lumina2.unet_config, patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+                n_heads=2, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                cap_feat_dim=LUMINA_CAP, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64])
+    config = sm.Lumina2(unet)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device="cpu")
+    _randomize_(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def lumina2_conditioning(length=9, seed=SEED + 9):
+    """CONDITIONING as Lumina 2's text encoder gives it: [[hidden states, {attention_mask}]]."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, length, LUMINA_CAP, generator=gen), {"attention_mask": torch.ones(1, length, dtype=torch.long)}]]

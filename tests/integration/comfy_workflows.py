@@ -101,17 +101,37 @@ def _importer_file():
     return ""
 
 
+# ComfyUI's requirements that, like ComfyUI, import torchvision at start-up but use it only when
+# their models run: spandrel (upscale models) imports torchvision.transforms in two architectures.
+# Without spandrel, ComfyUI's UpscaleModelLoader node does not register, and the 1.27 front end
+# then fails to build any model-loader combo (it looks that node up for its model browser).
+STAND_IN_USERS = ("spandrel",)
+
+
+def _package_dirs(names):
+    import importlib.util
+    dirs = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        dirs += [os.path.abspath(d) for d in (spec.submodule_search_locations or [])] if spec else []
+    return dirs
+
+
 class _StandInFinder(importlib.abc.MetaPathFinder):
-    """Serves the stand-in only to imports written in ComfyUI's own files. Anything else probing for
-    the package (transformers' and diffusers' ``find_spec`` availability checks) sees it missing."""
+    """Serves the stand-in only to imports written in ComfyUI's own files (and in ``STAND_IN_USERS``).
+    Anything else probing for the package (transformers' and diffusers' ``find_spec`` availability
+    checks) sees it missing."""
 
     def __init__(self, top, comfy_root):
         self.top = top
-        self.comfy_root = os.path.abspath(comfy_root) + os.sep
+        self.roots = tuple(d + os.sep for d in [os.path.abspath(comfy_root), *_package_dirs(STAND_IN_USERS)])
 
     def find_spec(self, name, path, target=None):
         if name == self.top or name.startswith(self.top + "."):
-            if os.path.abspath(_importer_file()).startswith(self.comfy_root):
+            if os.path.abspath(_importer_file()).startswith(self.roots):
                 return importlib.machinery.ModuleSpec(name, _StandInLoader(), is_package=True)
         return None
 

@@ -1,7 +1,9 @@
 """Real-ComfyUI integration harness.
 
-Set ``COMFYUI_PATH`` to a ComfyUI checkout (tested with ComfyUI 0.3.64) to run these tests;
-without it every test in this folder is skipped with a reason saying so. The checkout is only
+Set ``COMFYUI_PATH`` to a ComfyUI checkout (tested with ComfyUI 0.3.64) to run these tests, or
+run them from the pack inside ``ComfyUI/custom_nodes/<any name>/``: that ComfyUI is then found by
+itself (``comfy_locate``) and named in pytest's header. Otherwise every test in this folder is
+skipped with a reason saying so. The checkout is only
 imported, never modified: models/input/output folders are private temporary directories.
 
 Fixtures (session-scoped; other test files build on these names):
@@ -32,6 +34,8 @@ coder, Cosmos and ACE modules) but uses it only when those models run. Where ``i
 fails — as on CPU-only torch 2.13 wheels, for which PyPI has no matching torchvision — the harness
 installs an import-only stand-in into *this test process* (``sys.meta_path``); any use of it
 raises a RuntimeError naming the stand-in. A working torchvision is always used when importable.
+spandrel (a ComfyUI requirement that imports torchvision at import time, for upscale models) gets the
+stand-in too: without it ComfyUI's UpscaleModelLoader is missing and its front end's loaders break.
 """
 
 import os
@@ -42,18 +46,18 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-ENV_VAR = "COMFYUI_PATH"
-SKIP_REASON = (f"set {ENV_VAR}=/path/to/ComfyUI to run the real-ComfyUI integration tests (see README)")
-
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+from comfy_locate import ENV_VAR, comfyui_path as locate_comfyui  # noqa: E402
+
+SKIP_REASON = (f"set {ENV_VAR}=/path/to/ComfyUI, or run from the pack inside ComfyUI/custom_nodes/, "
+               "to run the real-ComfyUI integration tests (see README)")
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def comfyui_path():
-    value = os.environ.get(ENV_VAR, "").strip()
-    return value or None
+    return locate_comfyui()[0]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,19 +67,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in pathlib.Path(str(getattr(item, "path", item.fspath))).resolve().parents:
             item.add_marker(skip)
-
-
-def pytest_report_header(config):
-    path = comfyui_path()
-    if not path:
-        return f"real-ComfyUI integration tests: skipped ({ENV_VAR} not set)"
-    version = "unknown"
-    vfile = pathlib.Path(path) / "comfyui_version.py"
-    if vfile.is_file():
-        for line in vfile.read_text().splitlines():
-            if line.startswith("__version__"):
-                version = line.split("=", 1)[1].strip().strip("\"'")
-    return f"real-ComfyUI integration tests: {ENV_VAR}={path} (ComfyUI {version})"
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,85 @@ def test_asyndm_constant_map_is_stock_forward_and_embeddings_per_distinct_value(
     assert_differs(mixed, const, FAR_ABOVE_ROUNDOFF, "mixed map vs constant map")
 
 
+def _naive_pixel_denoised(model, x, sig_map, cond, y=None):
+    """Oracle for the per-pixel forward through ComfyUI's UNet, slow and written out (eps models):
+    the input scaled per pixel by 1/sqrt(σ²+1); the UNet run with each ResBlock's embedding
+    projection (``emb_layers``) replaced by a (B, C, h, w) map whose every pixel is computed alone,
+    by a Python loop through the model's own time MLP at the ComfyUI timestep of the latent pixel at
+    the top-left of that feature pixel's block (plus SDXL's label embedding of that image); the
+    output combined per pixel, denoised = x − σ·eps."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    dm, ms = model.model.diffusion_model, model.get_model_object("model_sampling")
+    height = x.shape[-2]
+    sizes = {}
+
+    def pixel_embedding(b, sigma):
+        t = ms.timestep(sigma.view(1)).float()
+        emb = dm.time_embed(timestep_embedding(t, dm.model_channels).to(x.dtype))[0]
+        return emb + dm.label_emb(y[b:b + 1])[0] if y is not None else emb
+
+    def replace(block):
+        def hook(module, args, out):
+            h, w = sizes[block]
+            s = max(height // h, 1)
+            per_pixel = out.new_zeros(out.shape[0], out.shape[1], h, w)
+            for b in range(out.shape[0]):
+                for i in range(h):
+                    for j in range(w):
+                        v = pixel_embedding(b, sig_map[b, 0, i * s, j * s])
+                        for layer in module:  # emb_layers' own layers (calling it would re-enter this hook)
+                            v = layer(v)
+                        per_pixel[b, :, i, j] = v
+            return per_pixel
+        return hook
+
+    handles = []
+    for block in dm.modules():
+        if isinstance(block, ResBlock):
+            handles.append(block.register_forward_pre_hook(
+                lambda m, args: sizes.__setitem__(m, tuple(args[0].shape[-2:]))))
+            handles.append(block.emb_layers.register_forward_hook(replace(block)))
+    try:
+        eps = dm(x / (sig_map**2 + 1).sqrt(), torch.zeros(x.shape[0]), context=cond, y=y).float()
+    finally:
+        for h in handles:
+            h.remove()
+    return x - sig_map * eps
+
+
+@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+def test_asyndm_mixed_map_matches_a_naive_per_pixel_forward(setup, fam):
+    """A sigma map that differs from pixel to pixel (4 values at random, so the coarser level's
+    top-left sampling matters) through the backend's wrappers against the slow oracle above.
+
+    Broken variants caught: feature pixels of the coarser level taking the block's centre pixel
+    (``strided_index`` with ``index[:, stride // 2::stride, stride // 2::stride]``), and the input
+    scaled by the image's sigma instead of the pixel's (``begin_forward`` returning a scale of 1)."""
+    import comfy.model_management
+
+    from asyndm_fpdm.samplers.backends.comfy_unet import ComfyUNetBackend, PixelCall
+
+    model, clip, pos, neg = setup[fam]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    cond = pos[0][0].expand(2, -1, -1)
+    kwargs = {"c_crossattn": cond}
+    if fam == "sdxl":
+        kwargs["y"] = torch.randn(2, model.model.diffusion_model.label_emb[0][0].in_features, generator=gen)
+    sig = model.get_model_object("model_sampling").sigmas.float()
+    sig_map = sig[torch.tensor([12, 300, 537, 801])][torch.randint(0, 4, (2, 1, 8, 8), generator=gen)]
+    comfy.model_management.load_models_gpu([model])
+    backend = ComfyUNetBackend(model)
+    to = backend.model_options({"transformer_options": {"cond_or_uncond": [0]}}, PixelCall(sig_map))
+    with torch.no_grad():
+        fast = model.model.apply_model(x, sig_map.flatten(1).amin(1), transformer_options=to["transformer_options"],
+                                       **kwargs)
+        naive = _naive_pixel_denoised(model, x, sig_map, cond, kwargs.get("y"))
+    assert_close(fast, naive, ROUNDOFF_ONE_PASS, "per-pixel forward through the nodes' wrappers vs naive oracle")
+
+
 # ---------------------------------------------------------------------------------------- inv. 2
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_asyndm_empty_mask_equals_vanilla_and_core_samplers(setup, fam):
@@ -336,6 +415,8 @@ def test_asyndm_missing_targets_named(setup):
 def test_asyndm_extractor_and_previews(setup):
     from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMCurvePreview, AsynDMMaskStepsPreview
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMMaskExtractor
+    from asyndm_fpdm.samplers.comfy_plots import PALETTE
+    from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
     model, clip, pos, neg = setup["sdxl"]
     lat = empty_latent(2)
@@ -350,13 +431,17 @@ def test_asyndm_extractor_and_previews(setup):
     static, _ = sampler_node(model, pos, neg, lat, mask_source="static")
     assert torch.equal(via_mask, static)  # the same masks (nearest up, then down again), the same run
 
+    # the previews show the sampler's run (content, read back independently: png_content)
     _, info = sampler_node(model, pos, neg, lat)
     (curves,) = AsynDMCurvePreview().plot(5, "bin", "0.7", run=info)
     (theory,) = AsynDMCurvePreview().plot(20, "exp", "0.3, 0.9")
     regions, times = AsynDMMaskStepsPreview().preview(info, "0, 2, -1", 1)
     assert curves.shape[0] == 1 and curves.shape[-1] == 3 and theory.shape == curves.shape
     assert regions.shape == (3, 64, 64, 3) and times.shape == (3, 64, 64, 3)
-    assert 0 <= float(regions.min()) and float(regions.max()) <= 1
+    last = len(info.timestep_maps) - 1
+    assert_mask_steps_preview_shows(regions, times, info, [0, 2, last], 1, PALETTE)
+    assert any(float(m[1].std()) > 0 for m in info.masks[1:]), "the run's masks are flat: nothing to see"
+    assert_curves_drawn(curves[0], mean_timesteps(info), PALETTE)
 
 
 def test_asyndm_cancel_stops_between_steps(setup):

@@ -9,6 +9,7 @@ import torch
 
 import comfy_workflows as cw
 from numeric import FAR_ABOVE_ROUNDOFF, assert_differs
+from png_content import assert_mask_steps_preview_shows
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("asyndm_*.json"))
@@ -41,7 +42,7 @@ def test_asyndm_workflows_shipped():
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps):
-    from asyndm_fpdm.samplers.comfy_plots import pick_steps
+    from asyndm_fpdm.samplers.comfy_plots import PALETTE, pick_steps
 
     result = cw.run_workflow(_api(path, steps))
     classes = comfy_env.nodes.NODE_CLASS_MAPPINGS
@@ -71,8 +72,12 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
         assert img.ndim == 4 and img.shape[-1] == 3
     previews = _by_type(result, "AsynDMMaskStepsPreview")
     for k, (regions, times) in previews.items():
-        shown = len(pick_steps(result.prompt[k]["inputs"]["at_steps"], steps)[0])
-        assert regions.shape == times.shape == (shown, 64, 64, 3)
+        inputs = result.prompt[k]["inputs"]
+        shown, clamped, _ = pick_steps(inputs["at_steps"], steps)
+        assert regions.shape == times.shape == (len(shown), 64, 64, 3)
+        run = result.outputs[inputs["run"][0]][inputs["run"][1]]  # the run wired into the preview
+        if run.masks[0] is not None and not clamped:  # (clamped frames carry a red border)
+            assert_mask_steps_preview_shows(regions, times, run, shown, inputs.get("image_index", 0), PALETTE)
     has_preview = any(v["class_type"] == "AsynDMMaskStepsPreview" for v in result.prompt.values())
     assert bool(previews) == has_preview
 

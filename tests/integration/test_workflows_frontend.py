@@ -1,6 +1,6 @@
 """The shipped workflows in ComfyUI's real front end (opt-in: a browser is needed).
 
-Starts the ComfyUI checkout at COMFYUI_PATH as a server (CPU, private folders, this checkout as
+Starts the harness's ComfyUI (COMFYUI_PATH, or the one the pack sits in) as a server (CPU, private folders, this checkout as
 its only custom-node pack) and opens it in headless Chromium through Playwright. Every shipped
 workflow is loaded with ``app.loadGraphData`` as a user's drag and drop would, then checked:
 
@@ -31,6 +31,7 @@ import pytest
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # also when run as a script
 import comfy_workflows as cw  # noqa: E402
+from comfy_locate import comfyui_path  # noqa: E402
 from workflow_layout import FRONTEND_MIN_SIZES, layout_problems  # noqa: E402
 
 ROOT = HERE.parents[1]
@@ -77,7 +78,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    comfy = os.environ["COMFYUI_PATH"]
+    comfy = comfyui_path()[0]
     base = tmp_path_factory.mktemp("comfy_frontend")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-AsynDM-FPDM").symlink_to(ROOT, target_is_directory=True)
