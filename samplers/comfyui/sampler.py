@@ -17,13 +17,13 @@ into per-pixel timesteps), and steps with the per-pixel sampler of the chosen na
 """
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from ..clock import NOISE_DOWN, Clock, ClockModel
-from ..engine import initial_latent, plan_model, run as engine_run, static_prepass
+from ..engine import RunRecord, initial_latent, plan_model, run as engine_run, sample as engine_sample
 from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS
 from ..plan import DEFAULT_K, SigmaPlan
 from .conditioning import external_item_masks, resolve_ks, targets_of
@@ -161,15 +161,7 @@ class AsynOptions:
     capture_all: bool = False  # record attention at every step (the mask extractor)
 
 
-@dataclass
-class RunInfo:
-    """What a run leaves for the preview nodes."""
-
-    ks: List[float]
-    words: List[str]
-    timestep_maps: List[torch.Tensor] = field(default_factory=list)
-    masks: List[Optional[torch.Tensor]] = field(default_factory=list)
-    item_maps: List[Optional[torch.Tensor]] = field(default_factory=list)
+RunInfo = RunRecord  # what a run leaves for the preview nodes (latents stay in the LATENT output)
 
 
 def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str = "ddim",
@@ -221,10 +213,11 @@ def _sampler_class():
         sampler (``function`` None) or any k-diffusion-style function through the change of clock."""
 
         def __init__(self, name: str, options: AsynOptions, extra_options=None, function: Optional[Callable] = None,
-                     inpaint_options=None):
+                     inpaint_options=None, batch_index=None, records: Optional[list] = None):
             super().__init__(function, extra_options or {}, inpaint_options or {})
-            self.name, self.options, self.info = name, options, None
-            self.batch_index = None  # the latent's batch_index, for per-image noise streams
+            self.name, self.options = name, options
+            self.batch_index = batch_index  # the latent's batch_index, for per-image noise streams
+            self.records = records  # where each run's RunRecord goes (the KSampler node's run output)
 
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                    disable_pbar=False):
@@ -242,7 +235,8 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s_noise: float = 1.0):
+def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s_noise: float = 1.0, *,
+                 batch_index=None, records: Optional[list] = None):
     """The SAMPLER object (for SamplerCustom, or comfy.sample.sample_custom). A native per-pixel
     sampler where the pack has one (pixel_samplers.SAMPLERS), else ComfyUI's own function of that
     name through the change of clock; ``eta`` None keeps the sampler's own default."""
@@ -252,17 +246,18 @@ def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s
             extra["eta"] = float(eta)
         if name not in ("dpmpp_2m", "lcm"):
             extra["s_noise"] = float(s_noise)
-        return _sampler_class()(name, options, extra)
+        return _sampler_class()(name, options, extra, batch_index=batch_index, records=records)
     names = sampler_names()
     if name not in names:
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(names)}")
     import comfy.samplers
 
-    return from_ksampler(comfy.samplers.sampler_object(name), options, eta=eta, s_noise=s_noise, name=name)
+    return from_ksampler(comfy.samplers.sampler_object(name), options, eta=eta, s_noise=s_noise, name=name,
+                         batch_index=batch_index, records=records)
 
 
 def from_ksampler(ksampler, options: AsynOptions, eta: Optional[float] = None, s_noise: Optional[float] = None,
-                  name: Optional[str] = None):
+                  name: Optional[str] = None, batch_index=None, records: Optional[list] = None):
     """Any KSAMPLER (KSamplerSelect, the custom-sampling sampler nodes with their options, another
     pack's) made asynchronous: its own function and options, every pixel on its own clock."""
     import comfy.samplers
@@ -280,7 +275,8 @@ def from_ksampler(ksampler, options: AsynOptions, eta: Optional[float] = None, s
         extra["eta"] = float(eta)
     if s_noise is not None and _accepts(fn, "s_noise"):
         extra["s_noise"] = float(s_noise)
-    return _sampler_class()(name or _function_name(fn), options, extra, fn, dict(ksampler.inpaint_options or {}))
+    return _sampler_class()(name or _function_name(fn), options, extra, fn, dict(ksampler.inpaint_options or {}),
+                            batch_index=batch_index, records=records)
 
 
 def _noise_sampler(info: NoiseInfo, x, sigmas, seed, batch_index=None):
@@ -417,17 +413,16 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
                          anchors=targets.anchors if targets else None, curve=opts.curve, mask_thr=opts.mask_thr,
                          capture_all=capture_all, cell=getattr(backend, "cell", 1))
 
-    static = opts.static_masks
-    if mode == "asyn" and source == "static" and static is None:
-        static, _, _ = static_prepass(run, make_plan, ks, size, opts.mask_thr)
-    plan = make_plan(mode, opts.capture_all, static if source == "static" else external, source == "dynamic")
-    samples = run(plan)
-    sampler.info = RunInfo(
-        ks=list(plan.ks), words=list(targets.words) if targets else [],
-        timestep_maps=[t.cpu() for t in plan.timestep_maps],
-        masks=[m.cpu() if m is not None else None for m in plan.mask_history],
-        item_maps=[m.cpu() if m is not None else None for m in plan.item_maps])
-    return ms.inverse_noise_scaling(sigmas[-1], samples)
+    record = engine_sample(run, make_plan, mode=mode, mask_source=source, ks=ks, size=size, mask_thr=opts.mask_thr,
+                           external=external, static=opts.static_masks, capture_all=opts.capture_all,
+                           words=targets.words if targets else ())
+    if sampler.records is not None:
+        def cpu(maps):
+            return [m.cpu() if m is not None else None for m in maps]
+
+        sampler.records.append(RunRecord(ks=record.ks, words=record.words, timestep_maps=cpu(record.timestep_maps),
+                                         masks=cpu(record.masks), item_maps=cpu(record.item_maps)))
+    return ms.inverse_noise_scaling(sigmas[-1], record.latents)
 
 
 def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
@@ -443,14 +438,15 @@ def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: 
     if sigmas is None:
         sigmas = node_sigmas(model, scheduler, steps, denoise, sampler_name, last_step)
     # eta is the paper's DDIM's; every other sampler keeps its ComfyUI default, as in the core KSampler
-    sampler = asyn_sampler(sampler_name, options, eta if sampler_name == "ddim" else None)
-    sampler.batch_index = latent.get("batch_index")
+    records = []
+    sampler = asyn_sampler(sampler_name, options, eta if sampler_name == "ddim" else None,
+                           batch_index=latent.get("batch_index"), records=records)
     samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
                                          noise_mask=latent.get("noise_mask"), callback=callback,
                                          disable_pbar=disable_pbar, seed=seed)
     out = latent.copy()
     out["samples"] = samples
-    return out, sampler.info
+    return out, records[-1]
 
 
 def extract_masks(model, positive, negative, latent, *, seed, steps, cfg, strengths=(), mask_thr=1.0, **kwargs):
