@@ -1,8 +1,8 @@
 """AsynDM nodes that generate: targets text-encode, Asynchronous KSampler, mask extractor."""
 
 from ..samplers.comfyui.conditioning import parse_ks
-from ..samplers.comfyui.sampler import (LAST_STEPS, MASK_NAMES, MODE_NAMES, PAPER_SCHEDULER, SAMPLER_NAMES, AsynOptions,
-                                        asyn_sampler, asyndm_sample, extract_masks, scheduler_names)
+from ..samplers.comfyui.sampler import (LAST_STEPS, MASK_NAMES, MODE_NAMES, PAPER_SCHEDULER, AsynOptions, asyn_sampler,
+                                        asyndm_sample, extract_masks, from_ksampler, sampler_names, scheduler_names)
 from ..samplers.curves import CURVE_TYPES
 from .common import CATEGORY_ASYNDM
 
@@ -13,11 +13,15 @@ TIPS = {
             "same whatever the batch size).",
     "steps": "Number of sampling steps. Every pixel starts noisy at the first step and is clean after the last one.",
     "cfg": "Classifier-free guidance scale, as in the core KSampler.",
-    "eta": "Noise of the stochastic samplers (ddim, euler_ancestral, dpmpp_2m_sde, dpmpp_sde, dpmpp_2s_ancestral). "
-           "ddim: 0 = deterministic DDIM as in the paper (identical to euler per pixel), 1 = fully stochastic "
-           "(identical to euler_ancestral). ComfyUI's own samplers use 1 for the others. Ignored by the rest.",
-    "sampler_name": "The per-pixel sampler: ComfyUI's sampler of that name with a sigma per latent pixel. ddim is the "
-                    "paper's sampler (with eta). dpmpp_2m and the SDE samplers keep their history per pixel.",
+    "eta": "The paper's DDIM's noise (sampler ddim only): 0 = deterministic DDIM as in the paper, 1 = fully "
+           "stochastic (identical to euler_ancestral). Every other sampler uses ComfyUI's defaults, as the core "
+           "KSampler does (euler_ancestral and the SDE samplers: eta 1, s_noise 1); for other values use the AsynDM "
+           "Sampler (SAMPLER) node with SamplerCustom.",
+    "sampler_name": "Any of ComfyUI's samplers, every latent pixel on its own sigma. ddim is the paper's sampler "
+                    "(with eta). euler, heun, dpm_2, dpmpp_2m, the ancestral/SDE ones and lcm have per-pixel "
+                    "versions; every other sampler is ComfyUI's own, run in the background's clock with each "
+                    "pixel's denoiser rescaled to its own noise level (same result when every pixel is on the "
+                    "background).",
     "scheduler": "Where the background's noise levels go: asyndm_paper = the paper's DDIM timesteps (981, 961, ... "
                  "for 50 steps; see last_step), or any of ComfyUI's schedulers (karras, normal, ...). The key "
                  "objects lag behind this schedule on the concave curve.",
@@ -114,9 +118,10 @@ def _asyn_inputs():
 
 
 def _schedule_inputs():
-    # appended after the original widgets, so workflows saved before they existed keep their values
+    # appended after the original widgets, so workflows saved before they existed keep their values;
+    # optional, so API prompts saved before they existed run with the paper's values
     return {
-        "sampler_name": (SAMPLER_NAMES, {"default": "ddim", "tooltip": TIPS["sampler_name"]}),
+        "sampler_name": (sampler_names(), {"default": "ddim", "tooltip": TIPS["sampler_name"]}),
         "scheduler": (scheduler_names(), {"default": PAPER_SCHEDULER, "tooltip": TIPS["scheduler"]}),
         "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": TIPS["denoise"]}),
     }
@@ -145,8 +150,7 @@ class AsynDMKSampler:
             "latent_image": ("LATENT", {"tooltip": "The latent to denoise: Empty Latent Image, an encoded image "
                                                    "(with denoise < 1) or an inpainting latent with a noise mask."}),
         })
-        inputs.update(_schedule_inputs())
-        return {"required": inputs, "optional": {"mask": ("MASK", {"tooltip": TIPS["mask"]})}}
+        return {"required": inputs, "optional": dict(_schedule_inputs(), mask=("MASK", {"tooltip": TIPS["mask"]}))}
 
     RETURN_TYPES = ("LATENT", RUN_TYPE)
     RETURN_NAMES = ("LATENT", "run")
@@ -173,7 +177,7 @@ class AsynDMSampler:
     @classmethod
     def INPUT_TYPES(cls):
         inputs = {
-            "sampler_name": (SAMPLER_NAMES, {"default": "euler", "tooltip": TIPS["sampler_name"]}),
+            "sampler_name": (sampler_names(), {"default": "euler", "tooltip": TIPS["sampler_name"]}),
             "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": TIPS["eta"]}),
             "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
                                   "tooltip": "Noise multiplier of the stochastic samplers, as in ComfyUI's own."}),
@@ -191,6 +195,27 @@ class AsynDMSampler:
     def get_sampler(self, sampler_name, eta, s_noise, mode, mask_source, curve, strengths, mask_threshold, mask=None):
         return (asyn_sampler(sampler_name, _options(mode, mask_source, curve, strengths, mask_threshold, mask),
                              eta=eta, s_noise=s_noise),)
+
+
+class AsynDMSamplerFromSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = {"sampler": ("SAMPLER", {"tooltip": "Any sampler built on ComfyUI's KSAMPLER: KSamplerSelect, the "
+                                                     "sampling/custom_sampling/samplers nodes with their options, or "
+                                                     "another pack's SAMPLER. Its function and options are kept."})}
+        inputs.update(_asyn_inputs())
+        return {"required": inputs, "optional": {"mask": ("MASK", {"tooltip": TIPS["mask"]})}}
+
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("The same sampler, asynchronous: every latent pixel on its own sigma, the key objects "
+                       "lagging behind the SIGMAS. For SamplerCustom / SamplerCustomAdvanced.",)
+    FUNCTION = "get_sampler"
+    CATEGORY = CATEGORY_ASYNDM
+    DESCRIPTION = ("Make any SAMPLER asynchronous (AsynDM): the sampler's own code runs in the background's clock "
+                   "and each pixel's denoiser is rescaled to the pixel's own noise level.")
+
+    def get_sampler(self, sampler, mode, mask_source, curve, strengths, mask_threshold, mask=None):
+        return (from_ksampler(sampler, _options(mode, mask_source, curve, strengths, mask_threshold, mask)),)
 
 
 class AsynDMPaperSigmas:
@@ -229,10 +254,9 @@ class AsynDMMaskExtractor:
             "latent_image": ("LATENT", {"tooltip": "The latent of the plain (vanilla) run; use the same seed and "
                                                    "latent as the sampler to reproduce the paper's static mode."}),
         })
-        inputs.update(_schedule_inputs())
-        return {"required": inputs, "optional": {
-            "sigmas": ("SIGMAS", {"tooltip": "Optional SIGMAS (e.g. from a scheduler node): used instead of steps, "
-                                             "scheduler and denoise."})}}
+        return {"required": inputs, "optional": dict(_schedule_inputs(), sigmas=(
+            "SIGMAS", {"tooltip": "Optional SIGMAS (e.g. from a scheduler node): used instead of steps, scheduler "
+                                  "and denoise."}))}
 
     RETURN_TYPES = ("MASK", "MASK", "MASK", "LATENT", RUN_TYPE)
     RETURN_NAMES = ("item_masks", "priority_mask", "attention", "vanilla_latent", "run")
@@ -275,6 +299,7 @@ NODE_CLASS_MAPPINGS = {
     "AsynDMKSampler": AsynDMKSampler,
     "AsynDMMaskExtractor": AsynDMMaskExtractor,
     "AsynDMSampler": AsynDMSampler,
+    "AsynDMSamplerFromSampler": AsynDMSamplerFromSampler,
     "AsynDMPaperSigmas": AsynDMPaperSigmas,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -282,5 +307,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AsynDMKSampler": "Asynchronous KSampler (AsynDM)",
     "AsynDMMaskExtractor": "AsynDM Prompt-Attention Mask Extractor",
     "AsynDMSampler": "AsynDM Sampler (SAMPLER)",
+    "AsynDMSamplerFromSampler": "AsynDM Sampler from SAMPLER",
     "AsynDMPaperSigmas": "AsynDM Paper Sigmas (DDIM leading)",
 }

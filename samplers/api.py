@@ -11,7 +11,7 @@ engine (plan.py, pixel_samplers.py, engine.py): any per-pixel sampler on any sch
 the defaults (ddim, the paper's timesteps, eta 0) are the paper's configuration.
 """
 
-from dataclasses import dataclass, field
+import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -27,12 +27,7 @@ from .tokens import locate_word
 MASK_SOURCES = ("dynamic", "static", "external")
 
 
-@dataclass
-class SampleResult:
-    latents: torch.Tensor  # what vae.decode(latents / scaling_factor) takes
-    timestep_maps: List[torch.Tensor] = field(default_factory=list)  # (B,H,W) per step
-    masks: List[Optional[torch.Tensor]] = field(default_factory=list)  # masks that set each step's next state
-    item_maps: List[Optional[torch.Tensor]] = field(default_factory=list)  # captured attention per step
+SampleResult = engine.RunRecord  # latents: what vae.decode(latents / scaling_factor) takes
 
 
 def token_positions(tokenizer, prompt: str, word: str, occurrence: int = 0) -> List[int]:
@@ -104,10 +99,10 @@ def asyn_generate(
     )
     ks = [float(k) for _, k in items]
 
-    def make_plan(mode=mode, capture_all=False, masks=None):
-        return SigmaPlan(sigmas.to(device), schedule, batch, hw, mode=mode, ks=ks, masks=masks,
-                         dynamic=mask_source == "dynamic", anchors=[min(p) for p, _ in items], curve=curve,
-                         mask_thr=mask_thr, from_noise=True, capture_all=capture_all)
+    def make_plan(mode=mode, capture_all=False, masks=None, dynamic=False):
+        return SigmaPlan(sigmas.to(device), schedule, batch, hw, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
+                         anchors=[min(p) for p, _ in items], curve=curve, mask_thr=mask_thr, from_noise=True,
+                         capture_all=capture_all)
 
     def sample_along(plan, report=None):
         # like the reference, every run re-seeds its generators: they draw the initial latents
@@ -121,19 +116,9 @@ def asyn_generate(
         # the returned latent is the VP latent at the last sigma (DESIGN.md): x / sqrt(1 + σ²)
         return x / (1 + plan.sigmas[-1] ** 2) ** 0.5
 
-    masks = None
-    if mode == "asyn" and ks and mask_source == "static":
-        masks, _, _ = engine.static_prepass(sample_along, make_plan, ks, hw, mask_thr)
-    elif mode == "asyn" and ks and mask_source == "external":
-        masks = external_masks
-    plan = make_plan(masks=masks)
-    out = sample_along(plan, callback)
-    return SampleResult(latents=out, timestep_maps=[t.long() for t in plan.timestep_maps],
-                        masks=plan.mask_history, item_maps=plan.item_maps)
+    def run_along(plan):  # the static pre-pass (a vanilla plan recording attention) reports nothing
+        return sample_along(plan, None if plan.capture_all else callback)
 
-
-def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
-    """ᾱ of a diffusers scheduler config (computed by diffusers' DDIMScheduler itself)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(dict(config)).alphas_cumprod
+    record = engine.sample(run_along, make_plan, mode=mode, mask_source=mask_source, ks=ks, size=hw,
+                           mask_thr=mask_thr, external=external_masks)
+    return dataclasses.replace(record, timestep_maps=[t.long() for t in record.timestep_maps])

@@ -4,11 +4,14 @@ A backend supplies ``model_fn(x, sigma_map, capture, **extra) -> (denoised, item
 ``plan_model`` turns it into the plain ``model(x, sigma, **extra) -> denoised`` that the
 per-pixel samplers call, asking for attention only on the first evaluation of a step where the
 plan wants it. ``static_prepass`` is the paper's static mode: one vanilla run that records the
-items' attention at every step, averaged into fixed masks.
+items' attention at every step, averaged into fixed masks. ``sample`` is the one run entry
+point the API and the ComfyUI adapter call: masks by mode and source, the plan, the run, and the
+run's ``RunRecord``.
 """
 
 import inspect
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -62,3 +65,33 @@ def static_prepass(run_vanilla: Callable, make_plan: Callable, ks, size, mask_th
     run_vanilla(plan)
     masks, mean = masks_from_attention(plan.item_maps, ks, size, mask_thr)
     return masks, mean, plan
+
+
+@dataclass
+class RunRecord:
+    """What one asynchronous run leaves: the latents (None where the caller keeps them) and, per
+    step, every pixel's timestep, the masks that set the step's next state and the attention read."""
+
+    latents: Optional[torch.Tensor] = None
+    ks: List[float] = field(default_factory=list)
+    words: List[str] = field(default_factory=list)
+    timestep_maps: List[torch.Tensor] = field(default_factory=list)  # (B, H, W) per step
+    masks: List[Optional[torch.Tensor]] = field(default_factory=list)
+    item_maps: List[Optional[torch.Tensor]] = field(default_factory=list)
+
+
+def sample(run_along: Callable, make_plan: Callable, *, mode: str, mask_source: str, ks: Sequence[float], size,
+           mask_thr: float = 1.0, external: Optional[torch.Tensor] = None, static: Optional[torch.Tensor] = None,
+           capture_all: bool = False, words: Sequence[str] = ()) -> RunRecord:
+    """One run. ``make_plan(mode, capture_all, masks, dynamic)`` builds a plan and
+    ``run_along(plan)`` samples along it. Static masks come from ``static`` or a vanilla pre-pass,
+    external ones from ``external``; dynamic ones from the run's own attention."""
+    masks = None
+    if mode == "asyn" and ks and mask_source == "static":
+        masks = static if static is not None else static_prepass(run_along, make_plan, ks, size, mask_thr)[0]
+    elif mode == "asyn" and ks and mask_source == "external":
+        masks = external
+    plan = make_plan(mode=mode, capture_all=capture_all, masks=masks, dynamic=mask_source == "dynamic")
+    latents = run_along(plan)
+    return RunRecord(latents=latents, ks=list(plan.ks), words=list(words), timestep_maps=list(plan.timestep_maps),
+                     masks=list(plan.mask_history), item_maps=list(plan.item_maps))

@@ -321,8 +321,6 @@ SAMPLERS = {
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "lcm": sample_lcm,
 }
-STOCHASTIC = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_ancestral", "lcm", "ddim")
-BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde")  # ComfyUI draws their noise from a Brownian tree
 ETA_SAMPLERS = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_ancestral")
 
 

@@ -188,10 +188,6 @@ class SigmaPlan:
         if self.dynamic:
             self.masks = self._snap(build_item_masks(maps.to(self.device), self.ks, self.size, self.mask_thr))
 
-    def mean_item_maps(self) -> Optional[torch.Tensor]:
-        maps = [m for m in self.item_maps if m is not None]
-        return torch.stack(maps).mean(dim=0) if maps else None
-
 
 def fit_masks(masks: torch.Tensor, batch: int, size, n_items: int) -> torch.Tensor:
     """Accept (N,H,W), (B,N,H,W) or (H,W) masks of any size: each latent pixel takes the share of

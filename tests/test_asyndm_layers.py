@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PURE = ["curves", "schedule", "time_axis", "plan", "pixel_samplers", "masks", "tokens", "schedulers", "engine"]
+PURE = ["curves", "schedule", "time_axis", "plan", "clock", "pixel_samplers", "masks", "tokens", "schedulers", "engine"]
 
 
 @pytest.mark.parametrize("name", PURE + ["backends/pixel_math"])
@@ -21,7 +21,7 @@ def test_pure_engine_modules_import_no_framework(name):
         elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
             assert node.module.split(".")[0] in PURE + ["backends"], f"{name} imports the non-pure .{node.module}"
     assert not imported & {"comfy", "comfy_extras", "nodes", "diffusers", "transformers", "folder_paths"}, imported
-    assert imported <= {"torch", "math", "typing", "dataclasses", "inspect", "numpy", "einops"}, imported
+    assert imported <= {"torch", "math", "bisect", "typing", "dataclasses", "inspect", "numpy", "einops"}, imported
 
 
 def test_every_subpackage_is_installed():

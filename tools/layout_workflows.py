@@ -31,7 +31,7 @@ PREFERRED = {
     "EmptyLatentImage": (315, 106), "AsynDMKSampler": (340, 450), "AsynDMMaskExtractor": (340, 330),
     "VAEDecode": (210, 46), "SaveImage": (300, 300), "PreviewImage": (300, 280), "AsynDMCurvePreview": (315, 106),
     "AsynDMMaskStepsPreview": (315, 102), "SolidMask": (315, 106), "MaskComposite": (315, 126),
-    "MaskToImage": (210, 26), "AsynDMSampler": (315, 226), "BasicScheduler": (315, 106), "CFGGuider": (315, 98),
+    "MaskToImage": (210, 26), "AsynDMSampler": (315, 226), "AsynDMSamplerFromSampler": (315, 180), "SamplerDPMPP_3M_SDE": (315, 106), "BasicScheduler": (315, 106), "CFGGuider": (315, 98),
     "RandomNoise": (315, 82), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130), "CLIPLoader": (315, 106), "EmptyHunyuanLatentVideo": (315, 130),
     "SaveAnimatedWEBP": (315, 360), "TripleCLIPLoader": (315, 106),
     "FluxGuidance": (315, 58), "EmptySD3LatentImage": (315, 106), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
@@ -102,6 +102,13 @@ SPECS = {
         "groups": [
             ("Inputs: model, prompt with targets, size", BLUE, FIRST_X, 0, [[1, 2, 3, 4]]),
             ("SamplerCustomAdvanced with the AsynDM Sampler", GREEN, 1000, 0, [[5, 6, 8], [7, 9], [10, 11]]),
+        ]},
+    "asyndm_sd15_any_sampler.json": {
+        "note_height": 400, "titles": {},
+        "groups": [
+            ("Inputs: model, prompt with targets, size", BLUE, FIRST_X, 0, [[1, 2, 3, 4]]),
+            ("SamplerCustomAdvanced with any SAMPLER, made asynchronous", GREEN, 1000, 0,
+             [[5, 6, 8], [7, 13, 9], [10, 11]]),
         ]},
     "asyndm_flux_dev.json": {
         "note_height": 380, "titles": {},

@@ -16,13 +16,15 @@ into per-pixel timesteps), and steps with the per-pixel sampler of the chosen na
   background's sigmas (pixel_samplers.py).
 """
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+import inspect
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..engine import initial_latent, run as engine_run, static_prepass
-from ..pixel_samplers import BROWNIAN, ETA_SAMPLERS, SAMPLERS
+from ..clock import NOISE_DOWN, Clock, ClockModel
+from ..engine import RunRecord, initial_latent, plan_model, run as engine_run, sample as engine_sample
+from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS
 from ..plan import DEFAULT_K, SigmaPlan
 from .conditioning import external_item_masks, resolve_ks, targets_of
 
@@ -30,8 +32,56 @@ MODE_NAMES = {"AsynDM": "asyn", "DMconcave": "concave", "vanilla": "vanilla"}
 MASK_NAMES = {"dynamic": "dynamic", "static": "static", "mask input": "external"}
 LAST_STEPS = ("timestep 0 (paper)", "clean (sigma 0, like ComfyUI)")
 PAPER_SCHEDULER = "asyndm_paper"
-SAMPLER_NAMES = list(SAMPLERS)
-DISCARD_PENULTIMATE = ("dpm_2",)  # as the core KSampler does for these samplers
+# ComfyUI 0.3.64's KSampler.SAMPLERS, for node schemas read without ComfyUI (tests, docs)
+COMFY_SAMPLERS = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
+    "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
+    "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+    "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+    "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
+    "uni_pc_bh2")
+DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")  # as the core KSampler does
+
+
+def sampler_names() -> List[str]:
+    """Every sampler ComfyUI lists: the native per-pixel ones (SAMPLERS) and, for the rest,
+    ComfyUI's own function through the change of clock (clock.py). Read from ComfyUI when it is
+    loaded (never imported here: the pack imports cheaply)."""
+    import sys
+
+    comfy_samplers = sys.modules.get("comfy.samplers")
+    if comfy_samplers is not None:
+        return list(comfy_samplers.KSampler.SAMPLERS)
+    return list(COMFY_SAMPLERS)
+
+
+@dataclass(frozen=True)
+class NoiseInfo:
+    """How a ComfyUI sampler draws its noise: its noise sampler (ComfyUI's default per call, or a
+    Brownian tree on the CPU or the device) and the rule of its steps' noise (clock.NOISE_DOWN)."""
+
+    rule: Optional[str]  # None (deterministic), "ancestral" or "sde"
+    brownian: bool = False
+    tree_on_cpu: bool = True
+
+
+def noise_info(name: str) -> NoiseInfo:
+    brownian = name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))
+    if "ancestral" in name or name in ("ddpm", "lcm", "dpm_fast", "dpm_adaptive"):
+        rule = "ancestral"
+    elif "sde" in name or name.startswith(("seeds_", "sa_solver")):
+        rule = "sde"
+    else:
+        rule = None
+    return NoiseInfo(rule, brownian, not name.endswith("_gpu"))
+
+
+def _function_name(fn) -> str:
+    """sample_euler → euler, dpm_fast_function → dpm_fast (ComfyUI's naming)."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    name = name[len("sample_"):] if name.startswith("sample_") else name
+    return name[:-len("_function")] if name.endswith("_function") else name
 
 
 # ComfyUI 0.3.6x's schedulers, for node schemas read without ComfyUI (tests, docs)
@@ -111,15 +161,7 @@ class AsynOptions:
     capture_all: bool = False  # record attention at every step (the mask extractor)
 
 
-@dataclass
-class RunInfo:
-    """What a run leaves for the preview nodes."""
-
-    ks: List[float]
-    words: List[str]
-    timestep_maps: List[torch.Tensor] = field(default_factory=list)
-    masks: List[Optional[torch.Tensor]] = field(default_factory=list)
-    item_maps: List[Optional[torch.Tensor]] = field(default_factory=list)
+RunInfo = RunRecord  # what a run leaves for the preview nodes (latents stay in the LATENT output)
 
 
 def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str = "ddim",
@@ -166,48 +208,121 @@ def _sampler_class():
     import comfy.samplers
 
     class AsynKSAMPLER(comfy.samplers.KSAMPLER):
-        """A KSAMPLER whose sampler steps every latent pixel on its own sigma."""
+        """A KSAMPLER whose sampler steps every latent pixel on its own sigma: a native per-pixel
+        sampler (``function`` None) or any k-diffusion-style function through the change of clock."""
 
-        def __init__(self, name: str, options: AsynOptions, extra_options=None):
-            super().__init__(None, extra_options or {})
-            self.name, self.options, self.info = name, options, None
-            self.batch_index = None  # the latent's batch_index, for per-image noise streams
+        def __init__(self, name: str, options: AsynOptions, extra_options=None, function: Optional[Callable] = None,
+                     inpaint_options=None, batch_index=None, records: Optional[list] = None):
+            super().__init__(function, extra_options or {}, inpaint_options or {})
+            self.name, self.options = name, options
+            self.batch_index = batch_index  # the latent's batch_index, for per-image noise streams
+            self.records = records  # where each run's RunRecord goes (the KSampler node's run output)
 
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                    disable_pbar=False):
-            return _sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask)
+            return _sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                           disable_pbar)
 
     return AsynKSAMPLER
 
 
-def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s_noise: float = 1.0):
-    """The SAMPLER object (for SamplerCustom, or comfy.sample.sample_custom)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"the sampler {name!r} has no per-pixel version: use one of {', '.join(SAMPLERS)}")
-    extra = {}
-    if name in ETA_SAMPLERS and eta is not None:
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s_noise: float = 1.0, *,
+                 batch_index=None, records: Optional[list] = None):
+    """The SAMPLER object (for SamplerCustom, or comfy.sample.sample_custom). A native per-pixel
+    sampler where the pack has one (pixel_samplers.SAMPLERS), else ComfyUI's own function of that
+    name through the change of clock; ``eta`` None keeps the sampler's own default."""
+    if name in SAMPLERS:
+        extra = {}
+        if name in ETA_SAMPLERS and eta is not None:
+            extra["eta"] = float(eta)
+        if name not in ("dpmpp_2m", "lcm"):
+            extra["s_noise"] = float(s_noise)
+        return _sampler_class()(name, options, extra, batch_index=batch_index, records=records)
+    names = sampler_names()
+    if name not in names:
+        raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(names)}")
+    import comfy.samplers
+
+    return from_ksampler(comfy.samplers.sampler_object(name), options, eta=eta, s_noise=s_noise, name=name,
+                         batch_index=batch_index, records=records)
+
+
+def from_ksampler(ksampler, options: AsynOptions, eta: Optional[float] = None, s_noise: Optional[float] = None,
+                  name: Optional[str] = None, batch_index=None, records: Optional[list] = None):
+    """Any KSAMPLER (KSamplerSelect, the custom-sampling sampler nodes with their options, another
+    pack's) made asynchronous: its own function and options, every pixel on its own clock."""
+    import comfy.samplers
+
+    if isinstance(ksampler, comfy.samplers.KSAMPLER) and hasattr(ksampler, "options"):
+        raise ValueError("this SAMPLER is already asynchronous (an AsynDM sampler): connect the plain sampler")
+    if not isinstance(ksampler, comfy.samplers.KSAMPLER) or not callable(getattr(ksampler, "sampler_function", None)):
+        raise ValueError(
+            f"the SAMPLER is a {type(ksampler).__module__}.{type(ksampler).__qualname__}, not a KSAMPLER: AsynDM can "
+            "make asynchronous only samplers built on ComfyUI's KSAMPLER (KSamplerSelect, the sampling/custom_sampling/"
+            "samplers nodes, and packs that return comfy.samplers.KSAMPLER); use the 'AsynDM Sampler' node instead")
+    fn = ksampler.sampler_function
+    extra = dict(ksampler.extra_options or {})
+    if eta is not None and _accepts(fn, "eta"):
         extra["eta"] = float(eta)
-    if name not in ("dpmpp_2m", "lcm"):
+    if s_noise is not None and _accepts(fn, "s_noise"):
         extra["s_noise"] = float(s_noise)
-    return _sampler_class()(name, options, extra)
+    return _sampler_class()(name or _function_name(fn), options, extra, fn, dict(ksampler.inpaint_options or {}),
+                            batch_index=batch_index, records=records)
 
 
-def _noise_sampler(name, x, sigmas, seed, batch_index=None):
+def _noise_sampler(info: NoiseInfo, x, sigmas, seed, batch_index=None):
     """ComfyUI's noise samplers, one stream per image (seed + batch index), so image i never
     depends on the batch size (DESIGN.md invariant 5); for one image they are ComfyUI's exactly."""
     from comfy.k_diffusion import sampling as kd
 
     seed = 0 if seed is None else int(seed)
     seeds = [seed + int(i) for i in (batch_index if batch_index is not None else range(x.shape[0]))]
-    if name in BROWNIAN:
+    if info.brownian:
         positive = sigmas[sigmas > 0]
-        return kd.BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seeds, cpu=True)
+        return kd.BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seeds, cpu=info.tree_on_cpu)
     gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
 
     def draw(sigma, sigma_next):
         return torch.cat([torch.randn((1, *x.shape[1:]), dtype=x.dtype, device=x.device, generator=g) for g in gens])
 
     return draw
+
+
+def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callback, disable, seed, flow,
+               batch_index=None):
+    """ComfyUI's own sampler function, unmodified, stepping the background's sigmas; every pixel on
+    its own sigma through the change of clock (clock.py)."""
+    clock = Clock(sigmas, plan.step)
+    model = ClockModel(plan_model(model_fn, plan), clock, inner_model=model_wrap,
+                       base_options=extra_args.get("model_options"))
+    opts = dict(sampler.extra_options)
+    info = noise_info(sampler.name)
+    fn = sampler.sampler_function
+    if info.rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
+        base = _noise_sampler(info, x, sigmas, seed, batch_index)
+        opts["noise_sampler"] = base
+        if plan.mode != "vanilla":
+            if flow:
+                raise ValueError(
+                    f"the stochastic sampler {sampler.name!r} has no per-pixel noise on flow-matching models (Flux, "
+                    f"SD3): use one of {', '.join(n for n in SAMPLERS if n in ETA_SAMPLERS or n == 'lcm')}, a "
+                    "deterministic sampler, or mode 'vanilla'")
+            down, eta = NOISE_DOWN[info.rule], float(opts.get("eta", 1.0))
+
+            def noise_sampler(s, s_next):
+                s, s_next = float(s), float(s_next)
+                return base(s, s_next) * clock.noise_scale(s, s_next, down(s, s_next, eta)).to(x)
+
+            opts["noise_sampler"] = noise_sampler
+    return fn(model, x, sigmas, extra_args=dict(extra_args), callback=callback, disable=disable, **opts)
 
 
 def _backend(model_patcher, per_pixel: bool):
@@ -223,7 +338,7 @@ def _backend(model_patcher, per_pixel: bool):
         return None
 
 
-def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask):
+def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar=False):
     import comfy.model_management
 
     from ..backends.comfy_call import PixelCall, fold, unfold
@@ -290,25 +405,28 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
 
     def run(plan):
         x = initial_latent(plan, noise, latent, schedule.noise_scaling)
+        if sampler.sampler_function is not None:
+            return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
+                              seed, schedule.flow, batch_index)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
-                          noise_sampler=_noise_sampler(sampler.name, x, sigmas, seed, batch_index), **sampler.extra_options)
+                          noise_sampler=_noise_sampler(noise_info(sampler.name), x, sigmas, seed, batch_index),
+                          **sampler.extra_options)
 
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
         return SigmaPlan(sigmas, schedule, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
                          anchors=targets.anchors if targets else None, curve=opts.curve, mask_thr=opts.mask_thr,
                          capture_all=capture_all, cell=getattr(backend, "cell", 1))
 
-    static = opts.static_masks
-    if mode == "asyn" and source == "static" and static is None:
-        static, _, _ = static_prepass(run, make_plan, ks, size, opts.mask_thr)
-    plan = make_plan(mode, opts.capture_all, static if source == "static" else external, source == "dynamic")
-    samples = run(plan)
-    sampler.info = RunInfo(
-        ks=list(plan.ks), words=list(targets.words) if targets else [],
-        timestep_maps=[t.cpu() for t in plan.timestep_maps],
-        masks=[m.cpu() if m is not None else None for m in plan.mask_history],
-        item_maps=[m.cpu() if m is not None else None for m in plan.item_maps])
-    samples = ms.inverse_noise_scaling(sigmas[-1], samples)
+    record = engine_sample(run, make_plan, mode=mode, mask_source=source, ks=ks, size=size, mask_thr=opts.mask_thr,
+                           external=external, static=opts.static_masks, capture_all=opts.capture_all,
+                           words=targets.words if targets else ())
+    if sampler.records is not None:
+        def cpu(maps):
+            return [m.cpu() if m is not None else None for m in maps]
+
+        sampler.records.append(RunRecord(ks=record.ks, words=record.words, timestep_maps=cpu(record.timestep_maps),
+                                         masks=cpu(record.masks), item_maps=cpu(record.item_maps)))
+    samples = ms.inverse_noise_scaling(sigmas[-1], record.latents)
     return unfold(samples, frames) if frames else samples
 
 
@@ -324,14 +442,16 @@ def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: 
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     if sigmas is None:
         sigmas = node_sigmas(model, scheduler, steps, denoise, sampler_name, last_step)
-    sampler = asyn_sampler(sampler_name, options, eta)
-    sampler.batch_index = latent.get("batch_index")
+    # eta is the paper's DDIM's; every other sampler keeps its ComfyUI default, as in the core KSampler
+    records = []
+    sampler = asyn_sampler(sampler_name, options, eta if sampler_name == "ddim" else None,
+                           batch_index=latent.get("batch_index"), records=records)
     samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
                                          noise_mask=latent.get("noise_mask"), callback=callback,
                                          disable_pbar=disable_pbar, seed=seed)
     out = latent.copy()
     out["samples"] = samples
-    return out, sampler.info
+    return out, records[-1]
 
 
 def extract_masks(model, positive, negative, latent, *, seed, steps, cfg, strengths=(), mask_thr=1.0, **kwargs):

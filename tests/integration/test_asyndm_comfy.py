@@ -290,8 +290,8 @@ def test_asyndm_bad_input_names_the_fix(setup):
 
     cs = custom_nodes()
     model, clip, pos, neg = setup["sd15"]
-    with pytest.raises(ValueError, match="per-pixel version: use one of"):
-        AsynDMSampler().get_sampler("uni_pc", 1.0, 1.0, "AsynDM", "dynamic", "bin", "", 1.0)
+    with pytest.raises(ValueError, match="unknown sampler 'uni_pcc': use one of"):
+        AsynDMSampler().get_sampler("uni_pcc", 1.0, 1.0, "AsynDM", "dynamic", "bin", "", 1.0)
     sampler = AsynDMSampler().get_sampler("euler", 1.0, 1.0, "AsynDM", "dynamic", "bin", "", 1.0)[0]
     short = torch.tensor([1.0])
     with pytest.raises(ValueError, match="at least 2"):
