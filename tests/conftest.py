@@ -29,6 +29,14 @@ def _import_checkout_as_package():
     return mod
 
 
+def pytest_configure(config):
+    """Every test module needs torch: without it, one message that says how to install it
+    instead of an import error per module."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.exit(f"torch is not installed in this Python ({sys.executable}): run the README's first command, "
+                    'pip install torch==2.13.0 && pip install -e ".[test]"', returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 _import_checkout_as_package()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
