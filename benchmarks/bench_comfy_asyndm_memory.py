@@ -1,0 +1,138 @@
+"""Peak memory of the Asynchronous KSampler (AsynDM dynamic, and with a fixed mask) against
+ComfyUI's own KSampler, per model family (issue 16: AsynDM ≤ 1.1× the core run's peak).
+
+Each run is one fresh process (the same model, latent, conditioning and sampler as
+bench_comfy_asyndm_transformers.py builds), so no side inherits the other's allocator state. In
+it: the model and inputs are built, freed heap is returned to the OS (malloc_trim), the kernel's
+peak-RSS mark is reset (/proc/self/clear_refs, Linux) and the resident size read; one sampling run;
+then the peak (VmHWM). "Sampling peak" is the peak minus the resident size before the run: what the
+run itself added at its highest (activations, attention, the per-token maps); "total" includes the
+weights. Ratios are AsynDM / core of each.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_comfy_asyndm_memory.py \
+        [--size 1024] [--unet-size 512] [--steps 2] [--hidden 256] [--depth 4] [--families sd15,flux,sd3,chroma,wan,qwen_image]
+
+At the default 1024 px a patch-2 transformer sees 4096 image tokens (Flux / Qwen-Image at 1024²):
+the attention read for masks must stay blockwise there (a full image × text attention matrix per
+head would show here as extra peak).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = pathlib.Path(__file__).resolve().parent
+SIDES = ("core", "asyn", "tokens")
+
+
+def _status(field):
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def one(args):
+    """Child: one side, one run; prints a JSON line with the bytes."""
+    sys.path.insert(0, str(HERE))
+    from bench_comfy_asyndm_transformers import bootstrap, build
+
+    bootstrap(args.comfyui, threads=args.threads)
+    import ctypes
+    import gc
+
+    import comfy.utils
+    import nodes
+    import torch
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
+
+    family = args.one
+    gen = torch.Generator().manual_seed(1)
+    size = args.unet_size if family == "sd15" else args.size
+    lat = size // 8
+    if family == "sd15":
+        from bench_comfy_asyndm import build_model
+
+        model, width, ctx, cfg, pooled = build_model(args.channels), 768, 77, 7.5, None
+        latent = torch.zeros(1, 4, lat, lat)
+    else:
+        model = build(family, args.hidden, args.depth)
+        width, ctx = 512, 64
+        cfg = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0}.get(family, 4.0)
+        pooled = {"flux": 768, "sd3": 2048}.get(family)
+        latent = torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else torch.zeros(1, 16, lat, lat)
+    extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if pooled else None}
+    if family == "flux":
+        extra["guidance"] = 3.5
+    targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": ctx}
+    pos = [[torch.randn(1, ctx, width, generator=gen), dict(extra, asyndm_targets=targets)]]
+    neg = [[torch.randn(1, ctx, width, generator=gen), dict(extra)]]
+    half = torch.zeros(1, size, size)
+    half[:, :, : size // 2] = 1
+
+    def run():
+        if args.side == "core":
+            return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg,
+                                           {"samples": latent})
+        source, mask = ("dynamic", None) if args.side == "asyn" else ("mask input", half)
+        return AsynDMKSampler().sample(model, 7, args.steps, cfg, 0.0, "AsynDM", source, "bin", "", 1.0,
+                                       "clean (sigma 0, like ComfyUI)", pos, neg, {"samples": latent},
+                                       sampler_name="euler", scheduler="simple", denoise=1.0, mask=mask)
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark to the current resident size
+    before = _status("VmRSS")
+    with torch.inference_mode():
+        run()
+    print(json.dumps({"before": before, "peak": _status("VmHWM")}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    ap.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size/8)")
+    ap.add_argument("--unet-size", type=int, default=512, help="SD1.5's image size (its native 512)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256, help="transformer width")
+    ap.add_argument("--depth", type=int, default=4, help="transformer blocks (Flux/Chroma: double; 2× single)")
+    ap.add_argument("--channels", type=int, default=320, help="SD1.5 UNet base channels")
+    ap.add_argument("--families", default="sd15,flux,sd3,chroma,wan,qwen_image")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not args.comfyui:
+        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    if args.one:
+        return one(args)
+    if not os.path.exists("/proc/self/clear_refs"):
+        sys.exit("this benchmark reads Linux's per-process peak memory (/proc/self/clear_refs)")
+    print(f"transformers {args.size}² px (latent {args.size // 8}²) h{args.hidden} × {args.depth} blocks, SD1.5 UNet "
+          f"{args.unet_size}² px {args.channels} channels; {args.steps} euler/simple steps; one fresh process per run")
+    print(f"  {'family':12s} {'core peak':>10s} {'AsynDM peak':>12s} {'ratio':>6s} {'mask-input':>11s} "
+          f"{'core total':>11s} {'AsynDM total':>13s} {'ratio':>6s}")
+    common = [sys.executable, __file__, "--comfyui", args.comfyui, "--size", str(args.size), "--steps",
+              str(args.steps), "--unet-size", str(args.unet_size), "--hidden", str(args.hidden), "--depth", str(args.depth), "--channels",
+              str(args.channels), "--threads", str(args.threads)]
+    for family in args.families.split(","):
+        got = {}
+        for side in SIDES:
+            out = subprocess.run(common + ["--one", family, "--side", side], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{family} {side} failed:\n{out.stderr[-3000:]}")
+            got[side] = json.loads(out.stdout.strip().splitlines()[-1])
+        inc = {s: got[s]["peak"] - got[s]["before"] for s in SIDES}
+        mb = 2 ** 20
+        print(f"  {family:12s} {inc['core'] / mb:8.0f}MB {inc['asyn'] / mb:10.0f}MB {inc['asyn'] / inc['core']:6.2f} "
+              f"{inc['tokens'] / inc['core']:11.2f} {got['core']['peak'] / mb:9.0f}MB "
+              f"{got['asyn']['peak'] / mb:11.0f}MB {got['asyn']['peak'] / got['core']['peak']:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
