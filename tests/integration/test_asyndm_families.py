@@ -433,3 +433,36 @@ def test_hidream_constant_map_is_stock_forward_modulations_per_row_and_its_own_a
     n_llama = pos[0][1]["conditioning_llama3"].shape[2]
     ref = _hidream_reference_maps(log, backend.capture_blocks, 16, pos[0][0].shape[1], n_llama, TARGETS["positions"])
     assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_hidream_targets_read_llama_positions_of_the_context_the_model_gets(comfy_env, tiny_models, monkeypatch):
+    """HiDream's tokenizer and text encoder (ComfyUI's HiDreamTokenizer / HiDreamTEModel, tiny; the
+    Llama 3.1 tokenizer JSON is not in the checkout, so a byte-level BPE stand-in with Llama 3's
+    special ids, comfy_tiny.llama_standin_dir). The Llama model is replaced by one whose hidden state
+    is each token's id, so the context the model receives names its tokens: the positions index it
+    (the encoder drops its first *layer*, not a token). Caught: positions on the T5 tokens (the
+    first key ``_key`` found before); a word at the prompt's start (no leading space) with the
+    tokenizer's padding kept in its ids."""
+    from comfy.text_encoders import hunyuan_video
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    def ids_as_states(self, token_weight_pairs):  # (1, layers + 1, L, 1): every layer holds the ids
+        ids = torch.tensor([[float(t[0]) for c in token_weight_pairs for t in c]])
+        return ids[:, None, :, None].expand(1, 3, -1, 1), None
+
+    monkeypatch.setattr(hunyuan_video.LLAMAModel, "encode_token_weights", ids_as_states)
+    clip = tiny_models.tiny_dit_clip("hidream")
+    tok = clip.tokenizer.llama.tokenizer
+    for prompt, targets, spelled in (("a rabbit playing basketball beside a rabbit", "rabbit#2:0.6, basketball",
+                                      (" rabbit", " basketball")),
+                                     ("rabbit beside a basketball", "rabbit, basketball", ("rabbit", " basketball"))):
+        cond = AsynDMTextEncode().encode(clip, prompt, targets)[0]
+        info, context = cond[0][1]["asyndm_targets"], cond[0][1]["conditioning_llama3"][0, 0, :, 0]
+        assert info["context_len"] == context.shape[0] >= 128  # Llama: padded to at least 128 tokens
+        for positions, word in zip(info["positions"], spelled):
+            assert [int(context[p]) for p in positions] == tok(word, add_special_tokens=False)["input_ids"], word
+    assert info["positions"][0][0] == 1  # right after <|begin_of_text|>
+    monkeypatch.setattr(clip.cond_stage_model, "llama", None)
+    with pytest.raises(Exception, match="no Llama text encoder: load llama_3.1_8b_instruct"):
+        AsynDMTextEncode().encode(clip, "a rabbit", "rabbit")
