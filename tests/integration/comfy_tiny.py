@@ -267,6 +267,7 @@ def stand_ins(family=None):
     clones: a LoRA is a no-op on a stand-in), VAELoader, UNETLoader, CLIPLoader (family from the
     file name, or ``family`` for all), and the pack's FPDMCheckpointLoader (its real loader runs on a
     tiny FPDM — or plain DiT for ``*DiT*`` names — written over the empty placeholder file).
+    QuadrupleCLIPLoader gives HiDream's tiny text encoder (any four names).
     Yields a ``StandInRegistry`` recording every load.
     """
     import nodes
@@ -309,6 +310,11 @@ def stand_ins(family=None):
         reg.loads.append(("clip", f"{clip_name1}+{clip_name2}+{clip_name3}", "sd3"))
         return io.NodeOutput(_cached("clip", "sd3").clone())
 
+    def load_quadruple_clip(cls, clip_name1, clip_name2, clip_name3, clip_name4):  # HiDream's four encoders
+        from comfy_api.latest import io
+        reg.loads.append(("clip", "+".join((clip_name1, clip_name2, clip_name3, clip_name4)), "hidream"))
+        return io.NodeOutput(_cached("clip", "hidream").clone())
+
     def load_unet(self, unet_name, *args, **kwargs):
         fam = reg.family_for(unet_name)
         reg.loads.append(("unet", unet_name, fam))
@@ -346,6 +352,7 @@ def stand_ins(family=None):
     patch("CLIPLoader", "load_clip", load_clip)
     patch("DualCLIPLoader", "load_clip", load_dual_clip)
     patch("TripleCLIPLoader", "execute", classmethod(load_triple_clip))
+    patch("QuadrupleCLIPLoader", "execute", classmethod(load_quadruple_clip))
     try:
         yield reg
     finally:
