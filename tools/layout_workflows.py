@@ -34,7 +34,7 @@ PREFERRED = {
     "MaskToImage": (210, 26), "AsynDMSampler": (315, 226), "AsynDMSamplerFromSampler": (315, 180), "SamplerDPMPP_3M_SDE": (315, 106), "BasicScheduler": (315, 106), "CFGGuider": (315, 98),
     "RandomNoise": (315, 82), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130), "CLIPLoader": (315, 106), "EmptyHunyuanLatentVideo": (315, 130),
     "SaveAnimatedWEBP": (315, 360), "TripleCLIPLoader": (315, 106),
-    "QuadrupleCLIPLoader": (315, 154), "ModelSamplingSD3": (315, 58),
+    "QuadrupleCLIPLoader": (315, 130), "ModelSamplingSD3": (315, 58),
     "FluxGuidance": (315, 58), "EmptySD3LatentImage": (315, 106), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
     "FPDMClassConditioning": (360, 126), "FPDMSampler": (320, 238), "KSampler": (320, 262), "VAELoader": (320, 58),
 }
