@@ -29,7 +29,8 @@ from .protocol import PixelBackend, register, unsupported
 
 class _Parts:
     """What a HiDream block reads from its ``adaLN_modulation`` output, ``out[:, None].chunk(k, -1)``:
-    the given per-token / per-image parts, already in shape."""
+    the given per-token / per-image parts, already in shape. (HiDream has no block replace patch; this
+    keeps its own block code running instead of a copy of it.)"""
 
     def __init__(self, parts):
         self.parts = tuple(parts)
