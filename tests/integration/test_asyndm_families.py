@@ -466,3 +466,20 @@ def test_hidream_targets_read_llama_positions_of_the_context_the_model_gets(comf
     monkeypatch.setattr(clip.cond_stage_model, "llama", None)
     with pytest.raises(Exception, match="no Llama text encoder: load llama_3.1_8b_instruct"):
         AsynDMTextEncode().encode(clip, "a rabbit", "rabbit")
+
+
+def test_hidream_e1_image_condition_is_refused_with_what_is_supported(fams):
+    """HiDream E1 widens the image stream with its image condition: a clear refusal. Caught: without
+    the check, a tensor-size error deep inside the first block."""
+    from asyndm_fpdm.samplers.backends import backend_for
+    from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
+    from asyndm_fpdm.samplers.backends.pixel_math import UnsupportedModelError
+
+    model, pos, neg = fams["hidream"]
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = _sigma(model, 0.6)
+    opts = backend_for(model).model_options({"transformer_options": {"cond_or_uncond": [0]}},
+                                            PixelCall(s.expand(1, 1, 8, 8)))
+    with pytest.raises(UnsupportedModelError, match="HiDream E1"):
+        model.model.apply_model(x, s.expand(1), transformer_options=opts["transformer_options"],
+                                image_cond=torch.zeros_like(x), **_hidream_kwargs(pos, 1))
