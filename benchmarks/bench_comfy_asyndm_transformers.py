@@ -12,6 +12,7 @@ with it.
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_transformers.py \
         [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4] \\
         [--families flux,sd3,chroma,wan,qwen_image]
+        (HiDream-I1: --families hidream, double + 2x single blocks with MoE, cfg 5 as HiDream full)
 
 Models: ComfyUI's own Flux (dev: guidance embedding) and SD3 MMDiT classes and configs with random
 weights — Flux with Flux dev's block structure (19 double and 38 single blocks, of which the masks
@@ -36,11 +37,24 @@ def bootstrap(comfy_path, threads=0):
     bootstrap_comfyui(comfy_path, prefix="bench_asyndm_dit_", threads=threads)
 
 
+def hidream_config(hidden, depth):
+    """HiDream-I1's layout (``depth`` double + 2·``depth`` single blocks, MoE with 4 routed experts, 2
+    active), head 64 = RoPE axes 32 + 16 + 16 as HiDream's 128 = 64 + 32 + 32; T5 / Llama width 512."""
+    import comfy.supported_models as sm
+
+    return sm.HiDream(dict(sm.HiDream.unet_config, patch_size=2, in_channels=16, out_channels=16, num_layers=depth,
+                           num_single_layers=2 * depth, attention_head_dim=64, num_attention_heads=hidden // 64,
+                           caption_channels=[512, 512], text_emb_dim=2048, num_routed_experts=4,
+                           num_activated_experts=2, axes_dims_rope=(32, 16, 16), llama_layers=[0] * (3 * depth)))
+
+
 def build(family, hidden, depth):
     import comfy.supported_models as sm
 
     from bench_comfy_asyndm import patcher
 
+    if family == "hidream":
+        return patcher(hidream_config(hidden, depth))
     if family == "flux":
         unet = dict(sm.Flux.unet_config, in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=512,
                     hidden_size=hidden, mlp_ratio=4.0, num_heads=4, depth=depth, depth_single_blocks=2 * depth,
@@ -105,6 +119,7 @@ def main():
     settings = {"keep": [False], "flush": [True], "both": [False, True]}[args.denormals]
     rows = []
     cfgs = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0}
+    cfgs["hidream"] = 5.0
     for family in args.families.split(","):
         cfg = cfgs[family]
         model = build(family, args.hidden, args.sd3_depth if family == "sd3" else args.flux_depth)
@@ -112,6 +127,9 @@ def main():
         extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if family in ("flux", "sd3") else None}
         if family == "flux":
             extra["guidance"] = 3.5
+        if family == "hidream":  # pooled CLIP-L‖G (2048) and one Llama layer (the config reads layer 0)
+            extra = {"pooled_output": torch.randn(1, 2048, generator=gen),
+                     "conditioning_llama3": torch.randn(1, 1, 64, 512, generator=gen)}
         pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
         neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
         latent = {"samples": torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else
@@ -148,6 +166,7 @@ def main():
              "chroma": f"Chroma-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 4)",
              "wan": f"Wan-shaped ({args.flux_depth} blocks, h{args.hidden}, 1 frame, cfg 6)",
              "qwen_image": f"Qwen-Image-shaped ({args.flux_depth} blocks, h{args.hidden}, cfg 4)"}
+    names["hidream"] = f"HiDream-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, MoE, h{args.hidden}, cfg 5)"
     for family, flush, c, a, r, r_tokens, rounds in rows:
         print(f"  {names[family]:40s} {'flushed' if flush else 'kept':>9s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms "
               f"{r:6.3f} {r_tokens:18.3f} {rounds:>11s}")

@@ -93,7 +93,7 @@ class AsynDMTextEncode:
 
     def encode(self, clip, text, targets):
         from ..samplers.comfyui.conditioning import TARGETS_KEY
-        from ..samplers.comfyui.tokens import fit_to_context, locate_targets
+        from ..samplers.comfyui.tokens import context_length, fit_to_context, locate_targets
 
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader node "
@@ -101,7 +101,7 @@ class AsynDMTextEncode:
         info = locate_targets(clip, text, targets)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         if cond:  # the encoded context: SD3's is CLIP's 77·k plus T5's tokens, Qwen-Image's drops its template
-            info = fit_to_context(info, cond[0][0].shape[1])
+            info = fit_to_context(info, context_length(cond))
         return ([[c, dict(d, **{TARGETS_KEY: info})] for c, d in cond],)
 
 

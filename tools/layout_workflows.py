@@ -34,6 +34,7 @@ PREFERRED = {
     "MaskToImage": (210, 26), "AsynDMSampler": (315, 226), "AsynDMSamplerFromSampler": (315, 180), "SamplerDPMPP_3M_SDE": (315, 106), "BasicScheduler": (315, 106), "CFGGuider": (315, 98),
     "RandomNoise": (315, 82), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130), "CLIPLoader": (315, 106), "EmptyHunyuanLatentVideo": (315, 130),
     "SaveAnimatedWEBP": (315, 360), "TripleCLIPLoader": (315, 106),
+    "QuadrupleCLIPLoader": (315, 130), "ModelSamplingSD3": (315, 58),
     "FluxGuidance": (315, 58), "EmptySD3LatentImage": (315, 106), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
     "FPDMClassConditioning": (360, 126), "FPDMSampler": (320, 238), "KSampler": (320, 262), "VAELoader": (320, 58),
 }
@@ -123,6 +124,13 @@ SPECS = {
             ("Inputs: Chroma (UNET, T5, VAE), prompt with targets, negative, size", BLUE, FIRST_X, 0,
              [[1, 2, 3], [4, 6, 7]]),
             ("AsynDM on Chroma (per-token timesteps)", GREEN, FIRST_X, "below", [[8], [9], [10]]),
+        ]},
+    "asyndm_hidream.json": {
+        "note_height": 560, "titles": {},
+        "groups": [
+            ("Inputs: HiDream-I1 (UNET, shift, 4 text encoders, VAE), prompt with targets", BLUE, FIRST_X, 0,
+             [[1, 12, 2, 3], [4, 6, 7]]),
+            ("AsynDM on HiDream (per-token timesteps)", GREEN, FIRST_X, "below", [[8], [9], [10]]),
         ]},
     "asyndm_wan_t2v.json": {
         "note_height": 560, "titles": {},

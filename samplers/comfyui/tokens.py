@@ -9,7 +9,8 @@ change weights, never ids; a word that splits into several tokens is matched as 
 
 Transformers (DESIGN.md, "Transformers"): the positions index the context the backend reads.
 Flux's tokens carry ``l`` and ``t5xxl`` but its joint attention sees only T5's hidden states
-(CLIP-L gives the pooled vector): ``t5xxl``. SD3's (``g``, ``l``, ``t5xxl``) context is
+(CLIP-L gives the pooled vector): ``t5xxl``. HiDream's (``g``, ``l``, ``t5xxl``, ``llama``): the
+masks read its Llama 3.1 hidden states (``conditioning_llama3``), so ``llama``. SD3's (``g``, ``l``, ``t5xxl``) context is
 [CLIP-L ‖ CLIP-G (77 per chunk) | T5]: the CLIP positions, which start the context whether or
 not T5 is loaded (``t5xxl`` only for a T5-only SD3 text encoder). T5's own tokens (``▁rabbit``)
 are listed without the sentencepiece marks when a word is not found.
@@ -23,6 +24,8 @@ KEY_ORDER = ("l", "g", "h")
 
 
 def _key(tokens: dict, clip=None) -> str:
+    if "llama" in tokens:  # HiDream: its masks read the Llama 3.1 tokens (DESIGN.md, "HiDream")
+        return "llama"
     if "t5xxl" in tokens:
         model = getattr(clip, "cond_stage_model", None)
         no_clip = all(getattr(model, f"clip_{k}", True) is None for k in ("l", "g"))
@@ -55,6 +58,9 @@ def _word_ids(clip, key, sub, word) -> List[int]:
         ids = ids[1:]
     if end is not None and end in ids:
         ids = ids[: ids.index(end)]
+    pad = getattr(sub, "pad_token", None)
+    while ids and pad is not None and ids[-1] == pad:  # a tokenizer padded without an end token (Llama)
+        ids.pop()
     return ids
 
 
@@ -85,7 +91,10 @@ def _locate(prompt_ids, candidates, shown, word, occurrence):
 def _token_names(sub, ids):
     inv = getattr(sub, "inv_vocab", None) or {}
     names = []
+    pad = getattr(sub, "pad_token", None)
     for i in ids:
+        if i == pad:  # padding (Llama's <|eot_id|>): not part of what the user wrote
+            continue
         name = inv.get(i, str(i))
         if name in ("<|startoftext|>", "<|endoftext|>", "</s>", "<pad>"):
             continue
@@ -109,6 +118,9 @@ def locate_targets(clip, prompt: str, targets_text: str) -> dict:
         raise ValueError("targets is empty: name the prompt's key objects, e.g. 'rabbit:0.7, basketball:0.7'")
     tokens = clip.tokenize(prompt)
     key = _key(tokens, clip)
+    if key == "llama" and getattr(getattr(clip, "cond_stage_model", None), "llama", True) is None:
+        raise UnknownWordError("HiDream's masks read the Llama 3.1 tokens and this CLIP has no Llama text encoder: "
+                               "load llama_3.1_8b_instruct as the fourth file of the QuadrupleCLIPLoader")
     sub = _sub_tokenizer(clip, key)
     prompt_ids = _ids(tokens[key])
     shown = _token_names(sub, prompt_ids)
@@ -122,6 +134,14 @@ def locate_targets(clip, prompt: str, targets_text: str) -> dict:
         words.append(raw)
         ks.append(k)
     return {"words": words, "ks": ks, "positions": positions, "context_len": len(prompt_ids)}
+
+
+def context_length(cond) -> int:
+    """The length of the encoded context the masks read: HiDream's Llama hidden states (B, layers, L, D)
+    under ``conditioning_llama3``, else the cross-attention context."""
+    context, extra = cond[0][0], cond[0][1]
+    llama = extra.get("conditioning_llama3")
+    return int(llama.shape[2]) if llama is not None else int(context.shape[1])
 
 
 def fit_to_context(info: dict, context_len: int) -> dict:

@@ -177,6 +177,8 @@ def tiny_checkpoint(family="sd15", cached=True):
 
 def family_for_filename(name: str, default="sd15") -> str:
     low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
+    if "hidream" in low or "llama" in low:
+        return "hidream"
     if "chroma" in low:
         return "chroma"
     if low.startswith("wan") or "umt5" in low:
@@ -265,6 +267,7 @@ def stand_ins(family=None):
     clones: a LoRA is a no-op on a stand-in), VAELoader, UNETLoader, CLIPLoader (family from the
     file name, or ``family`` for all), and the pack's FPDMCheckpointLoader (its real loader runs on a
     tiny FPDM — or plain DiT for ``*DiT*`` names — written over the empty placeholder file).
+    QuadrupleCLIPLoader gives HiDream's tiny text encoder (any four names).
     Yields a ``StandInRegistry`` recording every load.
     """
     import nodes
@@ -307,6 +310,11 @@ def stand_ins(family=None):
         reg.loads.append(("clip", f"{clip_name1}+{clip_name2}+{clip_name3}", "sd3"))
         return io.NodeOutput(_cached("clip", "sd3").clone())
 
+    def load_quadruple_clip(cls, clip_name1, clip_name2, clip_name3, clip_name4):  # HiDream's four encoders
+        from comfy_api.latest import io
+        reg.loads.append(("clip", "+".join((clip_name1, clip_name2, clip_name3, clip_name4)), "hidream"))
+        return io.NodeOutput(_cached("clip", "hidream").clone())
+
     def load_unet(self, unet_name, *args, **kwargs):
         fam = reg.family_for(unet_name)
         reg.loads.append(("unet", unet_name, fam))
@@ -344,6 +352,7 @@ def stand_ins(family=None):
     patch("CLIPLoader", "load_clip", load_clip)
     patch("DualCLIPLoader", "load_clip", load_dual_clip)
     patch("TripleCLIPLoader", "execute", classmethod(load_triple_clip))
+    patch("QuadrupleCLIPLoader", "execute", classmethod(load_quadruple_clip))
     try:
         yield reg
     finally:
@@ -366,6 +375,8 @@ TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 
 
 def _dit_config(family, depth=2, hidden=64):
     import comfy.supported_models as sm
+    if family == "hidream":
+        return _hidream_config(depth, hidden)
     if family in ("flux", "flux_schnell"):
         cls = sm.Flux if family == "flux" else sm.FluxSchnell
         unet = dict(cls.unet_config, in_channels=16, out_channels=16, vec_in_dim=FLUX_VEC,
@@ -421,6 +432,8 @@ def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
 
 def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     """Random CONDITIONING for a tiny DiT, as its text encoders would give it: [[context, {pooled}]]."""
+    if family == "hidream":
+        return hidream_conditioning(length, seed, batch)
     gen = torch.Generator().manual_seed(seed)
     width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") or family == "chroma" else (SD3_CONTEXT,
                                                                                                      SD3_ADM)
@@ -460,6 +473,8 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     import comfy.sd
     import comfy.supported_models_base as smb
     from comfy.text_encoders import flux, sd3_clip
+    if family == "hidream":
+        return tiny_hidream_clip(seed)
     if family.startswith("flux"):
         target = smb.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
     elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
@@ -510,3 +525,105 @@ def lumina2_conditioning(length=9, seed=SEED + 9):
     """CONDITIONING as Lumina 2's text encoder gives it: [[hidden states, {attention_mask}]]."""
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, length, LUMINA_CAP, generator=gen), {"attention_mask": torch.ones(1, length, dtype=torch.long)}]]
+
+
+# ---------------------------------------------------------------------------------------------
+# HiDream-I1: ComfyUI's own config and text encoders (CLIP-L/G pooled, T5, Llama 3.1), tiny
+# ---------------------------------------------------------------------------------------------
+DIT_FAMILIES += ("hidream",)
+HIDREAM_T5_LENGTH = 10  # the T5 context of the stand-in conditioning (real: 128); not the Llama length
+HIDREAM_LLAMA_LAYERS = 2  # the tiny Llama's hidden states the model reads (real: 32)
+TINY_LLAMA_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": HIDREAM_LLAMA_LAYERS,
+                     "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+def _hidream_config(depth=2, hidden=64):
+    """comfy.supported_models.HiDream with tiny sizes: ``depth`` double and single blocks, 3 routed
+    experts (2 active), head dim 32 = RoPE axes 8 + 12 + 12, T5 / Llama widths of the tiny encoders."""
+    import comfy.supported_models as sm
+    unet = dict(sm.HiDream.unet_config, patch_size=2, in_channels=16, out_channels=16, num_layers=depth,
+                num_single_layers=depth, attention_head_dim=32, num_attention_heads=hidden // 32,
+                caption_channels=[FLUX_CONTEXT, TINY_LLAMA_CONFIG["hidden_size"]], text_emb_dim=2 * FLUX_VEC,
+                num_routed_experts=3, num_activated_experts=2, axes_dims_rope=(8, 12, 12), max_resolution=(64, 64),
+                llama_layers=[min(i, HIDREAM_LLAMA_LAYERS - 1) for i in range(2 * depth)])
+    config = sm.HiDream(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def hidream_conditioning(length=12, seed=SEED + 9, batch=1):
+    """CONDITIONING as HiDream's text encoder gives it: T5 context, pooled CLIP-L‖G, and the Llama
+    hidden states (B, layers, ``length``, D) under ``conditioning_llama3``."""
+    gen = torch.Generator().manual_seed(seed)
+    t5 = torch.randn(batch, HIDREAM_T5_LENGTH, FLUX_CONTEXT, generator=gen)
+    extra = {"pooled_output": torch.randn(batch, 2 * FLUX_VEC, generator=gen),
+             "conditioning_llama3": torch.randn(batch, HIDREAM_LLAMA_LAYERS, length, TINY_LLAMA_CONFIG["hidden_size"],
+                                                generator=gen)}
+    return [[t5, extra]]
+
+
+@functools.lru_cache(maxsize=None)
+def llama_standin_dir() -> str:
+    """A tiny byte-level BPE tokenizer with Llama 3's special ids (128000 begin, 128009 eot), trained
+    in memory on a few sentences, in a temporary folder: the Llama tokenizer JSON HiDream uses is
+    not in the ComfyUI checkout the tests run against (ComfyUI ships it; no download here)."""
+    import json
+    import os
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(STANDIN_CORPUS) * 4, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    spec = json.loads(tok.to_str())
+    specials = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|eot_id|>": 128009}
+    spec["added_tokens"] = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for c, i in specials.items()]
+    bos = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000],
+                                                                       "tokens": ["<|begin_of_text|>"]}}}
+    folder = tempfile.mkdtemp(prefix="llama_standin_")
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(spec, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "model_max_length": 131072}, f)
+    return folder
+
+
+class _LlamaStandIn:
+    """Stands for ``LlamaTokenizerFast`` in ComfyUI's LLAMA3Tokenizer: the stand-in folder, read as
+    the byte-level tokenizer.json it is (as transformers 4.x reads Llama 3's)."""
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(llama_standin_dir(), **kwargs)
+
+
+def tiny_hidream_clip(seed=SEED + 1):
+    """HiDream's text encoder (ComfyUI's HiDreamTokenizer / HiDreamTEModel: CLIP-L, CLIP-G, T5, Llama
+    3.1, all tiny), with the Llama stand-in tokenizer above."""
+    import comfy.sd
+    import comfy.supported_models_base as smb
+    from comfy.text_encoders import hidream, hunyuan_video
+
+    class Tokenizer(hidream.HiDreamTokenizer):
+        def __init__(self, *args, **kwargs):
+            real = hunyuan_video.LlamaTokenizerFast
+            hunyuan_video.LlamaTokenizerFast = _LlamaStandIn
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                hunyuan_video.LlamaTokenizerFast = real
+
+    options = {k: dict(v) for k, v in TINY_TE_OPTIONS.items()}
+    options.update(t5xxl_model_config=dict(TINY_T5_CONFIG), llama_model_config=dict(TINY_LLAMA_CONFIG),
+                   dtype=torch.float32)
+    clip = comfy.sd.CLIP(smb.ClipTarget(Tokenizer, hidream.hidream_clip()), model_options=options)
+    _randomize_(clip.cond_stage_model, seed)
+    return clip

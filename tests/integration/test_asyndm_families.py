@@ -19,6 +19,7 @@ FAMILIES = ["chroma", "wan", "qwen_image"]
 TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
 SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
             ("dpmpp_2m_sde", "simple")]
+FAMILIES += ["hidream"]
 
 
 @pytest.fixture(autouse=True)
@@ -261,7 +262,9 @@ def test_family_weight_patches_reach_the_per_token_path(fams, fam):
     model, pos, neg = fams[fam]
     key = {"chroma": "diffusion_model.distilled_guidance_layer.out_proj.weight",
            "wan": "diffusion_model.time_projection.1.weight",
-           "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight"}[fam]
+           "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight",
+           "hidream": "diffusion_model.double_stream_blocks.0.block.adaLN_modulation.1.weight",
+           }[fam]
     weight = model.model.get_parameter(key)
     patched = model.clone()
     patched.add_patches({key: (0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
@@ -343,3 +346,140 @@ def test_qwen_image_targets_follow_the_context_after_the_chat_template(comfy_env
     assert info["context_len"] == context.shape[0] < len(Clip().tokenize(prompt)["qwen25_7b"][0])
     assert [int(context[p]) for p in info["positions"][0]] == rabbit
     assert info["positions"][0][0] > info["positions"][1][-1]
+
+
+# ---------------------------------------------------------------------------------------- HiDream
+def _hidream_kwargs(pos, batch):
+    return {"c_crossattn": pos[0][0].expand(batch, -1, -1), "y": pos[0][1]["pooled_output"].expand(batch, -1),
+            "encoder_hidden_states_llama3": pos[0][1]["conditioning_llama3"].expand(batch, -1, -1, -1)}
+
+
+def _hidream_reference_maps(log, blocks, n_img, n_t5, n_llama, positions):
+    """Maps from the logged attention of the double blocks (q / k after RoPE, keys [image | T5 |
+    Llama last layer | Llama block layer]): an item's probability summed over both Llama copies of
+    its tokens, averaged over its tokens, heads and the blocks."""
+    maps = []
+    for i in blocks:
+        q, k, heads, _ = log[i]
+        q, k = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k))
+        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
+        first = n_img + n_t5
+        maps.append(torch.stack([(probs[:, :n_img, [first + p for p in ps]]
+                                  + probs[:, :n_img, [first + n_llama + p for p in ps]]).mean(-1) for ps in positions],
+                                dim=1))
+    return torch.stack(maps).mean(dim=0)
+
+
+def _hidream_naive(dm, t_tokens, t_images, y, img, stream, block):
+    """One token at a time (a slow loop): block ``block``'s attention input with every token's own
+    adaLN input ``t_embedder(t) + p_embedder(y)`` — image tokens at their own timestep, the rest of
+    the stream at their image's passed one. ``img`` / ``stream``: what the block's norms read."""
+    def mods(t, b, k):
+        adaln = dm.t_embedder(t.view(1), torch.float32) + dm.p_embedder(y[b:b + 1])
+        return block.adaLN_modulation(adaln).chunk(k, dim=-1)
+
+    k = 12 if not block.attn1.single else 6
+    out = torch.empty_like(stream)
+    for b in range(stream.shape[0]):
+        for j in range(stream.shape[1]):
+            t = t_tokens[b, j] if j < t_tokens.shape[1] else t_images[b]
+            shift, scale = mods(t, b, k)[:2]
+            out[b, j] = block.norm1_i(stream[b:b + 1, j:j + 1])[0, 0] * (1 + scale[0]) + shift[0]
+    return out
+
+
+def test_hidream_constant_map_is_stock_forward_modulations_per_row_and_its_own_attention(fams):
+    """HiDream-I1 (double + single-stream blocks, MoE). Caught: the image tokens' modulation left on
+    the stock per-image row (naive double-block oracle); the single block's text tokens put on the
+    token rows (naive single-block oracle); the masks reading the T5 positions instead of the Llama
+    ones (the model's own attention); the adaLN Linear run per token (row counts)."""
+    model, pos, neg = fams["hidream"]
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    emb_rows, mod_rows, seen = [], [], {}
+    double, single = dm.double_stream_blocks[0].block, dm.single_stream_blocks[0].block
+    kw = _hidream_kwargs(pos, 2)
+    r = _forwards(model, x, kw, [
+        (dm.t_embedder.timestep_embedder.linear_1, "hook", lambda m, a, o: emb_rows.append(a[0].shape[0])),
+        (double.adaLN_modulation[1], "hook", lambda m, a, o: mod_rows.append(tuple(a[0].shape))),
+        (dm.x_embedder, "hook", lambda m, a, o: seen.update(img=o)),
+        (double.attn1.to_q, "pre_hook", lambda m, a: seen.update(q_in=a[0])),
+        (double.attn1.to_q_t, "pre_hook", lambda m, a: seen.update(q_t_in=a[0])),
+        (double, "pre_hook", lambda m, a: seen.update(text=a[2])),
+        (single, "pre_hook", lambda m, a: seen.update(stream=a[0])),
+        (single.attn1.to_q, "pre_hook", lambda m, a: seen.update(single_in=a[0]))], [emb_rows, mod_rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    assert type(backend).__name__ == "ComfyHiDreamBackend" and backend.cell == 2
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    # invariant 6: the time MLP and a block's adaLN Linear ran on ComfyUI's 2 images and on the 5
+    # distinct (image, timestep) rows, never on the 32 tokens
+    assert emb_rows == [2, 5] and mod_rows == [(2, 64), (5, 64)]
+    assert float((mixed - const).abs().max()) > 1e-3
+    ms = model.get_model_object("model_sampling")
+    t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
+    t_images = ms.timestep(sig_map.flatten(1).amin(1)).float()  # the sigma ComfyUI passes: the background's
+    y = kw["y"]
+    naive = _hidream_naive(dm, t_tokens, t_images, y, seen["img"], seen["img"], double)
+    assert _rel(seen["q_in"], naive) <= 1e-5, _rel(seen["q_in"], naive)
+    # the text stream keeps its image's stock modulation (the background's)
+    shift_t, scale_t = [double.adaLN_modulation(dm.t_embedder(t_images, torch.float32) + dm.p_embedder(y)).chunk(
+        12, dim=-1)[i][:, None] for i in (6, 7)]
+    text = double.norm1_t(seen["text"]) * (1 + scale_t) + shift_t
+    assert _rel(seen["q_t_in"], text) <= 1e-5, _rel(seen["q_t_in"], text)
+    naive = _hidream_naive(dm, t_tokens, t_images, y, seen["img"], seen["stream"], single)
+    assert _rel(seen["single_in"], naive) <= 1e-5, _rel(seen["single_in"], naive)
+    # masks: the model's own joint attention of image queries to the targets' Llama tokens
+    n_llama = pos[0][1]["conditioning_llama3"].shape[2]
+    ref = _hidream_reference_maps(log, backend.capture_blocks, 16, pos[0][0].shape[1], n_llama, TARGETS["positions"])
+    assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_hidream_targets_read_llama_positions_of_the_context_the_model_gets(comfy_env, tiny_models, monkeypatch):
+    """HiDream's tokenizer and text encoder (ComfyUI's HiDreamTokenizer / HiDreamTEModel, tiny; the
+    Llama 3.1 tokenizer JSON is not in the checkout, so a byte-level BPE stand-in with Llama 3's
+    special ids, comfy_tiny.llama_standin_dir). The Llama model is replaced by one whose hidden state
+    is each token's id, so the context the model receives names its tokens: the positions index it
+    (the encoder drops its first *layer*, not a token). Caught: positions on the T5 tokens (the
+    first key ``_key`` found before); a word at the prompt's start (no leading space) with the
+    tokenizer's padding kept in its ids."""
+    from comfy.text_encoders import hunyuan_video
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    def ids_as_states(self, token_weight_pairs):  # (1, layers + 1, L, 1): every layer holds the ids
+        ids = torch.tensor([[float(t[0]) for c in token_weight_pairs for t in c]])
+        return ids[:, None, :, None].expand(1, 3, -1, 1), None
+
+    monkeypatch.setattr(hunyuan_video.LLAMAModel, "encode_token_weights", ids_as_states)
+    clip = tiny_models.tiny_dit_clip("hidream")
+    tok = clip.tokenizer.llama.tokenizer
+    for prompt, targets, spelled in (("a rabbit playing basketball beside a rabbit", "rabbit#2:0.6, basketball",
+                                      (" rabbit", " basketball")),
+                                     ("rabbit beside a basketball", "rabbit, basketball", ("rabbit", " basketball"))):
+        cond = AsynDMTextEncode().encode(clip, prompt, targets)[0]
+        info, context = cond[0][1]["asyndm_targets"], cond[0][1]["conditioning_llama3"][0, 0, :, 0]
+        assert info["context_len"] == context.shape[0] >= 128  # Llama: padded to at least 128 tokens
+        for positions, word in zip(info["positions"], spelled):
+            assert [int(context[p]) for p in positions] == tok(word, add_special_tokens=False)["input_ids"], word
+    assert info["positions"][0][0] == 1  # right after <|begin_of_text|>
+    monkeypatch.setattr(clip.cond_stage_model, "llama", None)
+    with pytest.raises(Exception, match="no Llama text encoder: load llama_3.1_8b_instruct"):
+        AsynDMTextEncode().encode(clip, "a rabbit", "rabbit")
+
+
+def test_hidream_e1_image_condition_is_refused_with_what_is_supported(fams):
+    """HiDream E1 widens the image stream with its image condition: a clear refusal. Caught: without
+    the check, a tensor-size error deep inside the first block."""
+    from asyndm_fpdm.samplers.backends import backend_for
+    from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
+    from asyndm_fpdm.samplers.backends.pixel_math import UnsupportedModelError
+
+    model, pos, neg = fams["hidream"]
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = _sigma(model, 0.6)
+    opts = backend_for(model).model_options({"transformer_options": {"cond_or_uncond": [0]}},
+                                            PixelCall(s.expand(1, 1, 8, 8)))
+    with pytest.raises(UnsupportedModelError, match="HiDream E1"):
+        model.model.apply_model(x, s.expand(1), transformer_options=opts["transformer_options"],
+                                image_cond=torch.zeros_like(x), **_hidream_kwargs(pos, 1))

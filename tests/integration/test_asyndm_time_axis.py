@@ -192,6 +192,11 @@ class _Probe:
             rb = dm.input_blocks[1][0]  # the first ResBlock, at latent resolution: h + emb_out
             self._on(rb.in_layers, "h")
             self._pre(rb.out_layers, "h_emb")
+        elif family == "hidream":  # attn1.to_q(norm1_i(img)·(1 + scale_msa_i) + shift_msa_i)
+            blk = dm.double_stream_blocks[0].block
+            self._on(blk.norm1_i, "n")
+            self._pre(blk.attn1.to_q, "m")
+            self._on(dm.p_embedder, "y")
         elif family.startswith("flux"):
             blk = dm.double_blocks[0]  # img_attn.qkv(norm1(img)·(1 + scale) + shift)
             self._on(blk.img_norm1, "n")
@@ -257,7 +262,10 @@ def _decode_dit(family, dm, ms, rec, extra_sigmas):
     n, m = rec["n"], rec["m"]  # (Bm, L, C)
     out, worst = [], 0.0
     for r in range(n.shape[0]):
-        if family.startswith("flux"):
+        if family == "hidream":  # adaLN input t_embedder(t) + p_embedder(pooled); image parts first of 12
+            mods = dm.double_stream_blocks[0].block.adaLN_modulation(dm.t_embedder(cand_t, torch.float32) + rec["y"][r])
+            parts = 12
+        elif family.startswith("flux"):
             from comfy.ldm.flux.layers import timestep_embedding
 
             vec = dm.time_in(timestep_embedding(cand_t, 256)) + rec["vector"][r]
@@ -277,6 +285,10 @@ def _decode_dit(family, dm, ms, rec, extra_sigmas):
         out.append(cand_t[best.indices])
         worst = max(worst, float(best.values.max()))
     return torch.stack(out), worst  # (Bm, L)
+
+
+BACKENDS.update({"hidream": ("hidream", None, "simple"),  # HiDream-I1 as loaded (shift 1); dev runs at 6.0
+                 "hidream + ModelSamplingSD3 6.0": ("hidream", ("SD3", 6.0), "simple")})
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
