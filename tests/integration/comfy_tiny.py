@@ -152,7 +152,7 @@ def _cached(kind, family):
         return tiny_dit(family) if dit else tiny_model(family)
     if kind == "clip":
         return tiny_dit_clip(family) if dit else tiny_clip(family)
-    if family == "wan":
+    if family in ("wan", "qwen_image"):  # Qwen-Image decodes with a Wan 2.1-style VAE
         return wan_vae()
     return tiny_vae(channels=16) if dit else tiny_vae()
 
@@ -179,6 +179,8 @@ def family_for_filename(name: str, default="sd15") -> str:
     low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
     if "chroma" in low:
         return "chroma"
+    if low.startswith("qwen"):  # qwen_image_*, qwen_2.5_vl_7b* (its text encoder)
+        return "qwen_image"
     if low.startswith("wan") or "umt5" in low:
         return "wan"
     if "flux" in low or low in ("ae.safetensors", "ae.sft"):
@@ -313,7 +315,7 @@ def stand_ins(family=None):
         return (_cached("model", fam).clone(),)
 
     def load_clip(self, clip_name, type="stable_diffusion", *args, **kwargs):
-        fam = type if type in ("chroma", "wan") and not reg.family else reg.family_for(clip_name)
+        fam = type if type in ("chroma", "wan", "qwen_image") and not reg.family else reg.family_for(clip_name)
         reg.loads.append(("clip", clip_name, fam))
         return (_cached("clip", fam).clone(),)
 
@@ -465,6 +467,8 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
         from comfy.text_encoders import pixart_t5
         target = smb.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
+    elif family == "qwen_image":  # ComfyUI's Qwen2.5 tokenizer; a 1-layer language model, no vision tower
+        return tiny_qwen_image_clip(seed)
     elif family == "wan":  # UMT5 with a stand-in sentencepiece model (the real one ships inside the TE file)
         from comfy.text_encoders import wan
         target = smb.ClipTarget(wan.WanT5Tokenizer, wan.te())
@@ -510,3 +514,48 @@ def lumina2_conditioning(length=9, seed=SEED + 9):
     """CONDITIONING as Lumina 2's text encoder gives it: [[hidden states, {attention_mask}]]."""
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, length, LUMINA_CAP, generator=gen), {"attention_mask": torch.ones(1, length, dtype=torch.long)}]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen-Image's text encoder: Qwen2.5-VL 7B, tiny, without its vision tower
+# ---------------------------------------------------------------------------------------------
+TINY_QWEN25_CONFIG = {"hidden_size": FLUX_CONTEXT, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def tiny_qwen_image_clip(seed=SEED + 1):
+    """ComfyUI's Qwen-Image text encoder (its tokenizer with the Qwen2.5 files ComfyUI ships, its chat
+    template, its template-dropping ``encode_token_weights``) on a 1-layer, 32-wide Qwen2.5 language
+    model. Only the model class is swapped: ``Qwen25_7BVLI`` always builds the ~600M-parameter vision
+    tower, which text-to-image never runs (it encodes reference images)."""
+    import comfy.sd
+    import comfy.supported_models_base as smb
+    from comfy.text_encoders import llama, qwen_image
+
+    class TinyQwen25VL(llama.Qwen25_7BVLI):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Qwen25_7BVLI_Config(**config_dict)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+
+    class TinyQwen25VLModel(qwen_image.Qwen25_7BVLIModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
+                     model_options={}):
+            qwen_image.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=TinyQwen25VL,
+                enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                model_options=model_options)
+
+    class TinyQwenImageTE(qwen_image.QwenImageTEModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            qwen_image.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name="qwen25_7b",
+                                                      clip_model=TinyQwen25VLModel, model_options=model_options)
+
+    target = smb.ClipTarget(qwen_image.QwenImageTokenizer, TinyQwenImageTE)
+    options = {"qwen25_7b_model_config": dict(TINY_QWEN25_CONFIG), "dtype": torch.float32}
+    clip = comfy.sd.CLIP(target, model_options=options)
+    _randomize_(clip.cond_stage_model, seed)
+    return clip
