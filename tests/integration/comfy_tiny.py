@@ -360,6 +360,7 @@ def stand_ins(family=None):
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
 DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35", "chroma", "wan", "qwen_image")
+DIT_FAMILIES += ("chroma_radiance",)
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -380,6 +381,14 @@ def _dit_config(family, depth=2, hidden=64):
                     mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=depth,
                     axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2], theta=10000, patch_size=2,
                     qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=2)
+    elif family == "chroma_radiance":  # pixel space: RGB in and out; patch 2 here (16 in the real model)
+        cls = sm.ChromaRadiance
+        unet = dict(cls.unet_config, in_channels=3, out_channels=3, context_in_dim=FLUX_CONTEXT, hidden_size=hidden,
+                    mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=depth,
+                    axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2], theta=10000, patch_size=2,
+                    qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=2, nerf_hidden_size=16,
+                    nerf_mlp_ratio=2, nerf_depth=2, nerf_max_freqs=4, nerf_tile_size=0,
+                    nerf_final_head_type="linear", nerf_embedder_dtype=None)
     elif family == "wan":  # Wan 2.1 / 2.2 A14B t2v layout; head dim 32 for Wan's 3-axis RoPE
         cls = sm.WAN21_T2V
         unet = dict(cls.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=hidden, ffn_dim=2 * hidden,
@@ -416,6 +425,12 @@ def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
     _randomize_(dm, seed)
     if getattr(dm, "pos_embed", None) is not None:  # a buffer: ComfyUI leaves it uninitialised
         dm.pos_embed.copy_(0.1 * torch.randn(dm.pos_embed.shape, generator=torch.Generator().manual_seed(seed)))
+    if family == "chroma_radiance":  # its NeRF head's RMS norms (a "scale", not a "weight") near 1, as trained
+        gen = torch.Generator().manual_seed(seed + 5)
+        with torch.no_grad():
+            for name, p in dm.named_parameters():
+                if name.startswith("nerf_") and name.endswith("norm.scale"):
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
@@ -424,12 +439,12 @@ def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
 def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     """Random CONDITIONING for a tiny DiT, as its text encoders would give it: [[context, {pooled}]]."""
     gen = torch.Generator().manual_seed(seed)
-    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") or family == "chroma" else (SD3_CONTEXT,
-                                                                                                     SD3_ADM)
+    flux_like = family.startswith(("flux", "chroma"))
+    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if flux_like else (SD3_CONTEXT, SD3_ADM)
     if family in ("wan", "qwen_image"):
         width = FLUX_CONTEXT
-    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in ("chroma", "wan", "qwen_image")
-             else None}
+    no_pooled = ("chroma", "chroma_radiance", "wan", "qwen_image")
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in no_pooled else None}
     if family == "flux":
         extra["guidance"] = 3.5
     return [[torch.randn(batch, length, width, generator=gen), extra]]
