@@ -112,6 +112,9 @@ def test_dynamic_lag_continues_across_the_expert_switch(experts):
     for a, b in zip(run1.timestep_maps, run2.timestep_maps[:SPLIT]):
         assert_close(b, a, ROUNDOFF_SAMPLING, "the first pass's timesteps in the second pass's record")
     assert torch.isfinite(second["samples"]).all()
+    # the carried plan is not consumed: ComfyUI may rerun the second pass on the cached first one
+    again, _ = _asyn(lo, pos, neg, first, SPLIT, 10000)
+    assert torch.equal(again["samples"], second["samples"])
 
 
 def test_a_later_pass_needs_the_first_pass_plan_and_its_settings(experts):
