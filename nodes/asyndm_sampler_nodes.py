@@ -44,6 +44,11 @@ TIPS = {
     "last_step": "Where the last step of the asyndm_paper schedule lands. 'timestep 0 (paper)': DDIM's final "
                  "timestep 0 as the reference (a trace of noise, sigma ≈ 0.03, remains). 'clean': sigma 0 like "
                  "ComfyUI's own schedulers (which always end at sigma 0).",
+    "start_at_step": "The first step this pass runs (KSamplerAdvanced's). 0: the run starts from noise (seed). "
+                     "Later: the latent is the previous pass's output, whose per-token plan this pass continues "
+                     "(give both passes the same seed, steps, scheduler and AsynDM settings).",
+    "end_at_step": "The step this pass stops at; the latent keeps its leftover noise (every token at its own "
+                   "noise level) and the plan for the next pass. 10000: to the end.",
     "mask": "Optional MASK for mask source 'mask input': white = key-object region (lags behind). One frame "
             "for all images, one per image, one per target, or one per image and target. Resized to the latent.",
 }
@@ -173,6 +178,55 @@ class AsynDMKSampler:
         return (out, info)
 
 
+class AsynDMKSamplerAdvanced:
+    """KSamplerAdvanced's step ranges for AsynDM: one run split over several samplers and models
+    (Wan 2.2's high-noise and low-noise experts), continuing one per-token plan."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = {"model": ("MODEL", {"tooltip": "The model for this pass's steps (Wan 2.2: the high-noise expert "
+                                                 "for the first range, the low-noise expert for the rest)."})}
+        inputs.update(_common_inputs())
+        inputs.update({
+            "sampler_name": (sampler_names(), {"default": "euler", "tooltip": TIPS["sampler_name"]}),
+            "scheduler": (scheduler_names(), {"default": "simple", "tooltip": TIPS["scheduler"]}),
+        })
+        inputs.update(_asyn_inputs())
+        inputs.update({
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": TIPS["start_at_step"]}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000, "tooltip": TIPS["end_at_step"]}),
+            "positive": ("CONDITIONING", {"tooltip": "Positive prompt; encode it with 'AsynDM Text Encode "
+                                                     "(targets)' to name the key objects."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt (any CONDITIONING)."}),
+            "latent_image": ("LATENT", {"tooltip": "Step 0: an empty latent. A later start: the LATENT of the pass "
+                                                   "that ran the steps before (it carries the leftover noise and "
+                                                   "the run's per-token plan)."}),
+        })
+        return {"required": inputs, "optional": {"mask": ("MASK", {"tooltip": TIPS["mask"]})}}
+
+    RETURN_TYPES = ("LATENT", RUN_TYPE)
+    RETURN_NAMES = ("LATENT", "run")
+    OUTPUT_TOOLTIPS = ("The latent after end_at_step, with its leftover noise when the run goes on, and the run's "
+                       "per-token plan for the next pass.",
+                       "The run's per-token timesteps and masks up to end_at_step (from step 0, across passes).")
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY_ASYNDM
+    DESCRIPTION = ("Asynchronous KSampler over a range of steps, like KSamplerAdvanced: chain two (Wan 2.2's "
+                   "high-noise then low-noise expert) and the second continues the first's per-token plan, the "
+                   "key objects keeping their lag across the switch.")
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, mode, mask_source, curve, strengths,
+               mask_threshold, start_at_step, end_at_step, positive, negative, latent_image, mask=None):
+        from ..samplers.comfyui.split import sample_range
+
+        callback, disable = _callback(model, max(1, min(end_at_step, steps) - start_at_step))
+        return sample_range(model, positive, negative, latent_image, seed=seed, steps=steps, start=start_at_step,
+                            end=end_at_step, options=_options(mode, mask_source, curve, strengths, mask_threshold,
+                                                              mask),
+                            scheduler=scheduler, sampler_name=sampler_name, cfg=cfg, callback=callback,
+                            disable_pbar=disable)
+
+
 class AsynDMSampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -297,6 +351,7 @@ class AsynDMMaskExtractor:
 NODE_CLASS_MAPPINGS = {
     "AsynDMTextEncode": AsynDMTextEncode,
     "AsynDMKSampler": AsynDMKSampler,
+    "AsynDMKSamplerAdvanced": AsynDMKSamplerAdvanced,
     "AsynDMMaskExtractor": AsynDMMaskExtractor,
     "AsynDMSampler": AsynDMSampler,
     "AsynDMSamplerFromSampler": AsynDMSamplerFromSampler,
@@ -305,6 +360,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AsynDMTextEncode": "AsynDM Text Encode (targets)",
     "AsynDMKSampler": "Asynchronous KSampler (AsynDM)",
+    "AsynDMKSamplerAdvanced": "Asynchronous KSampler (Advanced, step range)",
     "AsynDMMaskExtractor": "AsynDM Prompt-Attention Mask Extractor",
     "AsynDMSampler": "AsynDM Sampler (SAMPLER)",
     "AsynDMSamplerFromSampler": "AsynDM Sampler from SAMPLER",

@@ -23,6 +23,7 @@ reports after the first evaluation of each step (``observe``), as in the paper: 
 next state uses the masks built from step i−1's attention.
 """
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -205,3 +206,89 @@ def fit_masks(masks: torch.Tensor, batch: int, size, n_items: int) -> torch.Tens
     if m.shape[0] not in (1, batch):
         raise ValueError(f"mask batch {m.shape[0]} does not match the latent batch {batch}: give 1 or {batch}")
     return resize_masks(m, size, mode="area").expand(batch, -1, -1, -1).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------- runs split over step ranges
+@dataclass(frozen=True)
+class PlanState:
+    """Where a run split over step ranges stands after its first ``step`` steps (DESIGN.md, "Runs
+    split over step ranges"): every pixel's virtual state y at that step, the masks that set the next
+    state, and the history so far (for the previews of the whole run). What a plan needs to continue
+    exactly as one run would; ``steps``, ``mode``, ``curve``, ``ks`` and ``size`` must match."""
+
+    step: int
+    y: torch.Tensor  # (B, H, W)
+    masks: Optional[torch.Tensor]
+    steps: int
+    mode: str
+    curve: str
+    ks: tuple
+    timestep_maps: tuple = ()
+    mask_history: tuple = ()
+    item_maps: tuple = ()
+
+
+def leftover(plan: SigmaPlan, end: int) -> PlanState:
+    """The plan's state at step ``end`` (after steps 0..end-1 ran)."""
+    def cpu(maps):
+        return tuple(m.cpu() if m is not None else None for m in maps)
+
+    return PlanState(step=end, y=plan._y[end].cpu(), masks=None if plan.masks is None else plan.masks.cpu(),
+                     steps=plan.steps, mode=plan.mode, curve=plan.curves.curve, ks=tuple(plan.ks),
+                     timestep_maps=cpu(plan.timestep_maps[:end]), mask_history=cpu(plan.mask_history[:end]),
+                     item_maps=cpu(plan.item_maps[:end]))
+
+
+def resume(plan: SigmaPlan, state: PlanState) -> SigmaPlan:
+    """Continue ``plan`` (built for the whole run) from ``state``: step ``state.step`` then computes
+    what the one run would have (same y, same masks), on this plan's own sigmas."""
+    mine = (plan.steps, plan.mode, plan.curves.curve, tuple(plan.ks), (plan.batch, *plan.size))
+    theirs = (state.steps, state.mode, state.curve, tuple(state.ks), tuple(state.y.shape))
+    names = ("steps", "mode", "curve", "strengths k", "latent (batch, height, width)")
+    wrong = [f"{n} {b} here vs {a} in the first pass" for n, a, b in zip(names, theirs, mine) if a != b]
+    if wrong:
+        raise ValueError("this pass continues an AsynDM run over a different plan: " + "; ".join(wrong) +
+                         ". Give both passes the same steps, mode, curve, strengths and latent size.")
+    i, dev = state.step, plan.device
+    y = state.y.to(dev)
+    plan._y = [None] * i + [y]
+    plan._sig = [None] * i + [plan._sigma_of(y, i)]
+    plan.timestep_maps = [m.to(dev) for m in state.timestep_maps]
+    if i < plan.steps:
+        plan.timestep_maps.append(plan.model_timestep(plan._sig[i]))
+    plan.mask_history = [None if m is None else m.to(dev) for m in state.mask_history]
+    plan.item_maps = [None if m is None else m.to(dev) for m in state.item_maps]
+    plan.masks = None if state.masks is None else state.masks.to(dev)
+    return plan
+
+
+class PlanWindow:
+    """Steps ``start``..``end``-1 of a plan, seen as a run of their own (what a sampler steps through
+    when one pass runs part of the schedule, like KSamplerAdvanced's start/end steps)."""
+
+    def __init__(self, plan: SigmaPlan, start: int, end: int):
+        if len(plan._y) != start + 1:
+            raise RuntimeError(f"the plan stands at step {len(plan._y) - 1}, not at the window's start {start}")
+        self.plan, self.start, self.end = plan, start, end
+
+    def __getattr__(self, name):  # schedule, from_noise, ks, mode, capture_pending, ...
+        return getattr(self.plan, name)
+
+    def __len__(self):
+        return self.end - self.start
+
+    def step(self, i: int):
+        return self.plan.step(self.start + i)
+
+    def background(self, i: int) -> torch.Tensor:
+        return self.plan.background(self.start + i)
+
+    def initial_sigma(self) -> torch.Tensor:
+        return self.plan._sig[self.start]
+
+    def observe(self, maps):
+        self.plan.observe(maps)
+
+    @property
+    def timestep_maps(self):  # the run so far: the steps before the window and the window's own
+        return self.plan.timestep_maps[:self.end]

@@ -74,6 +74,8 @@ def test_is_ui_format(path):
         assert not missing, f"node {node.get('id')} ({node.get('type')}) lacks {missing}"
         assert isinstance(node["id"], int) and isinstance(node["type"], str)
         assert isinstance(node.get("inputs", []), list) and isinstance(node.get("outputs", []), list)
+        # the front end's schema check alerts on load for null (a node without widgets stores [])
+        assert isinstance(node.get("widgets_values", []), (list, dict)), f"node {node['id']}: widgets_values is null"
     assert wf["last_node_id"] >= max(ids)
     link_ids = [link[0] for link in wf["links"]]
     assert len(link_ids) == len(set(link_ids)), "duplicate link ids"

@@ -38,6 +38,8 @@ PREFERRED = {
     "FluxGuidance": (315, 58), "EmptySD3LatentImage": (315, 106), "SamplerCustomAdvanced": (315, 106), "LatentUpscaleBy": (315, 82), "FPDMCheckpointLoader": (360, 178), "FPDMSettings": (320, 202),
     "FPDMClassConditioning": (360, 126), "FPDMSampler": (320, 238), "KSampler": (320, 262), "VAELoader": (320, 58),
 }
+PREFERRED.update({"ModelSamplingAuraFlow": (315, 58), "ModelSamplingSD3": (315, 58),  # Qwen-Image, Wan 2.2
+                  "AsynDMKSamplerAdvanced": (344, 426)})
 # Free space kept below a node type that is about to gain widgets (rows of ~25 px).
 ROOM_BELOW = {}
 
@@ -139,6 +141,24 @@ SPECS = {
              [[1, 2, 3], [4, 5, 6]]),
             ("AsynDM on Wan (per-token timesteps over frames)", GREEN, FIRST_X, "below", [[7], [8], [9]]),
             ("What the AsynDM run did (frames stacked top to bottom)", PURPLE, FIRST_X, "below", [[10], [11], [12]]),
+        ]},
+    "asyndm_qwen_image.json": {
+        "note_height": 470, "titles": {},
+        "groups": [
+            ("Inputs: Qwen-Image (UNET, Qwen2.5-VL, VAE), shift, prompt with targets, negative, size", BLUE,
+             FIRST_X, 0, [[1, 2, 3], [4, 5, 6, 7]]),
+            ("AsynDM on Qwen-Image (per-token timesteps)", GREEN, FIRST_X, "below", [[8], [9], [10]]),
+            ("What the AsynDM run did", PURPLE, FIRST_X, "below", [[11], [12], [13]]),
+        ]},
+    "asyndm_wan22_t2v.json": {
+        "note_height": 760, "titles": {},
+        "groups": [
+            ("Inputs: Wan 2.2's two experts (shift 8), UMT5, VAE, prompt with targets, negative, video size", BLUE,
+             FIRST_X, 0, [[1, 2, 3, 4], [5, 6, 7, 8, 9]]),
+            ("AsynDM over two experts: one per-token plan, split at step 10", GREEN, FIRST_X, "below",
+             [[10], [11], [12], [13]]),
+            ("What the AsynDM run did (both passes; frames stacked top to bottom)", PURPLE, FIRST_X, "below",
+             [[14], [15], [16]]),
         ]},
     "asyndm_sd35.json": {
         "note_height": 380, "titles": {},

@@ -89,9 +89,11 @@ class ComfyChromaBackend(FluxLike):
             shift, scale = mod.chunk(2, dim=-1)
             return module.linear(torch.addcmul(shift, 1 + scale, module.norm_final(x)))
 
-        return [dm.distilled_guidance_layer.register_forward_pre_hook(rows_in),
-                dm.distilled_guidance_layer.register_forward_hook(mod_rows),
-                dm.final_layer.register_forward_hook(final)]
+        handles = [dm.distilled_guidance_layer.register_forward_pre_hook(rows_in),
+                   dm.distilled_guidance_layer.register_forward_hook(mod_rows)]
+        if hasattr(dm, "final_layer"):  # Chroma Radiance has none (its NeRF head takes no timestep)
+            handles.append(dm.final_layer.register_forward_hook(final))
+        return handles
 
     def patch_replace(self, call, replace):
         dit = replace.setdefault("dit", {})

@@ -376,6 +376,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     extra_args = dict(extra_args, denoise_mask=denoise_mask)  # as KSAMPLER passes it to its model
     batch_index = sampler.batch_index
     total = len(sigmas) - 1
+    window = getattr(sampler, "window", None)  # split.StepWindow: this pass runs part of the schedule
 
     def model_fn(x, sigma, capture, model_options=None, seed=None, denoise_mask=None, **_):
         call = PixelCall(sigma, capture, targets.positions if targets else (), targets.context_len if targets else 77,
@@ -404,7 +405,10 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
             callback(d["i"], *shown, total)
 
     def run(plan):
-        x = initial_latent(plan, noise, latent, schedule.noise_scaling)
+        if window is not None and window.start > 0:  # the previous pass's latent, as the core continues it
+            x = ms.noise_scaling(sigmas[0], noise, latent, False)
+        else:
+            x = initial_latent(plan, noise, latent, schedule.noise_scaling)
         if sampler.sampler_function is not None:
             return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
                               seed, schedule.flow, batch_index)
@@ -413,13 +417,16 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
                           **sampler.extra_options)
 
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
-        return SigmaPlan(sigmas, schedule, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
-                         anchors=targets.anchors if targets else None, curve=opts.curve, mask_thr=opts.mask_thr,
-                         capture_all=capture_all, cell=getattr(backend, "cell", 1))
+        plan = SigmaPlan(sigmas if window is None else window.sigmas, schedule, batch, size, mode=mode, ks=ks,
+                         masks=masks, dynamic=dynamic, anchors=targets.anchors if targets else None, curve=opts.curve,
+                         mask_thr=opts.mask_thr, capture_all=capture_all, cell=getattr(backend, "cell", 1))
+        return plan if window is None else window.enter(plan)
 
     record = engine_sample(run, make_plan, mode=mode, mask_source=source, ks=ks, size=size, mask_thr=opts.mask_thr,
                            external=external, static=opts.static_masks, capture_all=opts.capture_all,
                            words=targets.words if targets else ())
+    if window is not None:
+        window.finish()
     if sampler.records is not None:
         def cpu(maps):
             return [m.cpu() if m is not None else None for m in maps]
@@ -433,19 +440,23 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
 def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
                   sampler_name: str = "ddim", scheduler: str = PAPER_SCHEDULER, denoise: float = 1.0,
                   eta: float = 0.0, options: Optional[AsynOptions] = None, last_step: str = LAST_STEPS[0],
-                  sigmas: Optional[torch.Tensor] = None, callback=None, disable_pbar: bool = False):
-    """The Asynchronous KSampler: (latent dict, RunInfo)."""
+                  sigmas: Optional[torch.Tensor] = None, callback=None, disable_pbar: bool = False, window=None):
+    """The Asynchronous KSampler: (latent dict, RunInfo). ``window``: a split.StepWindow (this pass runs
+    steps start..end-1 of the run over its sigmas, continuing its state; ``sigmas`` are that slice)."""
     import comfy.sample
 
     options = options or AsynOptions()
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    if window is not None and window.start > 0:  # a later pass of a split run: the latent holds its noise
+        noise = torch.zeros_like(noise)
     if sigmas is None:
         sigmas = node_sigmas(model, scheduler, steps, denoise, sampler_name, last_step)
     # eta is the paper's DDIM's; every other sampler keeps its ComfyUI default, as in the core KSampler
     records = []
     sampler = asyn_sampler(sampler_name, options, eta if sampler_name == "ddim" else None,
                            batch_index=latent.get("batch_index"), records=records)
+    sampler.window = window
     samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
                                          noise_mask=latent.get("noise_mask"), callback=callback,
                                          disable_pbar=disable_pbar, seed=seed)

@@ -152,7 +152,7 @@ def _cached(kind, family):
         return tiny_dit(family) if dit else tiny_model(family)
     if kind == "clip":
         return tiny_dit_clip(family) if dit else tiny_clip(family)
-    if family == "wan":
+    if family in ("wan", "qwen_image"):  # Qwen-Image decodes with a Wan 2.1-style VAE
         return wan_vae()
     return tiny_vae(channels=16) if dit else tiny_vae()
 
@@ -181,6 +181,8 @@ def family_for_filename(name: str, default="sd15") -> str:
         return "hidream"
     if "chroma" in low:
         return "chroma"
+    if low.startswith("qwen"):  # qwen_image_*, qwen_2.5_vl_7b* (its text encoder)
+        return "qwen_image"
     if low.startswith("wan") or "umt5" in low:
         return "wan"
     if "flux" in low or low in ("ae.safetensors", "ae.sft"):
@@ -321,7 +323,7 @@ def stand_ins(family=None):
         return (_cached("model", fam).clone(),)
 
     def load_clip(self, clip_name, type="stable_diffusion", *args, **kwargs):
-        fam = type if type in ("chroma", "wan") and not reg.family else reg.family_for(clip_name)
+        fam = type if type in ("chroma", "wan", "qwen_image") and not reg.family else reg.family_for(clip_name)
         reg.loads.append(("clip", clip_name, fam))
         return (_cached("clip", fam).clone(),)
 
@@ -367,6 +369,7 @@ def stand_ins(family=None):
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
 DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35", "chroma", "wan", "qwen_image")
+DIT_FAMILIES += ("chroma_radiance",)
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
@@ -389,6 +392,14 @@ def _dit_config(family, depth=2, hidden=64):
                     mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=depth,
                     axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2], theta=10000, patch_size=2,
                     qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=2)
+    elif family == "chroma_radiance":  # pixel space: RGB in and out; patch 2 here (16 in the real model)
+        cls = sm.ChromaRadiance
+        unet = dict(cls.unet_config, in_channels=3, out_channels=3, context_in_dim=FLUX_CONTEXT, hidden_size=hidden,
+                    mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=depth,
+                    axes_dim=[8, (hidden // 2 - 8) // 2, (hidden // 2 - 8) // 2], theta=10000, patch_size=2,
+                    qkv_bias=True, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=2, nerf_hidden_size=16,
+                    nerf_mlp_ratio=2, nerf_depth=2, nerf_max_freqs=4, nerf_tile_size=0,
+                    nerf_final_head_type="linear", nerf_embedder_dtype=None)
     elif family == "wan":  # Wan 2.1 / 2.2 A14B t2v layout; head dim 32 for Wan's 3-axis RoPE
         cls = sm.WAN21_T2V
         unet = dict(cls.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=hidden, ffn_dim=2 * hidden,
@@ -425,6 +436,12 @@ def tiny_dit(family="flux", seed=SEED, depth=2, hidden=64):
     _randomize_(dm, seed)
     if getattr(dm, "pos_embed", None) is not None:  # a buffer: ComfyUI leaves it uninitialised
         dm.pos_embed.copy_(0.1 * torch.randn(dm.pos_embed.shape, generator=torch.Generator().manual_seed(seed)))
+    if family == "chroma_radiance":  # its NeRF head's RMS norms (a "scale", not a "weight") near 1, as trained
+        gen = torch.Generator().manual_seed(seed + 5)
+        with torch.no_grad():
+            for name, p in dm.named_parameters():
+                if name.startswith("nerf_") and name.endswith("norm.scale"):
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
@@ -435,12 +452,12 @@ def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     if family == "hidream":
         return hidream_conditioning(length, seed, batch)
     gen = torch.Generator().manual_seed(seed)
-    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if family.startswith("flux") or family == "chroma" else (SD3_CONTEXT,
-                                                                                                     SD3_ADM)
+    flux_like = family.startswith(("flux", "chroma"))
+    width, pooled = (FLUX_CONTEXT, FLUX_VEC) if flux_like else (SD3_CONTEXT, SD3_ADM)
     if family in ("wan", "qwen_image"):
         width = FLUX_CONTEXT
-    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in ("chroma", "wan", "qwen_image")
-             else None}
+    no_pooled = ("chroma", "chroma_radiance", "wan", "qwen_image")
+    extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in no_pooled else None}
     if family == "flux":
         extra["guidance"] = 3.5
     return [[torch.randn(batch, length, width, generator=gen), extra]]
@@ -480,6 +497,8 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
         from comfy.text_encoders import pixart_t5
         target = smb.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
+    elif family == "qwen_image":  # ComfyUI's Qwen2.5 tokenizer; a 1-layer language model, no vision tower
+        return tiny_qwen_image_clip(seed)
     elif family == "wan":  # UMT5 with a stand-in sentencepiece model (the real one ships inside the TE file)
         from comfy.text_encoders import wan
         target = smb.ClipTarget(wan.WanT5Tokenizer, wan.te())
@@ -625,5 +644,50 @@ def tiny_hidream_clip(seed=SEED + 1):
     options.update(t5xxl_model_config=dict(TINY_T5_CONFIG), llama_model_config=dict(TINY_LLAMA_CONFIG),
                    dtype=torch.float32)
     clip = comfy.sd.CLIP(smb.ClipTarget(Tokenizer, hidream.hidream_clip()), model_options=options)
+    _randomize_(clip.cond_stage_model, seed)
+    return clip
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen-Image's text encoder: Qwen2.5-VL 7B, tiny, without its vision tower
+# ---------------------------------------------------------------------------------------------
+TINY_QWEN25_CONFIG = {"hidden_size": FLUX_CONTEXT, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def tiny_qwen_image_clip(seed=SEED + 1):
+    """ComfyUI's Qwen-Image text encoder (its tokenizer with the Qwen2.5 files ComfyUI ships, its chat
+    template, its template-dropping ``encode_token_weights``) on a 1-layer, 32-wide Qwen2.5 language
+    model. Only the model class is swapped: ``Qwen25_7BVLI`` always builds the ~600M-parameter vision
+    tower, which text-to-image never runs (it encodes reference images)."""
+    import comfy.sd
+    import comfy.supported_models_base as smb
+    from comfy.text_encoders import llama, qwen_image
+
+    class TinyQwen25VL(llama.Qwen25_7BVLI):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Qwen25_7BVLI_Config(**config_dict)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+
+    class TinyQwen25VLModel(qwen_image.Qwen25_7BVLIModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
+                     model_options={}):
+            qwen_image.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=TinyQwen25VL,
+                enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                model_options=model_options)
+
+    class TinyQwenImageTE(qwen_image.QwenImageTEModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            qwen_image.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name="qwen25_7b",
+                                                      clip_model=TinyQwen25VLModel, model_options=model_options)
+
+    target = smb.ClipTarget(qwen_image.QwenImageTokenizer, TinyQwenImageTE)
+    options = {"qwen25_7b_model_config": dict(TINY_QWEN25_CONFIG), "dtype": torch.float32}
+    clip = comfy.sd.CLIP(target, model_options=options)
     _randomize_(clip.cond_stage_model, seed)
     return clip

@@ -16,6 +16,7 @@ from asyndm_helpers import core_ksampler, empty_latent, sampler_node
 from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _rel, _sigma, dit_setups
 
 FAMILIES = ["chroma", "wan", "qwen_image"]
+FAMILIES += ["chroma_radiance"]  # pixel space: the "latent" is the RGB image, a token a patch of pixels
 TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
 SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
             ("dpmpp_2m_sde", "simple")]
@@ -37,6 +38,8 @@ def _latent(fam, batch=1, size=8, frames=1):
     """A family's empty latent: Wan's is a video (B, 16, frames, size, size); one frame is text-to-image."""
     if fam in ("wan", "qwen_image"):  # Qwen-Image: a one-frame video latent (Wan's VAE)
         return {"samples": torch.zeros(batch, 16, frames, size, size)}
+    if fam == "chroma_radiance":  # pixels (the tiny stand-in's patch is 2 pixels, the real one 16)
+        return empty_latent(batch, size, 3)
     return empty_latent(batch, size, 16)
 
 
@@ -98,11 +101,14 @@ def _forwards(model, x, kw, hooks, counters):
 
 
 # ---------------------------------------------------------------------------------------- inv. 1, 6
-def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models_own_attention(fams):
-    """Caught: timestep embedding of the image's sigma instead of the row's (naive-loop oracle);
-    the approximator run per token (row count)."""
-    model, pos, neg = fams["chroma"]
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("fam", ["chroma", "chroma_radiance"])
+def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models_own_attention(fams, fam):
+    """Chroma, and Chroma Radiance on its pixel-patch grid (its NeRF head takes no timestep). Caught:
+    timestep embedding of the image's sigma instead of the row's (naive-loop oracle); the
+    approximator run per token (row count); Radiance: its blocks left on the per-image modulation
+    (Flux's replace patches only: naive-loop oracle)."""
+    model, pos, neg = fams[fam]
+    x = torch.randn(2, _latent(fam)["samples"].shape[1], 8, 8, generator=torch.Generator().manual_seed(0))
     dm = model.model.diffusion_model
     rows, seen = [], {}
     r = _forwards(model, x, _chroma_kwargs(pos, 2), [
@@ -112,7 +118,8 @@ def test_chroma_constant_map_is_stock_forward_modulations_per_row_and_the_models
     stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
                                                                        "backend", "log"))
     distinct = list(rows)
-    assert type(backend).__name__ == "ComfyChromaBackend" and backend.cell == 2
+    assert type(backend).__name__ == {"chroma": "ComfyChromaBackend",
+                                      "chroma_radiance": "ComfyChromaRadianceBackend"}[fam] and backend.cell == 2
     assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
     # invariant 6: the approximator ran once, on the 5 distinct (image, timestep) rows (344
     # modulation slots each; the stock per-image rows are among them), never on the 32 tokens
@@ -261,6 +268,7 @@ def test_family_weight_patches_reach_the_per_token_path(fams, fam):
     Caught: rows computed from a copy of the unpatched module."""
     model, pos, neg = fams[fam]
     key = {"chroma": "diffusion_model.distilled_guidance_layer.out_proj.weight",
+           "chroma_radiance": "diffusion_model.distilled_guidance_layer.out_proj.weight",
            "wan": "diffusion_model.time_projection.1.weight",
            "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight",
            "hidream": "diffusion_model.double_stream_blocks.0.block.adaLN_modulation.1.weight",

@@ -13,7 +13,8 @@ from png_content import assert_mask_steps_preview_shows
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("asyndm_*.json"))
-SAMPLERS = {"AsynDMKSampler", "AsynDMMaskExtractor", "KSampler", "BasicScheduler"}
+SAMPLERS = {"AsynDMKSampler", "AsynDMKSamplerAdvanced", "AsynDMMaskExtractor", "KSampler", "BasicScheduler"}
+NO_END = 10000  # the Advanced sampler's end_at_step "to the end"
 STEPS = (1, 3, 7, 20)
 
 
@@ -24,6 +25,10 @@ def _api(path, steps):
         inputs = node["inputs"]
         if node["class_type"] in SAMPLERS:
             inputs["steps"] = steps
+        if node["class_type"] == "AsynDMKSamplerAdvanced":  # a split run (Wan 2.2's experts): split halfway
+            split = (steps + 1) // 2
+            inputs["start_at_step"] = split if inputs["start_at_step"] > 0 else 0
+            inputs["end_at_step"] = split if inputs["end_at_step"] < NO_END else NO_END
         if node["class_type"] == "MaskComposite":  # keep the painted square inside the shrunk canvas
             inputs["x"], inputs["y"] = 16, 16
     return api
@@ -49,8 +54,12 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
     outs = [k for k, v in result.prompt.items() if getattr(classes[v["class_type"]], "OUTPUT_NODE", False)]
     assert outs and all(k in result.outputs for k in outs)
     samplers = _by_type(result, "AsynDMKSampler")
+    advanced = _by_type(result, "AsynDMKSamplerAdvanced")
     custom = _by_type(result, "SamplerCustomAdvanced")  # with the AsynDM Sampler
-    assert samplers or custom
+    assert samplers or custom or advanced
+    for k, (lat, run) in advanced.items():  # each pass's record: the whole run up to its end step
+        assert len(run.timestep_maps) == min(steps, result.prompt[k]["inputs"]["end_at_step"])
+        assert lat["samples"].shape[:2] == (1, 16) and torch.isfinite(lat["samples"]).all()
     latents = {k: v[0]["samples"] for k, v in samplers.items()}
     for lat in list(latents.values()) + [v[0]["samples"] for v in custom.values()]:
         # 16 channels: Flux / SD3; 12x12: the hires-fix pass (the 8x8 latent upscaled 1.5x)
