@@ -7,7 +7,9 @@ MODEL's diffusion model; anything else gets an UnsupportedModelError naming what
 
 from .pixel_math import UnsupportedModelError
 
-FAMILY_MODULES = ("comfy_unet", "comfy_flux", "comfy_mmdit", "comfy_chroma", "comfy_wan", "comfy_qwen_image")
+FAMILY_MODULES = ("comfy_unet", "comfy_flux", "comfy_mmdit", "comfy_chroma", "comfy_wan", "comfy_qwen_image",
+                  "comfy_lumina2",
+                  )
 
 
 def backend_for(model_patcher, **kwargs):
