@@ -181,6 +181,8 @@ def family_for_filename(name: str, default="sd15") -> str:
         return "chroma"
     if low.startswith("wan") or "umt5" in low:
         return "wan"
+    if "lumina" in low or "gemma" in low:
+        return "lumina2"
     if "flux" in low or low in ("ae.safetensors", "ae.sft"):
         return "flux_schnell" if "schnell" in low else "flux"
     if "sd3" in low:
@@ -445,6 +447,7 @@ def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
 
 
 UMT5_STANDIN_VOCAB = 64
+GEMMA_STANDIN_VOCAB = 64
 STANDIN_CORPUS = ("a rabbit playing basketball beside a rabbit", "a green field under a blue sky",
                   "a cat and a dog on a red sofa", "a photo of a tree by the river")
 
@@ -464,6 +467,36 @@ def umt5_standin_spiece() -> bytes:
     return out.getvalue()
 
 
+@functools.lru_cache(maxsize=None)
+def gemma_standin_spiece() -> bytes:
+    """A tiny sentencepiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), trained in
+    memory: Lumina 2's real Gemma 2 tokenizer lives inside its text-encoder file (no download)."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(STANDIN_CORPUS * 4), model_writer=out,
+                                   vocab_size=GEMMA_STANDIN_VOCAB, hard_vocab_limit=False, model_type="word",
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    return out.getvalue()
+
+
+def _tiny_lumina2_clip(seed):
+    """ComfyUI's Lumina 2 text encoder classes (Gemma 2 2B, LuminaTokenizer), tiny, on the stand-in
+    tokenizer."""
+    import comfy.sd
+    import comfy.supported_models as sm
+
+    target = sm.Lumina2({"image_model": "lumina2"}).clip_target()
+    config = dict(vocab_size=GEMMA_STANDIN_VOCAB, hidden_size=LUMINA_CAP, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=2, num_key_value_heads=1)
+    clip = comfy.sd.CLIP(target, model_options={"gemma2_2b_model_config": config, "dtype": torch.float32},
+                         tokenizer_data={"spiece_model": gemma_standin_spiece()})
+    _randomize_(clip.cond_stage_model, seed)
+    return clip
+
+
 def tiny_dit_clip(family="flux", seed=SEED + 1):
     """The family's real text-encoder classes and tokenizers, tiny: Flux = CLIP-L + a 1-layer T5
     (ComfyUI's T5 class, its T5 tokenizer); SD3 = CLIP-L + CLIP-G without T5 (a real SD3 text
@@ -476,6 +509,8 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
         from comfy.text_encoders import pixart_t5
         target = smb.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
+    elif family == "lumina2":
+        return _tiny_lumina2_clip(seed)
     elif family == "wan":  # UMT5 with a stand-in sentencepiece model (the real one ships inside the TE file)
         from comfy.text_encoders import wan
         target = smb.ClipTarget(wan.WanT5Tokenizer, wan.te())

@@ -416,3 +416,21 @@ def test_lumina2_constant_map_is_stock_forward_modulation_per_row_and_its_own_at
     n_txt, offset = pos[0][0].shape[1], len(dm.context_refiner) + len(dm.noise_refiner)
     ref = _reference_maps(log, [offset + i for i in backend.capture_blocks], n_txt, TARGETS["positions"])
     assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_lumina2_targets_read_gemma_positions_of_the_context_the_model_gets(comfy_env, tiny_models):
+    """Lumina 2's text encoder (ComfyUI's Gemma 2 2B classes, tiny; a stand-in sentencepiece model
+    with Gemma's special ids, since the real one ships inside the text-encoder file): BOS first, no
+    padding, the positions index the hidden states the model attends to."""
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    clip = tiny_models.tiny_dit_clip("lumina2")
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, basketball")[0]
+    info = cond[0][1]["asyndm_targets"]
+    ids = [t[0] for c in clip.tokenize(prompt)["gemma2_2b"] for t in c]
+    rabbit, basketball = (clip.tokenize(w)["gemma2_2b"][0][1][0] for w in ("rabbit", "basketball"))
+    assert ids[0] == 2 and len(ids) == 8  # Gemma's BOS, then one stand-in token per word
+    assert info["context_len"] == len(ids) == cond[0][0].shape[1]
+    assert [ids[p] for p in info["positions"][0]] == [rabbit] and [ids[p] for p in info["positions"][1]] == [basketball]
+    assert info["positions"][0] == [7] and info["positions"][1] == [4]
