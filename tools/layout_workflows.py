@@ -132,6 +132,13 @@ SPECS = {
             ("AsynDM on Wan (per-token timesteps over frames)", GREEN, FIRST_X, "below", [[7], [8], [9]]),
             ("What the AsynDM run did (frames stacked top to bottom)", PURPLE, FIRST_X, "below", [[10], [11], [12]]),
         ]},
+    "asyndm_lumina2.json": {
+        "note_height": 480, "titles": {},
+        "groups": [
+            ("Inputs: Lumina 2 checkpoint (NextDiT, Gemma 2 2B, VAE), prompt with targets, negative, size", BLUE,
+             FIRST_X, 0, [[1], [2, 3, 4]]),
+            ("AsynDM on Lumina 2 (per-token timesteps)", GREEN, FIRST_X, "below", [[5], [6], [7]]),
+        ]},
     "asyndm_sd35.json": {
         "note_height": 380, "titles": {},
         "groups": [
