@@ -353,7 +353,7 @@ def _lumina_kwargs(pos, batch):
     return {"c_crossattn": pos[0][0].expand(batch, -1, -1), "num_tokens": pos[0][0].shape[1]}
 
 
-def _naive_lumina_raw(dm, seen, t_tokens, t_images):
+def _naive_lumina_raw(dm, seen, t_tokens, t_images, n_cap):
     """NextDiT's forward after its embeddings, with every token's own modulation: each block's
     adaLN Linear run on every token's time embedding (B, L, ·), caption tokens on their image's
     passed timestep (a slow reference that never builds rows). ``seen``: the image embedding,
@@ -366,10 +366,9 @@ def _naive_lumina_raw(dm, seen, t_tokens, t_images):
         x = x + g1.tanh() * layer.attention_norm2(layer.attention(layer.attention_norm1(x) * (1 + s1), mask, freqs))
         return x + g2.tanh() * layer.ffn_norm2(layer.feed_forward(layer.ffn_norm1(x) * (1 + s2)))
 
-    img, cap = seen["img"], seen["cap"]
+    img, cap = seen["img"], seen["cap"][:, :n_cap]
     for layer in dm.noise_refiner:
         img = block(layer, img, seen["img_mask"], seen["img_freqs"], emb(t_tokens))
-    n_cap = cap.shape[1]
     temb = torch.cat([emb(t_images[:, None].expand(-1, n_cap)), emb(t_tokens)], dim=1)
     x = torch.cat([cap, img], dim=1)
     for layer in dm.layers:
@@ -385,12 +384,13 @@ def test_lumina2_constant_map_is_stock_forward_modulation_per_row_and_its_own_at
     """Lumina 2 (NextDiT, 4 query heads on 2 key heads). Caught: the time rows embedded at
     ``timestep`` instead of NextDiT's ``1 − timestep`` (constant map ≠ stock); the gates left on the
     image's stock row (naive-forward oracle); the Linear run per token (row count); RoPE or the
-    grouped key heads left out of the read (model's own attention)."""
+    grouped key heads' order left out of the read (model's own attention)."""
     model, pos, neg = fams["lumina2"]
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     dm = model.model.diffusion_model
+    kw = _lumina_kwargs(pos, 2)
     emb_rows, mod_rows, seen = [], [], {"grid": (4, 4)}
-    r = _forwards(model, x, _lumina_kwargs(pos, 2), [
+    r = _forwards(model, x, kw, [
         (dm.t_embedder.mlp[0], "hook", lambda m, a, o: emb_rows.append(a[0].shape[0])),
         (dm.layers[0].adaLN_modulation[1], "hook", lambda m, a, o: mod_rows.append(a[0].shape[0])),
         (dm.x_embedder, "hook", lambda m, a, o: seen.update(img=o)),
@@ -408,12 +408,12 @@ def test_lumina2_constant_map_is_stock_forward_modulation_per_row_and_its_own_at
     ms = model.get_model_object("model_sampling")
     t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
     t_images = ms.timestep(sig_map.flatten(1).amin(1)).float()
-    raw = _naive_lumina_raw(dm, seen, t_tokens, t_images)
+    raw = _naive_lumina_raw(dm, seen, t_tokens, t_images, kw["num_tokens"])
     naive = x - sig_map * raw  # flow matching: denoised = x − σ·v per pixel
     assert _rel(mixed, naive) <= 1e-5, _rel(mixed, naive)
     # masks: the model's own joint attention, after the caption and image refiners (log: context
     # refiner, noise refiner, then the joint layers)
-    n_txt, offset = pos[0][0].shape[1], len(dm.context_refiner) + len(dm.noise_refiner)
+    n_txt, offset = kw["num_tokens"], len(dm.context_refiner) + len(dm.noise_refiner)
     ref = _reference_maps(log, [offset + i for i in backend.capture_blocks], n_txt, TARGETS["positions"])
     assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
 
