@@ -152,15 +152,14 @@ def _capture(attn, fwd, state):
             (q, k), seen["qk"] = seen["qk"], []
             record(q, k, seen.pop("freqs"))
 
-    def record(q, k, rope):  # RoPE and grouped-query heads as the model applies them
-        q = JointAttention.apply_rotary_emb(q, rope).transpose(1, 2)
-        k = JointAttention.apply_rotary_emb(k, rope).repeat_interleave(attn.n_rep, dim=2).transpose(1, 2)
+    def record(q, k, rope):  # the captured rows only; RoPE and grouped-query heads as the model applies them
         h, w = fwd.grid
         maps = []
         for b in fwd.capture_rows:
-            s = state["starts"][b]
-            maps.append(joint_item_attention(q[b:b + 1, :, s:s + h * w], k[b:b + 1, :, :s], k[b:b + 1, :, s:],
-                                             fwd.weights(s)))
+            s, r = state["starts"][b], rope[b:b + 1]
+            qb = JointAttention.apply_rotary_emb(q[b:b + 1, s:s + h * w], r[:, s:s + h * w]).transpose(1, 2)
+            kb = JointAttention.apply_rotary_emb(k[b:b + 1], r).repeat_interleave(attn.n_rep, dim=2).transpose(1, 2)
+            maps.append(joint_item_attention(qb, kb[:, :, :s], kb[:, :, s:], fwd.weights(s)))
         maps = torch.cat(maps).view(len(fwd.capture_rows), h, w, -1).permute(0, 3, 1, 2)
         fwd.call.maps.append(fwd.place_maps(maps, fwd.cell))
 
