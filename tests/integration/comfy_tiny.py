@@ -549,5 +549,6 @@ def tiny_auraflow(seed=SEED):
 
 
 def auraflow_conditioning(length=9, seed=SEED + 9):
+    """CONDITIONING as AuraFlow's Pile-T5 encoder gives it: [[hidden states, {}]]."""
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, length, FLUX_CONTEXT, generator=gen), {}]]
