@@ -13,6 +13,7 @@ with it.
         [--size 512] [--steps 6] [--repeats 5] [--hidden 256] [--flux-depth 19] [--sd3-depth 4] \\
         [--families flux,sd3,chroma,wan,qwen_image]
         (HiDream-I1: --families hidream, double + 2x single blocks with MoE, cfg 5 as HiDream full)
+        (Lumina 2: --families lumina2, NextDiT with 2 refiners and grouped key heads)
 
 Models: ComfyUI's own Flux (dev: guidance embedding) and SD3 MMDiT classes and configs with random
 weights — Flux with Flux dev's block structure (19 double and 38 single blocks, of which the masks
@@ -76,6 +77,11 @@ def build(family, hidden, depth):
         config = sm.QwenImage(dict(sm.QwenImage.unet_config, patch_size=2, in_channels=64, out_channels=16,
                                    num_layers=depth, attention_head_dim=64, num_attention_heads=hidden // 64,
                                    joint_attention_dim=512, axes_dims_rope=(16, 24, 24)))
+    elif family == "lumina2":  # NextDiT: head 64 = RoPE axes 16 + 24 + 24, 4 query heads on 2 key heads
+        config = sm.Lumina2(dict(sm.Lumina2.unet_config, patch_size=2, in_channels=16, dim=hidden, n_layers=depth,
+                                 n_refiner_layers=2, n_heads=hidden // 64, n_kv_heads=hidden // 128, multiple_of=256,
+                                 ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=512,
+                                 axes_dims=[16, 24, 24], axes_lens=[300, 512, 512]))
     else:
         unet = dict(sm.SD3.unet_config, patch_size=2, out_channels=16, depth=depth, num_patches=64 * 64,
                     pos_embed_max_size=64, adm_in_channels=2048,
@@ -120,6 +126,7 @@ def main():
     rows = []
     cfgs = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0}
     cfgs["hidream"] = 5.0
+    cfgs["lumina2"] = 4.0
     for family in args.families.split(","):
         cfg = cfgs[family]
         model = build(family, args.hidden, args.sd3_depth if family == "sd3" else args.flux_depth)
@@ -130,6 +137,8 @@ def main():
         if family == "hidream":  # pooled CLIP-L‖G (2048) and one Llama layer (the config reads layer 0)
             extra = {"pooled_output": torch.randn(1, 2048, generator=gen),
                      "conditioning_llama3": torch.randn(1, 1, 64, 512, generator=gen)}
+        if family == "lumina2":  # Gemma's mask (all ones: the model gets num_tokens)
+            extra["attention_mask"] = torch.ones(1, 64, dtype=torch.long)
         pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
         neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
         latent = {"samples": torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else
@@ -167,6 +176,7 @@ def main():
              "wan": f"Wan-shaped ({args.flux_depth} blocks, h{args.hidden}, 1 frame, cfg 6)",
              "qwen_image": f"Qwen-Image-shaped ({args.flux_depth} blocks, h{args.hidden}, cfg 4)"}
     names["hidream"] = f"HiDream-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, MoE, h{args.hidden}, cfg 5)"
+    names["lumina2"] = f"Lumina-2-shaped ({args.flux_depth} blocks, h{args.hidden}, cfg 4)"
     for family, flush, c, a, r, r_tokens, rounds in rows:
         print(f"  {names[family]:40s} {'flushed' if flush else 'kept':>9s} {c * 1000:7.1f} ms {a * 1000:12.1f} ms "
               f"{r:6.3f} {r_tokens:18.3f} {rounds:>11s}")

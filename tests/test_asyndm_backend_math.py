@@ -53,3 +53,19 @@ def test_forward_image_rows_find_or_append_each_images_own_timestep():
     assert float(fwd.uniq_t[rows[0]]) == 5.0 and int(fwd.row_img[rows[0]]) == 0
     assert float(fwd.uniq_t[rows[1]]) == 3.0 and int(fwd.row_img[rows[1]]) == 1  # appended
     assert len(fwd.uniq_t) == len(uniq) + 1
+
+
+def test_lumina2_token_index_places_image_tokens_after_each_caption():
+    """NextDiT's joint sequence is [caption | image | padding] per image, the caption as long as its
+    attention mask's ones (else num_tokens): image tokens read their rows, every other position
+    its image's stock row R + b. Caught: image tokens placed after the whole (masked) context."""
+    from types import SimpleNamespace
+
+    from asyndm_fpdm.samplers.backends.comfy_lumina2 import caption_lengths, token_index
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    assert caption_lengths({"attention_mask": mask}, 2) == [2, 3]
+    assert caption_lengths({"num_tokens": 5, "attention_mask": None}, 2) == [5, 5]
+    fwd = SimpleNamespace(tokens=torch.tensor([[0, 1], [1, 0]]), uniq_t=torch.tensor([0.1, 0.5]))
+    # rows 0, 1 are the timesteps; 2 is image 0's stock row, 3 image 1's
+    assert token_index(fwd, [2, 3], 6).tolist() == [[2, 2, 0, 1, 2, 2], [3, 3, 3, 1, 0, 3]]

@@ -160,6 +160,13 @@ SPECS = {
             ("What the AsynDM run did (both passes; frames stacked top to bottom)", PURPLE, FIRST_X, "below",
              [[14], [15], [16]]),
         ]},
+    "asyndm_lumina2.json": {
+        "note_height": 480, "titles": {},
+        "groups": [
+            ("Inputs: Lumina 2 checkpoint (NextDiT, Gemma 2 2B, VAE), prompt with targets, negative, size", BLUE,
+             FIRST_X, 0, [[1], [2, 3, 4]]),
+            ("AsynDM on Lumina 2 (per-token timesteps)", GREEN, FIRST_X, "below", [[5], [6], [7]]),
+        ]},
     "asyndm_sd35.json": {
         "note_height": 380, "titles": {},
         "groups": [

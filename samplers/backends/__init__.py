@@ -8,7 +8,7 @@ MODEL's diffusion model; anything else gets an UnsupportedModelError naming what
 from .pixel_math import UnsupportedModelError
 
 FAMILY_MODULES = ("comfy_unet", "comfy_flux", "comfy_mmdit", "comfy_chroma", "comfy_wan", "comfy_qwen_image",
-                  "comfy_chroma_radiance")
+                  "comfy_chroma_radiance", "comfy_lumina2")
 FAMILY_MODULES += ("comfy_hidream",)
 
 

@@ -185,6 +185,8 @@ def family_for_filename(name: str, default="sd15") -> str:
         return "qwen_image"
     if low.startswith("wan") or "umt5" in low:
         return "wan"
+    if "lumina" in low or "gemma" in low:
+        return "lumina2"
     if "flux" in low or low in ("ae.safetensors", "ae.sft"):
         return "flux_schnell" if "schnell" in low else "flux"
     if "sd3" in low:
@@ -368,9 +370,10 @@ def stand_ins(family=None):
 # ---------------------------------------------------------------------------------------------
 # Diffusion transformers: Flux (dev / schnell) and SD3's MMDiT, from ComfyUI's own model configs
 # ---------------------------------------------------------------------------------------------
-DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35", "chroma", "wan", "qwen_image")
+DIT_FAMILIES = ("flux", "flux_schnell", "sd3", "sd35", "chroma", "wan", "qwen_image", "lumina2")
 DIT_FAMILIES += ("chroma_radiance",)
 FLUX_CONTEXT, FLUX_VEC = 32, 32       # tiny T5's d_model / tiny CLIP-L's pooled width
+LUMINA_CAP = 32                       # tiny Gemma's hidden width
 SD3_CONTEXT, SD3_ADM = 4096, 64       # SD3's CLIP-L‖G context zero-padded to 4096 / pooled L‖G
 TINY_T5_CONFIG = {"d_ff": 32, "d_kv": 16, "d_model": FLUX_CONTEXT, "num_heads": 2, "num_layers": 1,
                   "num_decoder_layers": 1}
@@ -409,6 +412,11 @@ def _dit_config(family, depth=2, hidden=64):
         unet = dict(cls.unet_config, patch_size=2, in_channels=64, out_channels=16, num_layers=depth + 1,
                     attention_head_dim=32, num_attention_heads=hidden // 32, joint_attention_dim=FLUX_CONTEXT,
                     axes_dims_rope=(8, 12, 12))
+    elif family == "lumina2":  # NextDiT; head dim 16 = RoPE axes 4 + 6 + 6; 4 query heads on 2 key heads
+        cls = sm.Lumina2
+        unet = dict(cls.unet_config, patch_size=2, in_channels=16, dim=hidden, n_layers=depth + 1, n_refiner_layers=1,
+                    n_heads=hidden // 16, n_kv_heads=hidden // 32, multiple_of=16, ffn_dim_multiplier=None,
+                    norm_eps=1e-5, qk_norm=True, cap_feat_dim=LUMINA_CAP, axes_dims=[4, 6, 6], axes_lens=[300, 64, 64])
     elif family in ("sd3", "sd35"):
         cls = sm.SD3
         size = 32  # the position-embedding grid: latents up to 64×64
@@ -456,6 +464,9 @@ def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     width, pooled = (FLUX_CONTEXT, FLUX_VEC) if flux_like else (SD3_CONTEXT, SD3_ADM)
     if family in ("wan", "qwen_image"):
         width = FLUX_CONTEXT
+    if family == "lumina2":  # Gemma's hidden states and their attention mask (all ones: num_tokens)
+        return [[torch.randn(batch, length, LUMINA_CAP, generator=gen),
+                 {"attention_mask": torch.ones(batch, length, dtype=torch.long)}]]
     no_pooled = ("chroma", "chroma_radiance", "wan", "qwen_image")
     extra = {"pooled_output": torch.randn(batch, pooled, generator=gen) if family not in no_pooled else None}
     if family == "flux":
@@ -464,6 +475,7 @@ def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
 
 
 UMT5_STANDIN_VOCAB = 64
+GEMMA_STANDIN_VOCAB = 64
 STANDIN_CORPUS = ("a rabbit playing basketball beside a rabbit", "a green field under a blue sky",
                   "a cat and a dog on a red sofa", "a photo of a tree by the river")
 
@@ -483,6 +495,36 @@ def umt5_standin_spiece() -> bytes:
     return out.getvalue()
 
 
+@functools.lru_cache(maxsize=None)
+def gemma_standin_spiece() -> bytes:
+    """A tiny sentencepiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), trained in
+    memory: Lumina 2's real Gemma 2 tokenizer lives inside its text-encoder file (no download)."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(STANDIN_CORPUS * 4), model_writer=out,
+                                   vocab_size=GEMMA_STANDIN_VOCAB, hard_vocab_limit=False, model_type="word",
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    return out.getvalue()
+
+
+def _tiny_lumina2_clip(seed):
+    """ComfyUI's Lumina 2 text encoder classes (Gemma 2 2B, LuminaTokenizer), tiny, on the stand-in
+    tokenizer."""
+    import comfy.sd
+    import comfy.supported_models as sm
+
+    target = sm.Lumina2({"image_model": "lumina2"}).clip_target()
+    config = dict(vocab_size=GEMMA_STANDIN_VOCAB, hidden_size=LUMINA_CAP, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=2, num_key_value_heads=1)
+    clip = comfy.sd.CLIP(target, model_options={"gemma2_2b_model_config": config, "dtype": torch.float32},
+                         tokenizer_data={"spiece_model": gemma_standin_spiece()})
+    _randomize_(clip.cond_stage_model, seed)
+    return clip
+
+
 def tiny_dit_clip(family="flux", seed=SEED + 1):
     """The family's real text-encoder classes and tokenizers, tiny: Flux = CLIP-L + a 1-layer T5
     (ComfyUI's T5 class, its T5 tokenizer); SD3 = CLIP-L + CLIP-G without T5 (a real SD3 text
@@ -499,6 +541,8 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
         target = smb.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
     elif family == "qwen_image":  # ComfyUI's Qwen2.5 tokenizer; a 1-layer language model, no vision tower
         return tiny_qwen_image_clip(seed)
+    elif family == "lumina2":
+        return _tiny_lumina2_clip(seed)
     elif family == "wan":  # UMT5 with a stand-in sentencepiece model (the real one ships inside the TE file)
         from comfy.text_encoders import wan
         target = smb.ClipTarget(wan.WanT5Tokenizer, wan.te())
@@ -517,21 +561,17 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
 
 
 # ---------------------------------------------------------------------------------------------
-# A family the per-pixel backends do not cover (vanilla mode runs on it): Lumina 2's NextDiT
+# A family the per-pixel backends do not cover (vanilla mode runs on it): AuraFlow's MMDiT
 # ---------------------------------------------------------------------------------------------
-LUMINA_CAP = 32  # tiny Gemma stand-in's width
-
-
-def tiny_lumina2(seed=SEED):
-    """A MODEL of a tiny random Lumina 2 (NextDiT, flow with shift 6, multiplier 1) from ComfyUI's own
-    ``supported_models.Lumina2`` config, fp32 on CPU."""
+def tiny_auraflow(seed=SEED):
+    """A MODEL of a tiny random AuraFlow (flow, shift 1.73, 4 latent channels) from ComfyUI's own
+    ``supported_models.AuraFlow`` config, fp32 on CPU."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models as sm
-    unet = dict(sm.Lumina2.unet_config, patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
-                n_heads=2, n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
-                cap_feat_dim=LUMINA_CAP, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64])
-    config = sm.Lumina2(unet)
+    unet = dict(sm.AuraFlow.unet_config, cond_seq_dim=FLUX_CONTEXT, dim=64, n_layers=2, n_double_layers=1,
+                n_heads=2, global_conddim=64, max_seq=64)
+    config = sm.AuraFlow(unet)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "", device="cpu")
     _randomize_(model.diffusion_model, seed)
@@ -540,10 +580,10 @@ def tiny_lumina2(seed=SEED):
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def lumina2_conditioning(length=9, seed=SEED + 9):
-    """CONDITIONING as Lumina 2's text encoder gives it: [[hidden states, {attention_mask}]]."""
+def auraflow_conditioning(length=9, seed=SEED + 9):
+    """CONDITIONING as AuraFlow's Pile-T5 encoder gives it: [[hidden states, {}]]."""
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, length, LUMINA_CAP, generator=gen), {"attention_mask": torch.ones(1, length, dtype=torch.long)}]]
+    return [[torch.randn(1, length, FLUX_CONTEXT, generator=gen), {}]]
 
 
 # ---------------------------------------------------------------------------------------------

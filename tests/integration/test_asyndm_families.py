@@ -17,6 +17,7 @@ from test_asyndm_transformers import TARGETS, _attention_log, _reference_maps, _
 
 FAMILIES = ["chroma", "wan", "qwen_image"]
 FAMILIES += ["chroma_radiance"]  # pixel space: the "latent" is the RGB image, a token a patch of pixels
+FAMILIES += ["lumina2"]
 TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 round-off
 SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
             ("dpmpp_2m_sde", "simple")]
@@ -272,6 +273,7 @@ def test_family_weight_patches_reach_the_per_token_path(fams, fam):
            "wan": "diffusion_model.time_projection.1.weight",
            "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight",
            "hidream": "diffusion_model.double_stream_blocks.0.block.adaLN_modulation.1.weight",
+           "lumina2": "diffusion_model.layers.0.adaLN_modulation.1.weight",
            }[fam]
     weight = model.model.get_parameter(key)
     patched = model.clone()
@@ -491,3 +493,89 @@ def test_hidream_e1_image_condition_is_refused_with_what_is_supported(fams):
     with pytest.raises(UnsupportedModelError, match="HiDream E1"):
         model.model.apply_model(x, s.expand(1), transformer_options=opts["transformer_options"],
                                 image_cond=torch.zeros_like(x), **_hidream_kwargs(pos, 1))
+# ---------------------------------------------------------------------------------------- Lumina 2
+def _lumina_kwargs(pos, batch):
+    return {"c_crossattn": pos[0][0].expand(batch, -1, -1), "num_tokens": pos[0][0].shape[1]}
+
+
+def _naive_lumina_raw(dm, seen, t_tokens, t_images, n_cap):
+    """NextDiT's forward after its embeddings, with every token's own modulation: each block's
+    adaLN Linear run on every token's time embedding (B, L, ·), caption tokens on their image's
+    passed timestep (a slow reference that never builds rows). ``seen``: the image embedding,
+    the refined caption, masks and RoPE tables the model built (none depends on time)."""
+    def emb(t):  # NextDiT embeds 1 − timestep
+        return dm.t_embedder(1.0 - t.flatten(), dtype=torch.float32).view(*t.shape, -1)
+
+    def block(layer, x, mask, freqs, temb):
+        s1, g1, s2, g2 = layer.adaLN_modulation(temb).chunk(4, dim=-1)
+        x = x + g1.tanh() * layer.attention_norm2(layer.attention(layer.attention_norm1(x) * (1 + s1), mask, freqs))
+        return x + g2.tanh() * layer.ffn_norm2(layer.feed_forward(layer.ffn_norm1(x) * (1 + s2)))
+
+    img, cap = seen["img"], seen["cap"][:, :n_cap]
+    for layer in dm.noise_refiner:
+        img = block(layer, img, seen["img_mask"], seen["img_freqs"], emb(t_tokens))
+    temb = torch.cat([emb(t_images[:, None].expand(-1, n_cap)), emb(t_tokens)], dim=1)
+    x = torch.cat([cap, img], dim=1)
+    for layer in dm.layers:
+        x = block(layer, x, seen["mask"], seen["freqs"], temb)
+    fl = dm.final_layer
+    out = fl.linear(fl.norm_final(x) * (1 + fl.adaLN_modulation(temb)))[:, n_cap:]
+    b, (h, w), p = out.shape[0], seen["grid"], dm.patch_size
+    out = out.view(b, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * p, w * p)
+    return -out
+
+
+def test_lumina2_constant_map_is_stock_forward_modulation_per_row_and_its_own_attention(fams):
+    """Lumina 2 (NextDiT, 4 query heads on 2 key heads). Caught: the time rows embedded at
+    ``timestep`` instead of NextDiT's ``1 − timestep`` (constant map ≠ stock); the gates left on the
+    image's stock row (naive-forward oracle); the Linear run per token (row count); RoPE or the
+    grouped key heads' order left out of the read (model's own attention)."""
+    model, pos, neg = fams["lumina2"]
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    kw = _lumina_kwargs(pos, 2)
+    emb_rows, mod_rows, seen = [], [], {"grid": (4, 4)}
+    r = _forwards(model, x, kw, [
+        (dm.t_embedder.mlp[0], "hook", lambda m, a, o: emb_rows.append(a[0].shape[0])),
+        (dm.layers[0].adaLN_modulation[1], "hook", lambda m, a, o: mod_rows.append(a[0].shape[0])),
+        (dm.x_embedder, "hook", lambda m, a, o: seen.update(img=o)),
+        (dm.context_refiner[-1], "hook", lambda m, a, o: seen.update(cap=o)),
+        (dm.noise_refiner[0], "pre_hook", lambda m, a: seen.update(img_mask=a[1], img_freqs=a[2])),
+        (dm.layers[0], "pre_hook", lambda m, a: seen.update(mask=a[1], freqs=a[2]))], [emb_rows, mod_rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    assert type(backend).__name__ == "ComfyLumina2Backend" and backend.cell == 2
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    # invariant 6: ComfyUI's 2 images, then the 3 distinct timesteps (one row each: no per-image
+    # vector joins Lumina's time embedding), never the 32 tokens
+    assert emb_rows == [2, 3] and mod_rows == [2, 3]
+    assert float((mixed - const).abs().max()) > 1e-3
+    ms = model.get_model_object("model_sampling")
+    t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
+    t_images = ms.timestep(sig_map.flatten(1).amin(1)).float()
+    raw = _naive_lumina_raw(dm, seen, t_tokens, t_images, kw["num_tokens"])
+    naive = x - sig_map * raw  # flow matching: denoised = x − σ·v per pixel
+    assert _rel(mixed, naive) <= 1e-5, _rel(mixed, naive)
+    # masks: the model's own joint attention, after the caption and image refiners (log: context
+    # refiner, noise refiner, then the joint layers)
+    n_txt, offset = kw["num_tokens"], len(dm.context_refiner) + len(dm.noise_refiner)
+    ref = _reference_maps(log, [offset + i for i in backend.capture_blocks], n_txt, TARGETS["positions"])
+    assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_lumina2_targets_read_gemma_positions_of_the_context_the_model_gets(comfy_env, tiny_models):
+    """Lumina 2's text encoder (ComfyUI's Gemma 2 2B classes, tiny; a stand-in sentencepiece model
+    with Gemma's special ids, since the real one ships inside the text-encoder file): BOS first, no
+    padding, the positions index the hidden states the model attends to."""
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    clip = tiny_models.tiny_dit_clip("lumina2")
+    prompt = "a rabbit playing basketball beside a rabbit"
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, basketball")[0]
+    info = cond[0][1]["asyndm_targets"]
+    ids = [t[0] for c in clip.tokenize(prompt)["gemma2_2b"] for t in c]
+    rabbit, basketball = (clip.tokenize(w)["gemma2_2b"][0][1][0] for w in ("rabbit", "basketball"))
+    assert ids[0] == 2 and len(ids) == 8  # Gemma's BOS, then one stand-in token per word
+    assert info["context_len"] == len(ids) == cond[0][0].shape[1]
+    assert [ids[p] for p in info["positions"][0]] == [rabbit] and [ids[p] for p in info["positions"][1]] == [basketball]
+    assert info["positions"][0] == [7] and info["positions"][1] == [4]

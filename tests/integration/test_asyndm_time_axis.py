@@ -180,6 +180,7 @@ BACKENDS = {  # family, model-sampling node, sampler scheduler
     "sd3 + ModelSamplingSD3 6.0": ("sd3", ("SD3", 6.0), "simple"),
     "sd3 + ModelSamplingAuraFlow 1.73": ("sd3", ("AuraFlow", 1.73), "simple"),
 }
+BACKENDS["lumina2 + ModelSamplingAuraFlow 6.0"] = ("lumina2", ("AuraFlow", 6.0), "simple")  # NextDiT embeds 1 − t
 
 
 class _Probe:
@@ -204,6 +205,10 @@ class _Probe:
             self._on(dm.vector_in, "vector")
             if dm.params.guidance_embed:
                 self._on(dm.guidance_in, "guidance")
+        elif family == "lumina2":  # image-only refiner: attention.qkv(attention_norm1(x)·(1 + scale_msa))
+            blk = dm.noise_refiner[0]
+            self._on(blk.attention_norm1, "n")
+            self._pre(blk.attention.qkv, "m")
         else:
             xb = dm.joint_blocks[0].x_block  # attn.qkv(norm1(x)·(1 + scale_msa) + shift_msa)
             self._on(xb.norm1, "n")
@@ -273,6 +278,10 @@ def _decode_dit(family, dm, ms, rec, extra_sigmas):
                 vec = vec + rec["guidance"][r]
             mods = dm.double_blocks[0].img_mod.lin(torch.nn.functional.silu(vec))
             parts = 6
+        elif family == "lumina2":  # [scale_msa, gate_msa, ...] (no shift); the embedder takes 1 − timestep
+            mod = dm.noise_refiner[0].adaLN_modulation(dm.t_embedder(1.0 - cand_t, dtype=torch.float32))
+            scale_msa = mod.chunk(4, dim=-1)[0]
+            mods, parts = torch.cat([torch.zeros_like(scale_msa), scale_msa], dim=-1), 2  # (shift 0, scale)
         else:
             c = dm.t_embedder(cand_t, dtype=torch.float32) + rec["y"][r]
             xb = dm.joint_blocks[0].x_block

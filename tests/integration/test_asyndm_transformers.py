@@ -297,15 +297,15 @@ def test_dit_targets_sd3_read_clip_positions_and_the_joint_length(comfy_env):
 
 # ---------------------------------------------------------------------------------------- any model
 def test_vanilla_runs_on_a_family_without_a_backend(comfy_env, tiny_models):
-    """Vanilla has nothing per pixel, so it runs on any model ComfyUI loads: on a tiny Lumina 2
-    (ComfyUI's own NextDiT from supported_models.Lumina2, a family no backend covers) it equals the
+    """Vanilla has nothing per pixel, so it runs on any model ComfyUI loads: on a tiny AuraFlow
+    (ComfyUI's own MMDiT from supported_models.AuraFlow, a family no backend covers) it equals the
     core KSampler; AsynDM and DMconcave still say what is supported and that vanilla runs.
     Caught: vanilla asking for a backend as the other modes do (an UnsupportedModelError)."""
     from asyndm_fpdm.samplers.backends import UnsupportedModelError
 
-    model = tiny_models.tiny_lumina2()
-    pos, neg = tiny_models.lumina2_conditioning(), tiny_models.lumina2_conditioning(5, 99)
-    lat = empty_latent(1, 8, 16)
+    model = tiny_models.tiny_auraflow()
+    pos, neg = tiny_models.auraflow_conditioning(), tiny_models.auraflow_conditioning(5, 99)
+    lat = empty_latent(1, 8, 4)
     for sampler, scheduler in (("euler", "simple"), ("dpmpp_2m", "beta")):
         ours, info = sampler_node(model, pos, neg, lat, mode="vanilla", sampler_name=sampler, scheduler=scheduler,
                                   steps=3, cfg=2.0)
@@ -317,4 +317,4 @@ def test_vanilla_runs_on_a_family_without_a_backend(comfy_env, tiny_models):
             sampler_node(model, pos, neg, lat, mode=mode, mask_source="mask input", mask=torch.ones(1, 64, 64),
                          sampler_name="euler", scheduler="simple", steps=3, cfg=2.0)
         msg = str(err.value)
-        assert "NextDiT" in msg and "Flux" in msg and "'vanilla' runs on any model" in msg
+        assert "AuraFlow" in msg and "Flux" in msg and "'vanilla' runs on any model" in msg
