@@ -44,13 +44,13 @@ class AsynDMCurvePreview:
 
         if run is not None:
             series = mean_curves(run.timestep_maps, run.masks, len(run.ks))
-        else:
-            ks = parse_ks(strengths) or [0.7]
-            schedule = AsyncSchedule(steps, curve=curve)
-            series = [[float(v) for v in schedule.plan(None, [], 1, 1, 1)[:-1, 0, 0, 0]]]
-            for k in ks:
-                plan = schedule.plan(torch.ones(1, 1, 1, 1), [k], 1, 1, 1)
-                series.append([float(v) for v in plan[:-1, 0, 0, 0]])
+            return (curves_image(series, len(series), max_t=run.max_timestep),)
+        ks = parse_ks(strengths) or [0.7]
+        schedule = AsyncSchedule(steps, curve=curve)  # the paper's virtual timesteps, 1001 → 0
+        series = [[float(v) for v in schedule.plan(None, [], 1, 1, 1)[:-1, 0, 0, 0]]]
+        for k in ks:
+            plan = schedule.plan(torch.ones(1, 1, 1, 1), [k], 1, 1, 1)
+            series.append([float(v) for v in plan[:-1, 0, 0, 0]])
         return (curves_image(series, len(series)),)
 
 
@@ -117,7 +117,8 @@ class AsynDMMaskStepsPreview:
         else:
             regions = region_images(run.masks, chosen, image_index)
         frames = [chosen.index(i) for i in clamped]
-        return (mark_frames(regions, frames), mark_frames(timestep_images(run.timestep_maps, chosen, image_index), frames))
+        times = timestep_images(run.timestep_maps, chosen, image_index, max_t=run.max_timestep)
+        return mark_frames(regions, frames), mark_frames(times, frames)
 
 
 def _step_list(at_steps, legacy_steps):

@@ -21,6 +21,7 @@ SCHEDULERS = ("paper", "karras", "exponential", "leading", "trailing", "linspace
 
 class DiscreteSchedule:
     flow = False  # x = x0 + σ·ε (VE form of a VP model), not flow matching
+    max_timestep = 1001.0  # the paper's timestep scale (its virtual start), what previews draw as white
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float32)

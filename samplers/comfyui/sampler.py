@@ -16,6 +16,7 @@ into per-pixel timesteps), and steps with the per-pixel sampler of the chosen na
   background's sigmas (pixel_samplers.py).
 """
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -119,6 +120,18 @@ def time_axis(model_sampling):
     return TableAxis(sigmas.float().cpu(), None if logs is None else logs.float().cpu())
 
 
+def max_timestep(model_sampling) -> float:
+    """The top of the model's timestep scale, what the previews draw as white: the paper's 1001
+    on table models (timesteps are table indices, SD images unchanged), else the model's timestep
+    of its largest sigma (flow models: σ = 1 → Flux 1, SD3 and Wan 1000)."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.ModelSamplingDiscrete):
+        return 1001.0
+    top = float(model_sampling.timestep(torch.as_tensor(float(model_sampling.sigma_max)).reshape(1))[0])
+    return top if top > 0 else 1001.0
+
+
 class ComfySchedule:
     """ComfyUI's model_sampling seen as the plan's schedule: the time ``axis`` (σ ↔ position),
     what the model is fed (``timestep``: the model's own), noise scaling."""
@@ -133,6 +146,7 @@ class ComfySchedule:
         self.sigma_min, self.sigma_max = model_sampling.sigma_min, model_sampling.sigma_max
         self.sigmas = model_sampling.sigmas
         self.axis = time_axis(model_sampling)
+        self.max_timestep = max_timestep(model_sampling)
 
     def timestep(self, sigma):
         """The model's timestep for σ: what the model is fed (not a position on the axis)."""
@@ -424,8 +438,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         def cpu(maps):
             return [m.cpu() if m is not None else None for m in maps]
 
-        sampler.records.append(RunRecord(ks=record.ks, words=record.words, timestep_maps=cpu(record.timestep_maps),
-                                         masks=cpu(record.masks), item_maps=cpu(record.item_maps)))
+        sampler.records.append(dataclasses.replace(record, latents=None, timestep_maps=cpu(record.timestep_maps),
+                                                   masks=cpu(record.masks), item_maps=cpu(record.item_maps)))
     samples = ms.inverse_noise_scaling(sigmas[-1], record.latents)
     return unfold(samples, frames) if frames else samples
 
