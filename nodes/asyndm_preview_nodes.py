@@ -39,7 +39,7 @@ class AsynDMCurvePreview:
     def plot(self, steps, curve, strengths, run=None):
         import torch
 
-        from ..samplers.comfy_plots import curves_image, mean_curves
+        from ..samplers.comfyui.previews import curves_image, mean_curves
         from ..samplers.schedule import AsyncSchedule
 
         if run is not None:
@@ -94,7 +94,7 @@ class AsynDMMaskStepsPreview:
     def VALIDATE_INPUTS(cls, at_steps=None, steps=None):
         """Checked when the prompt is queued, before anything runs: only the format, since the
         run's length is not known yet."""
-        from ..samplers.comfy_plots import parse_step_list
+        from ..samplers.comfyui.previews import parse_step_list
 
         try:
             parse_step_list(_step_list(at_steps, steps))
@@ -103,7 +103,7 @@ class AsynDMMaskStepsPreview:
         return True
 
     def preview(self, run, at_steps=None, image_index=0, steps=None):
-        from ..samplers.comfy_plots import mark_frames, pick_steps, region_images, timestep_images
+        from ..samplers.comfyui.previews import mark_frames, pick_steps, region_images, timestep_images
 
         chosen, clamped, notes = pick_steps(_step_list(at_steps, steps), len(run.timestep_maps))
         batch = run.timestep_maps[0].shape[0]

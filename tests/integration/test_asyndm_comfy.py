@@ -415,7 +415,7 @@ def test_asyndm_missing_targets_named(setup):
 def test_asyndm_extractor_and_previews(setup):
     from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMCurvePreview, AsynDMMaskStepsPreview
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMMaskExtractor
-    from asyndm_fpdm.samplers.comfy_plots import PALETTE
+    from asyndm_fpdm.samplers.comfyui.previews import PALETTE
     from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
     model, clip, pos, neg = setup["sdxl"]

@@ -204,7 +204,7 @@ def test_dit_previews_draw_on_the_models_timestep_scale(dits, fam, top):
     (clean) like an SD run on its 1001. Broken variant caught: the paper's fixed 1001 for every
     model (Flux's maps, all ≤ 1, drew almost black: gray levels up to 0.001)."""
     from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMCurvePreview, AsynDMMaskStepsPreview
-    from asyndm_fpdm.samplers.comfy_plots import PALETTE
+    from asyndm_fpdm.samplers.comfyui.previews import PALETTE
     from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
     model, pos, neg = dits[fam]

@@ -42,7 +42,7 @@ def test_asyndm_workflows_shipped():
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps):
-    from asyndm_fpdm.samplers.comfy_plots import PALETTE, pick_steps
+    from asyndm_fpdm.samplers.comfyui.previews import PALETTE, pick_steps
 
     result = cw.run_workflow(_api(path, steps))
     classes = comfy_env.nodes.NODE_CLASS_MAPPINGS
