@@ -18,6 +18,10 @@ Flow-matching models (``plan.schedule.flow``): euler, heun, dpm_2, dpmpp_2m, lcm
 more; the ancestral/SDE samplers use their flow (RF) forms.
 """
 
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 
 DEFAULT_ETA = 1.0
@@ -309,23 +313,55 @@ def sample_ddim(model, x, plan, extra_args=None, callback=None, disable=None, et
     return x
 
 
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What the pack knows of one sampler. ``function``: the per-pixel version (None for a sampler
+    that runs through the change of clock, clock.py); ``rule``: the rule of its steps' noise, None
+    (deterministic), "ancestral" or "sde" (clock.NOISE_DOWN); ``brownian``: its noise is ComfyUI's
+    Brownian tree (on the CPU unless ``tree_on_cpu`` is off), else fresh Gaussian noise per call.
+    Whether it takes eta (and its default) and s_noise is read from the function's signature."""
+
+    function: Optional[Callable] = None
+    rule: Optional[str] = None
+    brownian: bool = False
+    tree_on_cpu: bool = True
+
+    def _params(self):
+        try:
+            return inspect.signature(self.function).parameters
+        except (TypeError, ValueError):
+            return {}
+
+    @property
+    def eta(self) -> Optional[float]:
+        """The function's default eta; None when it takes no eta."""
+        p = self._params().get("eta")
+        return None if p is None or p.default is p.empty else float(p.default)
+
+    @property
+    def s_noise(self) -> bool:
+        return "s_noise" in self._params()
+
+
+# a new per-pixel sampler: its function above and one line here
 SAMPLERS = {
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "lcm": sample_lcm,
+    "ddim": SamplerInfo(sample_ddim, rule="ancestral"),
+    "euler": SamplerInfo(sample_euler),
+    "euler_ancestral": SamplerInfo(sample_euler_ancestral, rule="ancestral"),
+    "heun": SamplerInfo(sample_heun),
+    "dpm_2": SamplerInfo(sample_dpm_2),
+    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, rule="sde", brownian=True),
+    "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, rule="sde", brownian=True),
+    "dpmpp_2s_ancestral": SamplerInfo(sample_dpmpp_2s_ancestral, rule="ancestral"),
+    "lcm": SamplerInfo(sample_lcm, rule="ancestral"),
 }
-ETA_SAMPLERS = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_ancestral")
+ETA_SAMPLERS = tuple(name for name, info in SAMPLERS.items() if info.eta is not None)
 
 
 def get_sampler(name: str):
+    """The per-pixel sampler function of that name."""
     try:
-        return SAMPLERS[name]
+        return SAMPLERS[name].function
     except KeyError:
         raise ValueError(f"the sampler {name!r} has no per-pixel version: use one of {', '.join(SAMPLERS)}") from None

@@ -25,7 +25,7 @@ import torch
 
 from ..clock import NOISE_DOWN, Clock, ClockModel
 from ..engine import RunRecord, initial_latent, plan_model, run as engine_run, sample as engine_sample
-from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS
+from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS, SamplerInfo
 from ..plan import DEFAULT_K, SigmaPlan
 from .conditioning import external_item_masks, resolve_ks, targets_of
 
@@ -57,25 +57,21 @@ def sampler_names() -> List[str]:
     return list(COMFY_SAMPLERS)
 
 
-@dataclass(frozen=True)
-class NoiseInfo:
-    """How a ComfyUI sampler draws its noise: its noise sampler (ComfyUI's default per call, or a
-    Brownian tree on the CPU or the device) and the rule of its steps' noise (clock.NOISE_DOWN)."""
-
-    rule: Optional[str]  # None (deterministic), "ancestral" or "sde"
-    brownian: bool = False
-    tree_on_cpu: bool = True
-
-
-def noise_info(name: str) -> NoiseInfo:
-    brownian = name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))
+def sampler_info(name: str, function: Optional[Callable] = None) -> SamplerInfo:
+    """The record of a sampler: the native per-pixel one of that name (pixel_samplers.SAMPLERS), or
+    for any other function (ComfyUI's, another pack's) one read from ComfyUI's naming: its noise
+    rule, Brownian tree ("dpmpp_*sde*"), tree on the device ("_gpu"). Nothing to add for a sampler
+    without a native version."""
+    if function is None and name in SAMPLERS:
+        return SAMPLERS[name]
     if "ancestral" in name or name in ("ddpm", "lcm", "dpm_fast", "dpm_adaptive"):
         rule = "ancestral"
     elif "sde" in name or name.startswith(("seeds_", "sa_solver")):
         rule = "sde"
     else:
         rule = None
-    return NoiseInfo(rule, brownian, not name.endswith("_gpu"))
+    brownian = name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))
+    return SamplerInfo(function, rule, brownian, not name.endswith("_gpu"))
 
 
 def _function_name(fn) -> str:
@@ -254,10 +250,10 @@ def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s
     sampler where the pack has one (pixel_samplers.SAMPLERS), else ComfyUI's own function of that
     name through the change of clock; ``eta`` None keeps the sampler's own default."""
     if name in SAMPLERS:
-        extra = {}
-        if name in ETA_SAMPLERS and eta is not None:
+        info, extra = SAMPLERS[name], {}
+        if info.eta is not None and eta is not None:
             extra["eta"] = float(eta)
-        if name not in ("dpmpp_2m", "lcm"):
+        if info.s_noise:
             extra["s_noise"] = float(s_noise)
         return _sampler_class()(name, options, extra, batch_index=batch_index, records=records)
     names = sampler_names()
@@ -292,7 +288,7 @@ def from_ksampler(ksampler, options: AsynOptions, eta: Optional[float] = None, s
                             batch_index=batch_index, records=records)
 
 
-def _noise_sampler(info: NoiseInfo, x, sigmas, seed, batch_index=None):
+def _noise_sampler(info: SamplerInfo, x, sigmas, seed, batch_index=None):
     """ComfyUI's noise samplers, one stream per image (seed + batch index), so image i never
     depends on the batch size (DESIGN.md invariant 5); for one image they are ComfyUI's exactly."""
     from comfy.k_diffusion import sampling as kd
@@ -318,7 +314,7 @@ def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callb
     model = ClockModel(plan_model(model_fn, plan), clock, inner_model=model_wrap,
                        base_options=extra_args.get("model_options"))
     opts = dict(sampler.extra_options)
-    info = noise_info(sampler.name)
+    info = sampler_info(sampler.name, sampler.sampler_function)
     fn = sampler.sampler_function
     if info.rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
         base = _noise_sampler(info, x, sigmas, seed, batch_index)
@@ -423,7 +419,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
             return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
                               seed, schedule.flow, batch_index)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
-                          noise_sampler=_noise_sampler(noise_info(sampler.name), x, sigmas, seed, batch_index),
+                          noise_sampler=_noise_sampler(SAMPLERS[sampler.name], x, sigmas, seed, batch_index),
                           **sampler.extra_options)
 
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
