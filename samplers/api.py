@@ -113,7 +113,7 @@ def asyn_generate(
         noise_sampler = lambda s, s_next: per_image_randn(gens, shape, device, noise.dtype)  # noqa: E731
         x = engine.initial_latent(plan, noise)
         x = engine.run(denoise, x, plan, sampler, callback=report, noise_sampler=noise_sampler, **options)
-        # the returned latent is the VP latent at the last sigma (DESIGN.md): x / sqrt(1 + σ²)
+        # the returned latent is the VP latent at the last sigma, as the reference's DDIM leaves it: x / sqrt(1 + σ²)
         return x / (1 + plan.sigmas[-1] ** 2) ** 0.5
 
     def run_along(plan):  # the static pre-pass (a vanilla plan recording attention) reports nothing

@@ -82,10 +82,3 @@ class AsyncSchedule:
 def timesteps_of(state: torch.Tensor) -> torch.Tensor:
     """The integer timesteps a state is evaluated at."""
     return state.round().long()
-
-
-def ddim_leading_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list:
-    """DDIM's 'leading' spacing, as the reference's vanilla run uses it, ending at timestep 0."""
-    ratio = num_train_timesteps // num_steps
-    ts = [i * ratio + steps_offset for i in range(num_steps)][::-1]
-    return ts + [0]

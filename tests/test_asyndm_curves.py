@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from asyndm_fpdm.samplers.curves import concave_prev, linear_prev
-from asyndm_fpdm.samplers.schedule import AsyncSchedule, ddim_leading_timesteps, timesteps_of
+from asyndm_fpdm.samplers.schedule import AsyncSchedule, timesteps_of
 from numeric import EPS32
 
 # The curves run in float32 (as the reference does) on states near 1000: a handful of roundings,
@@ -14,6 +14,13 @@ from numeric import EPS32
 CURVE_ROUNDING = 4 * EPS32
 
 S = torch.tensor([1001.0])
+
+
+def ddim_leading_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list:
+    """Oracle: diffusers' DDIM 'leading' spacing, as the reference's vanilla run uses it, ending at 0."""
+    ratio = num_train_timesteps // num_steps
+    ts = [i * ratio + steps_offset for i in range(num_steps)][::-1]
+    return ts + [0]
 
 
 def test_linear_curve_is_ddim_leading_plus_offset():

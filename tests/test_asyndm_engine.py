@@ -71,7 +71,7 @@ def _naive_pixel_forward(unet, x, tmap, ctx, added=None):
     ResNet's per-image time embedding zeroed, and after each ResNet's conv1 a (B, C, h, w) map is
     added whose every pixel is computed alone, by a Python loop through the model's own time MLP at
     the timestep of the latent pixel at the top-left of that feature pixel's block (DESIGN.md,
-    "gathered per pixel, strided indices"), plus the image's added embedding (SDXL)."""
+    "Backend protocol": strided indices for coarser feature maps), plus the image's added embedding (SDXL)."""
     from diffusers.models.resnet import ResnetBlock2D
 
     height = tmap.shape[1]

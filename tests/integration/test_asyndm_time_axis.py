@@ -242,7 +242,6 @@ def _decode_unet(dm, rec):
     flat = got.permute(0, 2, 3, 1).reshape(-1, c)
     dist = (flat[:, None] - cand[None]).abs().amax(dim=-1)
     best = dist.min(dim=1)
-    second = dist.kthvalue(2, dim=1).values
     scale = max(float(rec["h_emb"].abs().max()), float(rec["h"].abs().max()))
 
     return cand_t[best.indices].view(bm, h, w), float(best.values.max() / scale)

@@ -173,7 +173,7 @@ def test_allocation_follows_comfyui_steps_one_entry_per_step(comfy_env, pack_nod
     model = _load(pack_nodes, fpdm_files["fpdm"])
     patched = pack_nodes["FPDMSettings"]().patch(model, iterations=4, allocation="increasing")[0]
     block = patched.model.diffusion_model.dit.block_fixed_point
-    counts, sigmas_seen = [], []
+    counts = []
     hook = block.register_forward_hook(lambda *a: counts.append(1))
     pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
     per_step = []
