@@ -40,16 +40,16 @@ class AsynDMCurvePreview:
         import torch
 
         from ..samplers.comfyui.previews import curves_image, mean_curves
-        from ..samplers.schedule import AsyncSchedule
+        from ..samplers.curves import PaperCurves
 
         if run is not None:
             series = mean_curves(run.timestep_maps, run.masks, len(run.ks))
             return (curves_image(series, len(series), max_t=run.max_timestep),)
         ks = parse_ks(strengths) or [0.7]
-        schedule = AsyncSchedule(steps, curve=curve)  # the paper's virtual timesteps, 1001 → 0
-        series = [[float(v) for v in schedule.plan(None, [], 1, 1, 1)[:-1, 0, 0, 0]]]
+        curves = PaperCurves(steps, curve=curve)  # the paper's virtual timesteps, 1001 → 0
+        series = [[float(v) for v in curves.plan(None, [], 1, 1, 1)[:-1, 0, 0, 0]]]
         for k in ks:
-            plan = schedule.plan(torch.ones(1, 1, 1, 1), [k], 1, 1, 1)
+            plan = curves.plan(torch.ones(1, 1, 1, 1), [k], 1, 1, 1)
             series.append([float(v) for v in plan[:-1, 0, 0, 0]])
         return (curves_image(series, len(series)),)
 

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .masks import build_item_masks, cell_coverage, initial_dynamic_masks
-from .schedule import AsyncSchedule
+from .curves import PaperCurves
 
 MODES = ("asyn", "concave", "vanilla")
 DEFAULT_K = 0.7
@@ -69,7 +69,7 @@ class SigmaPlan:
         self.capture_all = capture_all
         self.ks = [float(k) for k in ks]
         self.cell = int(cell)  # a transformer's patch: masks are uniform on it (backends/comfy_dit.py)
-        self.curves = AsyncSchedule(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
+        self.curves = PaperCurves(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
         self._init_masks(masks, anchors)
 
         self.axis = schedule.axis  # σ ↔ position u, exact inverses (time_axis.py)

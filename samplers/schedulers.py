@@ -61,10 +61,10 @@ def paper_sigmas(schedule, steps: int, steps_offset: int = 1, last_timestep_zero
     The last step lands on timestep 0 (σ(0) > 0), or on σ = 0. The timesteps are positions on the
     schedule's time axis (time_axis.py): the model's timesteps on SD-family models, 1000 steps of
     the unshifted flow time on flow models (whose σ(0) is 0)."""
-    from .schedule import AsyncSchedule, timesteps_of
+    from .curves import PaperCurves, timesteps_of
 
     axis = schedule.axis
-    curve = AsyncSchedule(steps, num_train_timesteps=axis.steps, steps_offset=steps_offset)
+    curve = PaperCurves(steps, num_train_timesteps=axis.steps, steps_offset=steps_offset)
     ts = timesteps_of(curve.plan(None, [], 1, 1, 1)[:-1]).flatten().float()
     sig = axis.sigma(ts).float()
     end = axis.sigma(torch.zeros(1)).float() if last_timestep_zero else torch.zeros(1)

@@ -8,7 +8,7 @@ from asyndm_fpdm import tiny as tm
 from asyndm_fpdm.samplers.api import asyn_generate
 from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, capture_stride, pixel_forward, schedule_of
 from asyndm_fpdm.samplers.pixel_samplers import SAMPLERS
-from asyndm_fpdm.samplers.schedule import AsyncSchedule
+from asyndm_fpdm.samplers.curves import PaperCurves
 from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, ROUNDOFF_SAMPLING, assert_close, assert_differs
 
 CFG = tm.sd_scheduler_config()
@@ -251,7 +251,7 @@ def test_static_and_external_masks_fix_the_schedule(unet):
 def test_concave_mode_puts_every_pixel_on_the_strongest_curve(unet):
     # 8 steps divide the 1000 training steps: DDIM's leading timesteps are the paper's linear curve
     res = run(unet, mode="concave", steps=8)
-    plan = AsyncSchedule(8).plan(torch.ones(1, 1, 16, 16), [0.7], 1, 16, 16).round().long()
+    plan = PaperCurves(8).plan(torch.ones(1, 1, 16, 16), [0.7], 1, 16, 16).round().long()
     assert len(res.timestep_maps) == 8 and all(torch.equal(t, plan[i]) for i, t in enumerate(res.timestep_maps))
 
 

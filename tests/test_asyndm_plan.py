@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from asyndm_fpdm.samplers.plan import SigmaPlan
-from asyndm_fpdm.samplers.schedule import AsyncSchedule
+from asyndm_fpdm.samplers.curves import PaperCurves
 from asyndm_fpdm.samplers.schedulers import DiscreteSchedule, make_sigmas
 
 SIZE = (8, 8)
@@ -60,7 +60,7 @@ def test_paper_configuration_is_the_reference_schedule(sd, steps, curve):
     masks = fixed_masks()
     plan = SigmaPlan(make_sigmas(sd, "paper", steps), sd, 2, SIZE, mode="asyn", ks=KS, masks=masks, curve=curve)
     walk(plan)
-    ref = AsyncSchedule(steps, curve=curve).plan(masks, KS, 2, *SIZE).round().long()
+    ref = PaperCurves(steps, curve=curve).plan(masks, KS, 2, *SIZE).round().long()
     assert len(plan.timestep_maps) == steps
     assert all(torch.equal(t.long(), ref[i]) for i, t in enumerate(plan.timestep_maps))
 
