@@ -34,8 +34,8 @@ def initial_latent(plan, noise, latent=None, noise_scaling=None):
     """x at the first step, per pixel: pure noise at each pixel's own first sigma (txt2img, the
     paper's start) or the latent noised to the first sigma (img2img)."""
     latent = torch.zeros_like(noise) if latent is None else latent
-    scaling = noise_scaling or plan.schedule.noise_scaling
-    max_denoise = plan.from_noise and not plan.schedule.flow
+    scaling = noise_scaling or plan.model_sampling.noise_scaling
+    max_denoise = plan.from_noise and not plan.model_sampling.flow
     return scaling(plan.initial_sigma().to(noise.dtype), noise, latent, max_denoise)
 
 
@@ -96,6 +96,6 @@ def sample(run_along: Callable, make_plan: Callable, *, mode: str, mask_source: 
         masks = external
     plan = make_plan(mode=mode, capture_all=capture_all, masks=masks, dynamic=mask_source == "dynamic")
     latents = run_along(plan)
-    return RunRecord(latents=latents, max_timestep=float(getattr(plan.schedule, "max_timestep", 1001.0)),
+    return RunRecord(latents=latents, max_timestep=float(getattr(plan.model_sampling, "max_timestep", 1001.0)),
                      ks=list(plan.ks), words=list(words), timestep_maps=list(plan.timestep_maps),
                      masks=list(plan.mask_history), item_maps=list(plan.item_maps))

@@ -14,7 +14,7 @@ would need a tree per distinct sigma path; the background tree gives every pixel
 Gaussian increments, independent between steps, which is what the per-pixel SDE update needs,
 and equals ComfyUI's noise exactly when every pixel is on the background (DESIGN.md).
 
-Flow-matching models (``plan.schedule.flow``): euler, heun, dpm_2, dpmpp_2m, lcm need nothing
+Flow-matching models (``plan.model_sampling.flow``): euler, heun, dpm_2, dpmpp_2m, lcm need nothing
 more; the ancestral/SDE samplers use their flow (RF) forms.
 """
 
@@ -68,9 +68,9 @@ def _snr_safe(sigma, plan):
     """ComfyUI's offset_first_sigma_for_snr: a flow sigma of 1 has no finite log-SNR, so it becomes
     the model's sigma at 1e-4 of its schedule (shift included) — for the model call and the noise
     interval too, as ComfyUI evaluates the offset sigma; per pixel, wherever a pixel is at 1."""
-    if not plan.schedule.flow:
+    if not plan.model_sampling.flow:
         return sigma
-    to_sigma = getattr(plan.schedule, "percent_to_sigma", None)
+    to_sigma = getattr(plan.model_sampling, "percent_to_sigma", None)
     offset = float(to_sigma(1e-4)) if to_sigma is not None else 1 - 1e-4
     return torch.where(sigma >= 1, torch.as_tensor(offset, dtype=sigma.dtype, device=sigma.device), sigma)
 
@@ -97,7 +97,7 @@ def sample_euler_ancestral(model, x, plan, extra_args=None, callback=None, disab
         if _last(sigma_next):
             x = denoised
             continue
-        if plan.schedule.flow:  # k-diffusion's euler_ancestral_RF
+        if plan.model_sampling.flow:  # k-diffusion's euler_ancestral_RF
             down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
             a_next, a_down = 1 - sigma_next, 1 - down
             renoise = (sigma_next**2 - down**2 * a_next**2 / a_down**2).clamp(min=0) ** 0.5
@@ -178,7 +178,7 @@ def sample_dpmpp_2m_sde(model, x, plan, extra_args=None, callback=None, disable=
     if solver_type not in ("heun", "midpoint"):
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     extra_args = extra_args or {}
-    flow = plan.schedule.flow
+    flow = plan.model_sampling.flow
     old_denoised, h_last, h = None, None, None
     for i in range(len(plan)):
         sigma, sigma_next = plan.step(i)
@@ -212,7 +212,7 @@ def sample_dpmpp_2m_sde(model, x, plan, extra_args=None, callback=None, disable=
 def sample_dpmpp_sde(model, x, plan, extra_args=None, callback=None, disable=None, eta=DEFAULT_ETA, s_noise=1.0,
                      noise_sampler=None, r=1 / 2):
     extra_args = extra_args or {}
-    flow = plan.schedule.flow
+    flow = plan.model_sampling.flow
     fac = 1 / (2 * r)
     for i in range(len(plan)):
         sigma, sigma_next = plan.step(i)
@@ -251,7 +251,7 @@ def sample_dpmpp_sde(model, x, plan, extra_args=None, callback=None, disable=Non
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, plan, extra_args=None, callback=None, disable=None, eta=DEFAULT_ETA,
                               s_noise=1.0, noise_sampler=None):
-    if plan.schedule.flow:
+    if plan.model_sampling.flow:
         raise ValueError("dpmpp_2s_ancestral per pixel is implemented for epsilon/v models only; "
                          "use euler_ancestral or dpmpp_2m_sde with flow models")
     extra_args = extra_args or {}
@@ -283,7 +283,7 @@ def sample_lcm(model, x, plan, extra_args=None, callback=None, disable=None, noi
         _report(callback, plan, i, x, sigma, denoised)
         x = denoised
         if not _last(sigma_next):
-            x = plan.schedule.noise_scaling(sigma_next, _noise(noise_sampler, plan, i, x), x)
+            x = plan.model_sampling.noise_scaling(sigma_next, _noise(noise_sampler, plan, i, x), x)
     return x
 
 
@@ -295,7 +295,7 @@ def sample_ddim(model, x, plan, extra_args=None, callback=None, disable=None, et
     In sigma space DDIM(η) is Euler ancestral(η): the same update, written in the variance-
     preserving form the reference uses, so its latents are matched to float32 round-off.
     """
-    if plan.schedule.flow:
+    if plan.model_sampling.flow:
         return sample_euler_ancestral(model, x, plan, extra_args, callback, disable, eta, s_noise, noise_sampler)
     extra_args = extra_args or {}
     for i in range(len(plan)):

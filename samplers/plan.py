@@ -3,7 +3,7 @@
 The background follows the run's sigmas S_0 > ... > S_N (any scheduler, any SIGMAS) exactly.
 Prompt-item pixels lag behind on the paper's concave curves (curves.py). The curves live in
 the paper's *virtual timestep* space y (1001 → 0, the linear curve gives the background's
-knots K_i). A pixel's y is mapped to a *position* u on the schedule's time axis
+knots K_i). A pixel's y is mapped to a *position* u on the model's time axis
 (time_axis.py) by interpolating, between the knots, the offset U_i − K_i where U_i =
 position(S_i), then rounded to the axis' grid and turned into a sigma by the axis' exact inverse
 sigma(u) (DESIGN.md, "AsynDM in sigma space"). What the model is fed, and what
@@ -38,7 +38,7 @@ class SigmaPlan:
     def __init__(
         self,
         sigmas: torch.Tensor,
-        schedule,
+        model_sampling,
         batch: int,
         size,
         *,
@@ -62,7 +62,7 @@ class SigmaPlan:
         if bool((sigmas[1:] > sigmas[:-1]).any()):
             raise ValueError("the SIGMAS must not increase: AsynDM denoises from noisy to clean")
         self.device = sigmas.device
-        self.sigmas, self.schedule = sigmas, schedule
+        self.sigmas, self.model_sampling = sigmas, model_sampling
         self.batch, self.size = batch, tuple(size)
         self.steps = len(sigmas) - 1
         self.mode, self.mask_thr, self.dynamic = mode, mask_thr, dynamic and mode == "asyn"
@@ -72,7 +72,7 @@ class SigmaPlan:
         self.curves = PaperCurves(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
         self._init_masks(masks, anchors)
 
-        self.axis = schedule.axis  # σ ↔ position u, exact inverses (time_axis.py)
+        self.axis = model_sampling.axis  # σ ↔ position u, exact inverses (time_axis.py)
         positions = self.axis.position(sigmas.cpu()).float()
         self.u_max = float(self.axis.u_max)
 
@@ -130,7 +130,7 @@ class SigmaPlan:
         """What the model is fed for a (B, 1, H, W) sigma map: its own timestep(σ), looked up
         once per distinct sigma; σ = 0 is timestep 0."""
         uniq, inverse = torch.unique(sigma_map[:, 0], return_inverse=True)
-        t = torch.as_tensor(self.schedule.timestep(uniq.float().cpu()), dtype=torch.float32).to(uniq.device)
+        t = torch.as_tensor(self.model_sampling.timestep(uniq.float().cpu()), dtype=torch.float32).to(uniq.device)
         return torch.where(uniq > 0, t, torch.zeros_like(t))[inverse]
 
     # ------------------------------------------------------------------------------ y → sigma

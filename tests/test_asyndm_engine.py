@@ -6,13 +6,14 @@ import torch
 
 from asyndm_fpdm import tiny as tm
 from asyndm_fpdm.samplers.api import asyn_generate
-from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, capture_stride, pixel_forward, schedule_of
+from asyndm_fpdm.samplers.backends.diffusers_unet import (DiffusersDenoiser, capture_stride, model_sampling_of,
+                                                        pixel_forward)
 from asyndm_fpdm.samplers.pixel_samplers import SAMPLERS
 from asyndm_fpdm.samplers.curves import PaperCurves
 from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, ROUNDOFF_SAMPLING, assert_close, assert_differs
 
 CFG = tm.sd_scheduler_config()
-SCHED = schedule_of(CFG)
+MODEL_SAMPLING = model_sampling_of(CFG)
 ITEMS = [([2], 0.7), ([4], 0.5)]
 
 
@@ -155,7 +156,7 @@ def test_invariant6_embeddings_only_for_distinct_timesteps(unet):
 
 
 def test_attention_capture_only_selected_tokens_and_stride_rule(unet):
-    den = DiffusersDenoiser(unet, SCHED, tm.embeds(2), tm.embeds(2, seed=9), token_groups=[[2], [3, 4]])
+    den = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(2), tm.embeds(2, seed=9), token_groups=[[2], [3, 4]])
     out, maps = den(tm.latents(2), torch.full((2, 1, 16, 16), 4.0), capture=True)
     assert out.shape == (2, 4, 16, 16) and maps.shape == (2, 2, 4, 4)
     assert (maps > 0).all() and (maps < 1).all()
@@ -163,7 +164,7 @@ def test_attention_capture_only_selected_tokens_and_stride_rule(unet):
     # stride takes the nearest finer level, a too-fine one the coarsest... of those that fit the latent
     assert [capture_stride(unet, (16, 16), w) for w in (4, 3, 16, 1)] == [4, 2, 8, 1]
     assert capture_stride(unet, (4, 4), 8) == 4
-    _, maps3 = DiffusersDenoiser(unet, SCHED, tm.embeds(1), token_groups=[[2]], attn_fraction=3)(
+    _, maps3 = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), token_groups=[[2]], attn_fraction=3)(
         tm.latents(1), torch.full((1, 1, 16, 16), 4.0), True)
     assert maps3.shape == (1, 1, 8, 8)
 
@@ -180,9 +181,9 @@ def test_model_fn_denoised_matches_diffusers_x0(unet, prediction_type):
     x_vp, ctx = tm.latents(1), tm.embeds(1)
     model_out = unet(x_vp, t, encoder_hidden_states=ctx).sample
     ref = sched.step(model_out, t, x_vp).pred_original_sample
-    schedule = schedule_of(cfg)
-    sigma = schedule.sigma(torch.tensor(float(t)))
-    den = DiffusersDenoiser(unet, schedule, ctx, prediction_type=prediction_type)
+    model_sampling = model_sampling_of(cfg)
+    sigma = model_sampling.sigma(torch.tensor(float(t)))
+    den = DiffusersDenoiser(unet, model_sampling, ctx, prediction_type=prediction_type)
     ours, maps = den(x_vp * (1 + sigma**2) ** 0.5, torch.full((1, 1, 16, 16), float(sigma)))
     assert maps is None and (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
     scalar, _ = den(x_vp * (1 + sigma**2) ** 0.5, sigma)  # one sigma per image is a constant map
@@ -281,9 +282,9 @@ def test_bad_settings_are_clear_errors(unet):
     with pytest.raises(ValueError, match="unknown scheduler 'simple'.*karras"):
         run(unet, scheduler="simple")
     with pytest.raises(ValueError, match="does not match the latent"):
-        DiffusersDenoiser(unet, SCHED, tm.embeds(1))(tm.latents(1), torch.ones(1, 1, 8, 8))
+        DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1))(tm.latents(1), torch.ones(1, 1, 8, 8))
     with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
-        DiffusersDenoiser(unet, SCHED, tm.embeds(1), prediction_type="flow")
+        DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), prediction_type="flow")
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))

@@ -5,7 +5,7 @@ import torch
 
 from asyndm_fpdm.samplers.plan import SigmaPlan
 from asyndm_fpdm.samplers.curves import PaperCurves
-from asyndm_fpdm.samplers.schedulers import DiscreteSchedule, make_sigmas
+from asyndm_fpdm.samplers.schedulers import DiscreteModelSampling, make_sigmas
 
 SIZE = (8, 8)
 KS = [0.7, 0.4]
@@ -14,7 +14,7 @@ KS = [0.7, 0.4]
 @pytest.fixture(scope="module")
 def sd():
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled_linear
-    return DiscreteSchedule(torch.cumprod(1 - betas, 0).float())
+    return DiscreteModelSampling(torch.cumprod(1 - betas, 0).float())
 
 
 def fixed_masks():

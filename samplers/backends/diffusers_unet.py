@@ -2,7 +2,7 @@
 
 ``DiffusersDenoiser`` is the engine's ``model_fn(x, sigma_map, capture) -> (denoised, item_maps)``
 (engine.py): x is in sigma space (x = x0 + σ·ε), σ a per-pixel map (B, 1, H, W). The UNet sees
-x / sqrt(1 + σ²) at the per-pixel integer timesteps ``schedule.timestep(σ)``, as ComfyUI's
+x / sqrt(1 + σ²) at the per-pixel integer timesteps ``model_sampling.timestep(σ)``, as ComfyUI's
 discrete models do, and its output becomes a denoised latent per pixel.
 
 Per-pixel timesteps without copying the UNet's forward: the stock forward runs, and for the
@@ -210,32 +210,32 @@ def pixel_forward(
     return out, maps
 
 
-def schedule_of(scheduler_config: dict):
-    """The model's sigma <-> timestep map (schedulers.DiscreteSchedule) from a diffusers scheduler
+def model_sampling_of(scheduler_config: dict):
+    """The model's sigma <-> timestep map (schedulers.DiscreteModelSampling) from a diffusers scheduler
     config; ᾱ computed by diffusers' DDIMScheduler itself."""
     from diffusers import DDIMScheduler
 
-    from ..schedulers import DiscreteSchedule
+    from ..schedulers import DiscreteModelSampling
 
-    return DiscreteSchedule(DDIMScheduler.from_config(dict(scheduler_config)).alphas_cumprod)
+    return DiscreteModelSampling(DDIMScheduler.from_config(dict(scheduler_config)).alphas_cumprod)
 
 
 class DiffusersDenoiser:
     """The engine's ``model_fn`` for a diffusers UNet with classifier-free guidance.
 
-    ``schedule`` is a ``DiscreteSchedule`` (or a diffusers scheduler config); ``cond``/``uncond``
+    ``model_sampling`` is a ``DiscreteModelSampling`` (or a diffusers scheduler config); ``cond``/``uncond``
     are prompt embeddings (B, L, D); the CFG batch is [uncond; cond] as in the reference, and
     attention is captured from the cond half. ``attn_fraction`` is the wanted capture stride.
     """
 
-    def __init__(self, unet, schedule, cond, uncond=None, *, prediction_type="epsilon", guidance_scale=5.0,
+    def __init__(self, unet, model_sampling, cond, uncond=None, *, prediction_type="epsilon", guidance_scale=5.0,
                  token_groups=(), attn_fraction=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction type {prediction_type!r} is not supported: use one of "
                              f"{', '.join(PREDICTION_TYPES)}")
-        if isinstance(schedule, dict):
-            schedule = schedule_of(schedule)
-        self.unet, self.schedule, self.cond, self.uncond = unet, schedule, cond, uncond
+        if isinstance(model_sampling, dict):
+            model_sampling = model_sampling_of(model_sampling)
+        self.unet, self.model_sampling, self.cond, self.uncond = unet, model_sampling, cond, uncond
         self.prediction_type = prediction_type
         self.guidance_scale = guidance_scale
         self.token_groups = [list(g) for g in token_groups]
@@ -249,7 +249,7 @@ class DiffusersDenoiser:
     def timesteps(self, sigma_map: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) sigmas → (B, H, W) nearest integer timesteps, looked up once per distinct sigma."""
         uniq, inverse = torch.unique(sigma_map[:, 0].float(), return_inverse=True)
-        t = self.schedule.timestep(uniq.cpu()).to(sigma_map.device)
+        t = self.model_sampling.timestep(uniq.cpu()).to(sigma_map.device)
         t = torch.where(uniq.to(t.device) > 0, t, torch.zeros_like(t))  # σ = 0 is timestep 0
         return t[inverse].long()
 

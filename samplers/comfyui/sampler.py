@@ -128,8 +128,8 @@ def max_timestep(model_sampling) -> float:
     return top if top > 0 else 1001.0
 
 
-class ComfySchedule:
-    """ComfyUI's model_sampling seen as the plan's schedule: the time ``axis`` (σ ↔ position),
+class ComfyModelSampling:
+    """ComfyUI's model_sampling seen as the plan's model sampling: the time ``axis`` (σ ↔ position),
     what the model is fed (``timestep``: the model's own), noise scaling."""
 
     def __init__(self, model_sampling):
@@ -188,7 +188,7 @@ def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler
         discard = sampler_name in DISCARD_PENULTIMATE
         n = n + 1 if discard else n
         if scheduler == PAPER_SCHEDULER:
-            sig = paper_sigmas(ComfySchedule(ms), n, last_timestep_zero=last_step == LAST_STEPS[0])
+            sig = paper_sigmas(ComfyModelSampling(ms), n, last_timestep_zero=last_step == LAST_STEPS[0])
         elif scheduler in comfy.samplers.KSampler.SCHEDULERS:
             sig = comfy.samplers.calculate_sigmas(ms, scheduler, n).float().cpu()
         else:
@@ -358,7 +358,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
 
     opts = sampler.options
     ms = model_wrap.inner_model.model_sampling
-    schedule = ComfySchedule(ms)
+    model_sampling = ComfyModelSampling(ms)
     sigmas = sigmas.float()
     batch, _, height, width = noise.shape
     size = (height, width)
@@ -391,7 +391,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         call = PixelCall(sigma, capture, targets.positions if targets else (), targets.context_len if targets else 77,
                          targets.uuids if targets else None, areas)
         if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
-            x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
+            x = x * denoise_mask + model_sampling.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
         options = model_options or {}
         if backend is not None:
             options = backend.model_options(options, call)
@@ -414,16 +414,16 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
             callback(d["i"], *shown, total)
 
     def run(plan):
-        x = initial_latent(plan, noise, latent, schedule.noise_scaling)
+        x = initial_latent(plan, noise, latent, model_sampling.noise_scaling)
         if sampler.sampler_function is not None:
             return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
-                              seed, schedule.flow, batch_index)
+                              seed, model_sampling.flow, batch_index)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
                           noise_sampler=_noise_sampler(SAMPLERS[sampler.name], x, sigmas, seed, batch_index),
                           **sampler.extra_options)
 
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
-        return SigmaPlan(sigmas, schedule, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
+        return SigmaPlan(sigmas, model_sampling, batch, size, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
                          anchors=targets.anchors if targets else None, curve=opts.curve, mask_thr=opts.mask_thr,
                          capture_all=capture_all, cell=getattr(backend, "cell", 1))
 
