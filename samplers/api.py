@@ -94,7 +94,7 @@ def asyn_generate(
     denoise = DiffusersDenoiser(
         unet, model_sampling, prompt_embeds, negative_embeds, guidance_scale=guidance_scale,
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-        token_groups=[list(p) for p, _ in items], attn_fraction=attn_fraction,
+        positions=[list(p) for p, _ in items], attn_fraction=attn_fraction,
         added_cond=added_cond, uncond_added_cond=negative_added_cond,
     )
     ks = [float(k) for _, k in items]

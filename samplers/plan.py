@@ -73,13 +73,13 @@ class SigmaPlan:
         self._init_masks(masks, anchors)
 
         self.axis = model_sampling.axis  # σ ↔ position u, exact inverses (time_axis.py)
-        positions = self.axis.position(sigmas.cpu()).float()
+        u_sigmas = self.axis.position(sigmas.cpu()).float()
         self.u_max = float(self.axis.u_max)
 
         start = float(self.curves.start_value)
         first = float(self.curves.step(torch.tensor([start]), self.steps)[0])
         if from_noise is None:  # txt2img: the first sigma is at or above the paper's first timestep
-            from_noise = float(positions[0]) >= first / start * self.u_max - 0.5
+            from_noise = float(u_sigmas[0]) >= first / start * self.u_max - 0.5
         self.from_noise = bool(from_noise)
         knots = [first if self.from_noise else start]
         for i in range(self.steps):
@@ -87,7 +87,7 @@ class SigmaPlan:
         k = torch.tensor(knots)
         # position − y at each knot, against the rounded knot, so that in the paper's configuration
         # it is exactly 0 and u = y (float32 knots drift by ~1e-4)
-        offsets = positions - k.round()
+        offsets = u_sigmas - k.round()
         if self.from_noise:  # the virtual start y = 1001 keeps the first knot's offset
             k, offsets = torch.cat([torch.tensor([start]), k]), torch.cat([offsets[:1], offsets])
         self.knots, self.offsets = k, offsets  # knots descend in y

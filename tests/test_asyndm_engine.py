@@ -156,7 +156,7 @@ def test_invariant6_embeddings_only_for_distinct_timesteps(unet):
 
 
 def test_attention_capture_only_selected_tokens_and_stride_rule(unet):
-    den = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(2), tm.embeds(2, seed=9), token_groups=[[2], [3, 4]])
+    den = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(2), tm.embeds(2, seed=9), positions=[[2], [3, 4]])
     out, maps = den(tm.latents(2), torch.full((2, 1, 16, 16), 4.0), capture=True)
     assert out.shape == (2, 4, 16, 16) and maps.shape == (2, 2, 4, 4)
     assert (maps > 0).all() and (maps < 1).all()
@@ -164,7 +164,7 @@ def test_attention_capture_only_selected_tokens_and_stride_rule(unet):
     # stride takes the nearest finer level, a too-fine one the coarsest... of those that fit the latent
     assert [capture_stride(unet, (16, 16), w) for w in (4, 3, 16, 1)] == [4, 2, 8, 1]
     assert capture_stride(unet, (4, 4), 8) == 4
-    _, maps3 = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), token_groups=[[2]], attn_fraction=3)(
+    _, maps3 = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), positions=[[2]], attn_fraction=3)(
         tm.latents(1), torch.full((1, 1, 16, 16), 4.0), True)
     assert maps3.shape == (1, 1, 8, 8)
 
@@ -310,7 +310,7 @@ def test_non_square_latents_and_capture_grid(unet):
     const, _ = pixel_forward(unet, x, torch.full((2, 16, 24), 400), ctx, force_per_pixel=True)
     stock = unet(x, torch.tensor([400, 400]), encoder_hidden_states=ctx).sample
     assert_close(const, stock, ROUNDOFF_ONE_PASS, "non-square constant map vs stock forward")
-    out, maps = pixel_forward(unet, x, tmap, ctx, capture_tokens=[[2]], capture_slice=slice(1, 2))
+    out, maps = pixel_forward(unet, x, tmap, ctx, positions=[[2]], capture_slice=slice(1, 2))
     assert out.shape == x.shape and maps.shape == (1, 1, 4, 6)
     res = asyn_generate(unet, CFG, tm.embeds(1), tm.embeds(1, seed=3), items=ITEMS, steps=3, latents=x[:1])
     assert res.latents.shape == (1, 4, 16, 24) and res.masks[-1].shape == (1, 2, 16, 24)

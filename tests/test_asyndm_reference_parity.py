@@ -51,7 +51,7 @@ def test_per_pixel_forward_and_attention_maps_match_reference(ref):
             unet, x2, tmap.reshape(2, -1), encoder_hidden_states=ctx, return_dict=False,
             extra_input={"used_layer_size": 4, "item_idx": [1, 3]}, return_extra_inf=True,
         )
-    ours, maps = pixel_forward(unet, x2, tmap, ctx, capture_tokens=[[2], [4]], capture_slice=slice(1, 2))
+    ours, maps = pixel_forward(unet, x2, tmap, ctx, positions=[[2], [4]], capture_slice=slice(1, 2))
     assert_close(ours, theirs, ROUNDOFF_ONE_PASS, "per-pixel UNet forward vs the reference's")
     their_maps = extra["cross_mask"].permute(0, 2, 1).reshape(1, 2, 4, 4)
     assert_close(maps, their_maps, ROUNDOFF_ONE_PASS, "attention maps vs the reference's")

@@ -125,8 +125,8 @@ def _pixel_timestep_hooks(unet, emb_rows, index_map):
 
 
 @contextmanager
-def _attention_capture(layers, batch_slice, token_groups, store: List):
-    """Record, per hooked layer, (b, Q, N) head-averaged probabilities of each token group."""
+def _attention_capture(layers, batch_slice, positions, store: List):
+    """Record, per hooked layer, (b, Q, N) head-averaged probabilities of each item's token positions."""
 
     def hook(attn, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -137,7 +137,7 @@ def _attention_capture(layers, batch_slice, token_groups, store: List):
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         length = context.shape[1]  # diffusers never repeats the context: every token once
-        weights = token_weights(token_groups, length, length, hidden.device)
+        weights = token_weights(positions, length, length, hidden.device)
         store.append(item_attention(attn.to_q(hidden), attn.to_k(context), attn.heads, weights))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
@@ -163,14 +163,14 @@ def pixel_forward(
     *,
     added_cond_kwargs: Optional[dict] = None,
     class_labels=None,
-    capture_tokens: Optional[Sequence[Sequence[int]]] = None,
+    positions: Optional[Sequence[Sequence[int]]] = None,
     capture_slice=slice(None),
     attn_fraction: int = 4,
     force_per_pixel: bool = False,
 ):
     """Raw UNet output for integer per-pixel timesteps ``timestep_map`` (B, H, W).
 
-    With ``capture_tokens`` (one list of token positions per item) also returns the item maps
+    With ``positions`` (one list of token positions per item) also returns the item maps
     (b, N, ⌈H/s⌉, ⌈W/s⌉) of the ``capture_slice`` images, s = the capture stride for the wanted
     ``attn_fraction`` (see ``capture_stride``), else None.
     """
@@ -184,10 +184,10 @@ def pixel_forward(
 
     store: List[torch.Tensor] = []
     capture = nullcontext()
-    if capture_tokens:
+    if positions:
         stride = capture_stride(unet, (height, width), attn_fraction)
         layers = [m for m, s in cross_attention_strides(unet).items() if s == stride]
-        capture = _attention_capture(layers, capture_slice, [list(g) for g in capture_tokens], store)
+        capture = _attention_capture(layers, capture_slice, [list(g) for g in positions], store)
     kwargs = dict(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                   class_labels=class_labels, return_dict=False)
     with torch.no_grad(), capture:
@@ -200,7 +200,7 @@ def pixel_forward(
             with _pixel_timestep_hooks(unet, rows, index_map):
                 out = unet(sample, per_image_t, **kwargs)[0]
     maps = None
-    if capture_tokens:
+    if positions:
         if not store:
             raise RuntimeError("no cross-attention layer ran at the capture stride: another hook or processor "
                                "bypasses the UNet's attention modules")
@@ -229,7 +229,7 @@ class DiffusersDenoiser:
     """
 
     def __init__(self, unet, model_sampling, cond, uncond=None, *, prediction_type="epsilon", guidance_scale=5.0,
-                 token_groups=(), attn_fraction=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
+                 positions=(), attn_fraction=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction type {prediction_type!r} is not supported: use one of "
                              f"{', '.join(PREDICTION_TYPES)}")
@@ -238,7 +238,7 @@ class DiffusersDenoiser:
         self.unet, self.model_sampling, self.cond, self.uncond = unet, model_sampling, cond, uncond
         self.prediction_type = prediction_type
         self.guidance_scale = guidance_scale
-        self.token_groups = [list(g) for g in token_groups]
+        self.positions = [list(g) for g in positions]
         self.attn_fraction = attn_fraction
         self.added_cond, self.uncond_added_cond = added_cond, uncond_added_cond
         self.force_per_pixel = force_per_pixel
@@ -266,7 +266,7 @@ class DiffusersDenoiser:
             x2, t2, context, added, cond_slice = x_in, timesteps, self.cond, self.added_cond, slice(None)
         out, maps = pixel_forward(
             self.unet, x2.to(dtype), t2, context.to(dtype), added_cond_kwargs=added,
-            capture_tokens=self.token_groups if (capture and self.token_groups) else None,
+            positions=self.positions if (capture and self.positions) else None,
             capture_slice=cond_slice, attn_fraction=self.attn_fraction, force_per_pixel=self.force_per_pixel,
         )
         out = out.to(x_in.dtype)

@@ -84,7 +84,7 @@ def test_asyndm_constant_map_is_stock_forward_and_embeddings_per_distinct_value(
     hook = model.model.diffusion_model.time_embed.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
     try:
         with torch.no_grad():
-            call = PixelCall(sig[537].expand(2, 1, 8, 8), capture=True, items=[[2], [4]], context_len=77)
+            call = PixelCall(sig[537].expand(2, 1, 8, 8), capture=True, positions=[[2], [4]], context_len=77)
             to = backend.model_options(base, call)["transformer_options"]
             const = model.model.apply_model(x, sigma, transformer_options=to, **kwargs)
             maps = call.item_maps()

@@ -106,7 +106,7 @@ def test_dit_constant_map_is_stock_forward_with_the_models_own_attention(dits, f
     hook = embedder.register_forward_hook(lambda m, a, o: rows.append(o.shape[0]))
     try:
         base = {"transformer_options": {"cond_or_uncond": [0]}}
-        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
+        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, positions=TARGETS["positions"], context_len=12)
         to = backend.model_options(base, call)["transformer_options"]
         const = model.model.apply_model(x, sigma, transformer_options=to, **kw)
         maps = call.item_maps()
