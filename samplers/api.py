@@ -57,7 +57,7 @@ def asyn_generate(
     mask_source: str = "dynamic",
     external_masks: Optional[torch.Tensor] = None,
     mask_thr: float = 1.0,
-    attn_fraction: int = 4,
+    capture_stride: int = 4,
     added_cond=None,
     negative_added_cond=None,
     callback=None,
@@ -94,7 +94,7 @@ def asyn_generate(
     denoise = DiffusersDenoiser(
         unet, model_sampling, prompt_embeds, negative_embeds, guidance_scale=guidance_scale,
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-        positions=[list(p) for p, _ in items], attn_fraction=attn_fraction,
+        positions=[list(p) for p, _ in items], capture_stride=capture_stride,
         added_cond=added_cond, uncond_added_cond=negative_added_cond,
     )
     ks = [float(k) for _, k in items]

@@ -6,7 +6,7 @@ import torch
 
 from asyndm_fpdm import tiny as tm
 from asyndm_fpdm.samplers.api import asyn_generate
-from asyndm_fpdm.samplers.backends.diffusers_unet import (DiffusersDenoiser, capture_stride, model_sampling_of,
+from asyndm_fpdm.samplers.backends.diffusers_unet import (DiffusersDenoiser, model_sampling_of, unet_capture_stride,
                                                         pixel_forward)
 from asyndm_fpdm.samplers.pixel_samplers import SAMPLERS
 from asyndm_fpdm.samplers.curves import PaperCurves
@@ -162,9 +162,9 @@ def test_attention_capture_only_selected_tokens_and_stride_rule(unet):
     assert (maps > 0).all() and (maps < 1).all()
     # the tiny UNet has cross-attention at strides 1, 2, 4 (down/up) and 8 (mid): a missing wanted
     # stride takes the nearest finer level, a too-fine one the coarsest... of those that fit the latent
-    assert [capture_stride(unet, (16, 16), w) for w in (4, 3, 16, 1)] == [4, 2, 8, 1]
-    assert capture_stride(unet, (4, 4), 8) == 4
-    _, maps3 = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), positions=[[2]], attn_fraction=3)(
+    assert [unet_capture_stride(unet, (16, 16), w) for w in (4, 3, 16, 1)] == [4, 2, 8, 1]
+    assert unet_capture_stride(unet, (4, 4), 8) == 4
+    _, maps3 = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), positions=[[2]], capture_stride=3)(
         tm.latents(1), torch.full((1, 1, 16, 16), 4.0), True)
     assert maps3.shape == (1, 1, 8, 8)
 

@@ -148,7 +148,7 @@ def _attention_capture(layers, batch_slice, positions, store: List):
             h.remove()
 
 
-def capture_stride(unet, size, wanted: int = 4) -> int:
+def unet_capture_stride(unet, size, wanted: int = 4) -> int:
     """The stride attention is read at for a latent of ``size`` (H, W): ``wanted`` if a
     cross-attention level has it, else pixel_math's one rule for a missing level."""
     strides = [s for s in cross_attention_strides(unet).values() if s <= min(size)]
@@ -165,14 +165,14 @@ def pixel_forward(
     class_labels=None,
     positions: Optional[Sequence[Sequence[int]]] = None,
     capture_slice=slice(None),
-    attn_fraction: int = 4,
+    capture_stride: int = 4,
     force_per_pixel: bool = False,
 ):
     """Raw UNet output for integer per-pixel timesteps ``timestep_map`` (B, H, W).
 
     With ``positions`` (one list of token positions per item) also returns the item maps
     (b, N, ⌈H/s⌉, ⌈W/s⌉) of the ``capture_slice`` images, s = the capture stride for the wanted
-    ``attn_fraction`` (see ``capture_stride``), else None.
+    ``capture_stride`` (see ``unet_capture_stride``), else None.
     """
     _, _, height, width = sample.shape
     timestep_map = timestep_map.to(sample.device).long()
@@ -185,7 +185,7 @@ def pixel_forward(
     store: List[torch.Tensor] = []
     capture = nullcontext()
     if positions:
-        stride = capture_stride(unet, (height, width), attn_fraction)
+        stride = unet_capture_stride(unet, (height, width), capture_stride)
         layers = [m for m, s in cross_attention_strides(unet).items() if s == stride]
         capture = _attention_capture(layers, capture_slice, [list(g) for g in positions], store)
     kwargs = dict(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
@@ -225,11 +225,11 @@ class DiffusersDenoiser:
 
     ``model_sampling`` is a ``DiscreteModelSampling`` (or a diffusers scheduler config); ``cond``/``uncond``
     are prompt embeddings (B, L, D); the CFG batch is [uncond; cond] as in the reference, and
-    attention is captured from the cond half. ``attn_fraction`` is the wanted capture stride.
+    attention is captured from the cond half. ``capture_stride`` is the wanted capture stride.
     """
 
     def __init__(self, unet, model_sampling, cond, uncond=None, *, prediction_type="epsilon", guidance_scale=5.0,
-                 positions=(), attn_fraction=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
+                 positions=(), capture_stride=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction type {prediction_type!r} is not supported: use one of "
                              f"{', '.join(PREDICTION_TYPES)}")
@@ -239,7 +239,7 @@ class DiffusersDenoiser:
         self.prediction_type = prediction_type
         self.guidance_scale = guidance_scale
         self.positions = [list(g) for g in positions]
-        self.attn_fraction = attn_fraction
+        self.capture_stride = capture_stride
         self.added_cond, self.uncond_added_cond = added_cond, uncond_added_cond
         self.force_per_pixel = force_per_pixel
 
@@ -267,7 +267,7 @@ class DiffusersDenoiser:
         out, maps = pixel_forward(
             self.unet, x2.to(dtype), t2, context.to(dtype), added_cond_kwargs=added,
             positions=self.positions if (capture and self.positions) else None,
-            capture_slice=cond_slice, attn_fraction=self.attn_fraction, force_per_pixel=self.force_per_pixel,
+            capture_slice=cond_slice, capture_stride=self.capture_stride, force_per_pixel=self.force_per_pixel,
         )
         out = out.to(x_in.dtype)
         if self._use_cfg():

@@ -101,7 +101,7 @@ def test_asyndm_constant_map_is_stock_forward_and_embeddings_per_distinct_value(
         hook.remove()
     assert_close(const, stock, ROUNDOFF_ONE_PASS, "constant map vs stock forward")  # invariant 1
     assert torch.equal(plain, stock)  # without a PixelCall the wrappers are the stock code
-    assert maps is not None and maps.shape == (2, 2, 8 // backend.stride, 8 // backend.stride)
+    assert maps is not None and maps.shape == (2, 2, 8 // backend.capture_stride, 8 // backend.capture_stride)
     assert torch.isfinite(maps).all() and float(maps.min()) >= 0
     # invariant 6: the time MLP ran on the 3 distinct timesteps (SDXL: the 5 distinct (image,
     # timestep) pairs, its size embedding being per image), plus ComfyUI's own per-image call
