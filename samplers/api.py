@@ -27,9 +27,6 @@ from .tokens import locate_word
 MASK_SOURCES = ("dynamic", "static", "external")
 
 
-SampleResult = engine.RunRecord  # latents: what vae.decode(latents / scaling_factor) takes
-
-
 def token_positions(tokenizer, prompt: str, word: str, occurrence: int = 0) -> List[int]:
     """Positions of ``word`` in ``prompt`` as the text encoder sees it (start token = 0)."""
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
@@ -61,8 +58,9 @@ def asyn_generate(
     added_cond=None,
     negative_added_cond=None,
     callback=None,
-) -> SampleResult:
-    """Run vanilla / DMconcave / AsynDM sampling; returns latents, masks and timestep maps.
+) -> engine.RunRecord:
+    """Run vanilla / DMconcave / AsynDM sampling; returns the run's ``engine.RunRecord``: latents
+    (what ``vae.decode(latents / scaling_factor)`` takes), masks and timestep maps.
 
     ``sampler`` is a per-pixel sampler (pixel_samplers.SAMPLERS), ``scheduler`` a scheduler's name
     (schedulers.SCHEDULERS); ``eta`` is the noise of ddim and the ancestral/SDE samplers.

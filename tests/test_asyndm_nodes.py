@@ -12,7 +12,7 @@ from asyndm_fpdm.nodes.common import CATEGORY_ASYNDM
 from asyndm_fpdm.samplers.comfyui import previews
 from asyndm_fpdm.samplers.comfyui import conditioning
 from asyndm_fpdm.samplers.comfyui import tokens as comfy_tokens
-from asyndm_fpdm.samplers.comfyui.sampler import RunInfo
+from asyndm_fpdm.samplers.engine import RunRecord
 from asyndm_fpdm.samplers.tokens import UnknownWordError
 from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
@@ -137,7 +137,7 @@ def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
     for total in (1, 3, 7, 20):
         maps = [torch.full((2, 4, 4), 1000 - 50 * i) for i in range(total)]
         masks = [torch.zeros(2, 1, 4, 4) for _ in range(total)]
-        run = RunInfo(ks=[0.7], words=["cat"], timestep_maps=maps, masks=masks, item_maps=[])
+        run = RunRecord(ks=[0.7], words=["cat"], timestep_maps=maps, masks=masks, item_maps=[])
         for text in ("", "0, 0.25, 0.5, -1", "0, 10, 25, 49"):
             regions, times = node.preview(run, text, 5)  # image 5 of a batch of 2: the last one
             chosen, clamped, _ = previews.pick_steps(text, total)
@@ -161,7 +161,7 @@ def test_asyndm_previews_show_the_run():
     steps, batch, h, w = 5, 2, 6, 5
     maps = [torch.randint(0, 1000, (batch, h, w), generator=gen) for _ in range(steps)]
     masks = [(torch.rand(batch, 2, h, w, generator=gen) > 0.6).float() for _ in range(steps)]
-    run = RunInfo(ks=[0.7, 0.5], words=["cat", "dog"], timestep_maps=maps, masks=masks, item_maps=[])
+    run = RunRecord(ks=[0.7, 0.5], words=["cat", "dog"], timestep_maps=maps, masks=masks, item_maps=[])
     regions, times = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]().preview(run, "0, 2, -1", 1)
     assert regions.shape == times.shape == (3, h * 8, w * 8, 3)
     assert_mask_steps_preview_shows(regions, times, run, [0, 2, 4], 1, previews.PALETTE)

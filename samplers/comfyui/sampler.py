@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ..clock import NOISE_DOWN, Clock, ClockModel
-from ..engine import RunRecord, initial_latent, plan_model, run as engine_run, sample as engine_sample
+from ..engine import initial_latent, plan_model, run as engine_run, sample as engine_sample
 from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS, SamplerInfo
 from ..plan import DEFAULT_K, SigmaPlan
 from .conditioning import external_item_masks, resolve_ks, targets_of
@@ -169,9 +169,6 @@ class AsynOptions:
     static_masks: Optional[torch.Tensor] = None  # (B, N, H, W): skip the static pre-pass
     mask_thr: float = 1.0
     capture_all: bool = False  # record attention at every step (the mask extractor)
-
-
-RunInfo = RunRecord  # what a run leaves for the preview nodes (latents stay in the LATENT output)
 
 
 def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str = "ddim",
@@ -444,7 +441,7 @@ def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: 
                   sampler_name: str = "ddim", scheduler: str = PAPER_SCHEDULER, denoise: float = 1.0,
                   eta: float = 0.0, options: Optional[AsynOptions] = None, last_step: str = LAST_STEPS[0],
                   sigmas: Optional[torch.Tensor] = None, callback=None, disable_pbar: bool = False):
-    """The Asynchronous KSampler: (latent dict, RunInfo)."""
+    """The Asynchronous KSampler: (latent dict, RunRecord without its latents, kept in the LATENT)."""
     import comfy.sample
 
     options = options or AsynOptions()
@@ -468,7 +465,7 @@ def extract_masks(model, positive, negative, latent, *, seed, steps, cfg, streng
     """A vanilla run that records the items' attention at every step (the static pre-pass as a node).
 
     Returns (binary item masks (B, N, H, W) at latent size, one item per pixel by priority k;
-    mean attention maps (B, N, h, w); (latent dict, RunInfo) of the vanilla run).
+    mean attention maps (B, N, h, w); (latent dict, RunRecord) of the vanilla run).
     """
     from ..engine import masks_from_attention
 
