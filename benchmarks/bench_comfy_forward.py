@@ -48,7 +48,7 @@ def setup(args):
     base = {"transformer_options": {"cond_or_uncond": [0, 1]}}
 
     def per_token(capture):
-        call = PixelCall(sig, capture=capture, items=[[2], [4]], context_len=64)
+        call = PixelCall(sig, capture=capture, positions=[[2], [4]], context_len=64)
         to = backend.model_options(base, call)["transformer_options"]
         return lambda: model.model.apply_model(x, sig.flatten(1).amin(1), transformer_options=to, **kw)
 

@@ -40,7 +40,7 @@ from bench_fpdm import _import_pack  # noqa: E402  (imports this checkout as asy
 _import_pack()
 import torch  # noqa: E402
 
-from asyndm_fpdm.fpdm.diffusion import make_schedule, q_sample, training_losses  # noqa: E402
+from asyndm_fpdm.fpdm.diffusion import make_diffusion, q_sample, training_losses  # noqa: E402
 from asyndm_fpdm.fpdm.model import DiT, FPDMConfig, initialize_weights  # noqa: E402
 from asyndm_fpdm.fpdm.solver import draw_iterations, stochastic_solver  # noqa: E402
 
@@ -76,9 +76,9 @@ def make(args, width, fixed_point, checkpointing):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def step(model, opt, batch, iters, sched, measure=False):
+def step(model, opt, batch, iters, diffusion, measure=False):
     x0, t, y, noise = batch
-    xt = q_sample(sched, x0, t, noise)
+    xt = q_sample(diffusion, x0, t, noise)
     solver = stochastic_solver(*iters) if model.config.fixed_point else None
     saved = SavedBytes()
     cuda = x0.device.type == "cuda"
@@ -88,7 +88,7 @@ def step(model, opt, batch, iters, sched, measure=False):
     t0 = time.perf_counter()
     ctx = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if measure else _null()
     with ctx:
-        loss = training_losses(sched, model(xt, t, y, solver=solver), x0, xt, t, noise)["loss"].mean()
+        loss = training_losses(diffusion, model(xt, t, y, solver=solver), x0, xt, t, noise)["loss"].mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -109,7 +109,7 @@ class _null:
 
 def bench_step(args):
     """Every (width, checkpointing, model) in the same interleaved rounds; FPDM / DiT ratios per pair."""
-    sched = make_schedule(None)
+    diffusion = make_diffusion(None)
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(args.batch, 4, args.grid, args.grid, generator=g).to(args.device),
              torch.randint(0, 1000, (args.batch,), generator=g).to(args.device),
@@ -123,7 +123,7 @@ def bench_step(args):
     times, mem = {k: [] for k in keys}, {k: [] for k in keys}
     for r in range(args.rounds + 1):  # round 0: warm-up
         for k in keys:
-            took, saved, peak = step(*models[k], batch, iters[r], sched, measure=True)
+            took, saved, peak = step(*models[k], batch, iters[r], diffusion, measure=True)
             if r:
                 times[k].append(took)
                 mem[k].append((saved, peak or 0))
@@ -192,12 +192,12 @@ def bench_warm_start(args):
         runs[name] = (out, time.perf_counter() - t0)
 
     latents, labels, _ = load_features(feats)
-    sched = make_schedule(None)
+    diffusion = make_diffusion(None)
     g = torch.Generator().manual_seed(123)
     n = len(latents)
     t = torch.randint(0, 1000, (n,), generator=g)
     noise = torch.randn(latents.shape, generator=g)
-    xt = q_sample(sched, latents, t, noise)
+    xt = q_sample(diffusion, latents, t, noise)
 
     def held_out(path, fixed_point):
         import json
@@ -210,7 +210,7 @@ def bench_warm_start(args):
         model.eval()
         with torch.no_grad():
             out = model(xt, t, labels, solver=stochastic_solver(0, 3) if fixed_point else None)
-            return float(training_losses(sched, out, latents, xt, t, noise)["loss"].mean())
+            return float(training_losses(diffusion, out, latents, xt, t, noise)["loss"].mean())
 
     import csv
 

@@ -97,7 +97,7 @@ def run(args) -> int:
     # Work in fixed chunks of --batch-size images, dealt to the processes: a chunk is computed the same way
     # whatever the number of processes, and image i draws all its noise from its own generator (seed + i).
     chunks = [list(range(i, min(i + args.batch_size, len(labels)))) for i in range(0, len(labels), args.batch_size)]
-    done, evaluations, schedule_sum = {}, 0, None
+    done, evaluations, allocated_sum = {}, 0, None
     t0 = time.perf_counter()
     for chunk in distributed.shard(chunks, ctx.rank, ctx.world):
         gens = image_generators(args.seed + chunk[0], len(chunk))
@@ -106,7 +106,7 @@ def run(args) -> int:
         latents, fp_run = generate(model, [labels[i] for i in chunk], noise, opts, settings,
                                    step_noise=lambda k, shp: per_image_randn(gens, shp).to(device))
         if fp_run is not None:
-            evaluations, schedule_sum = evaluations + fp_run.evaluations, sum(fp_run.schedule)
+            evaluations, allocated_sum = evaluations + fp_run.evaluations, sum(fp_run.allocated)
         if vae is None:
             done.update({i: lat for i, lat in zip(chunk, latents.float().cpu())})
             continue
@@ -119,7 +119,7 @@ def run(args) -> int:
             Image.fromarray(img).save(os.path.join(args.out, stem[i] + ".png"))
             done[i] = None
     took = time.perf_counter() - t0
-    parts = distributed.gather_objects((done, evaluations, schedule_sum))
+    parts = distributed.gather_objects((done, evaluations, allocated_sum))
     if ctx.is_main:
         merged = {i: v for part in parts for i, v in part[0].items()}
         if vae is None:
@@ -135,7 +135,7 @@ def run(args) -> int:
         if any(p[2] is not None for p in parts):
             total = sum(p[1] for p in parts)
             msg += (f"; fixed-point block evaluations per image: {total / len(labels):.0f} "
-                    f"(schedule sum {next(p[2] for p in parts if p[2] is not None)}, CFG doubles it)")
+                    f"(allocation sum {next(p[2] for p in parts if p[2] is not None)}, CFG doubles it)")
         print(msg)
     distributed.finish()
     return 0

@@ -24,7 +24,6 @@ from .solver import FixedPointRun, SolverSettings
 WRAPPER_KEY = "asyndm_fpdm.fpdm_run"
 SETTINGS_KEY = "fpdm_settings"
 RUN_KEY = "fpdm_run"
-GUIDANCE_KEY = "fpdm_guidance"
 
 log = logging.getLogger(__name__)
 

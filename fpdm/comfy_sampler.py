@@ -12,14 +12,14 @@ import math
 
 import torch
 
-from .diffusion import learned_log_variance, make_schedule, posterior
+from .diffusion import learned_log_variance, make_diffusion, posterior
 
 RUN_KEY = "fpdm_run"
 
 
 def respaced_sigmas(steps: int, zero_snr: bool = False) -> torch.Tensor:
     """The reference's respaced timesteps as ComfyUI sigmas (descending, ending in 0)."""
-    s = make_schedule(steps, zero_snr=zero_snr)
+    s = make_diffusion(steps, zero_snr=zero_snr)
     ab = torch.tensor(s.alphas_cumprod, dtype=torch.float64).flip(0)
     ab = ab.clamp_min(4.8973451890853435e-08)  # ComfyUI's own floor for a zero-SNR last step
     sig = ((1 - ab) / ab).sqrt()

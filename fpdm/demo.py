@@ -27,7 +27,7 @@ def run(out_dir: str, steps: int = 10, iterations: int = 4) -> int:
                                    settings)
         took = time.perf_counter() - t0
         _save_preview(latents, os.path.join(out_dir, f"latents_{name.replace('+', '_')}.png"))
-        print(f"FPDM {name:12s}: budget {steps * iterations} iterations/image, schedule sum {sum(fp_run.schedule)}, "
+        print(f"FPDM {name:12s}: budget {steps * iterations} iterations/image, allocation sum {sum(fp_run.allocated)}, "
               f"block evaluations {fp_run.evaluations} (2 images x cond/uncond), {took:.2f} s")
     print(f"FPDM latent previews in {out_dir}/")
     return 0

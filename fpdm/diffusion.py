@@ -4,9 +4,9 @@ variance, DDIM (eta), epsilon- or v-prediction, zero terminal SNR, and the train
 reference's weighted x0 loss for v-prediction, and its flow-matching option).
 
 Tables are float64 numpy (like the reference), read out as float32 per step; every update
-is a small pure function of (schedule, step index, x, model output, noise). The posterior and
+is a small pure function of (diffusion, step index, x, model output, noise). The posterior and
 learned-variance formulas are written once (``posterior``, ``learned_log_variance``) and used by
-the schedule tables, the library sampler, the ComfyUI sampler and the training loss.
+the diffusion's tables, the library sampler, the ComfyUI sampler and the training loss.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def learned_log_variance(values, min_log, max_log):
 
 
 @dataclass
-class Schedule:
-    """A (possibly respaced) discrete schedule. Index i = 0..n-1, sampled from n-1 down to 0;
-    ``timesteps[i]`` is the training timestep the network is given."""
+class Diffusion:
+    """A (possibly respaced) discrete diffusion: the tables of its beta schedule. Index i = 0..n-1,
+    sampled from n-1 down to 0; ``timesteps[i]`` is the training timestep the network is given."""
 
     betas: np.ndarray
     timesteps: List[int]
@@ -130,8 +130,8 @@ class Schedule:
         return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def make_schedule(steps: Union[int, str, None] = None, zero_snr: bool = False,
-                  num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
+def make_diffusion(steps: Union[int, str, None] = None, zero_snr: bool = False,
+                  num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Diffusion:
     """Linear DiT betas (optionally zero-terminal-SNR), respaced to ``steps`` (None: all)."""
     betas = linear_betas(num_timesteps)
     if zero_snr:
@@ -142,7 +142,7 @@ def make_schedule(steps: Union[int, str, None] = None, zero_snr: bool = False,
         if i in keep:  # respaced beta: ratio of retained alpha_bar values
             new_betas.append(1 - ab / last)
             last = ab
-    return Schedule(np.array(new_betas), sorted(keep))
+    return Diffusion(np.array(new_betas), sorted(keep))
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -157,7 +157,7 @@ def split_output(out: torch.Tensor, channels: int):
     raise ValueError(f"model output has {out.shape[1]} channels, expected {channels} or {2 * channels}")
 
 
-def predict_x0(s: Schedule, i: int, x, pred, prediction: str = "eps"):
+def predict_x0(s: Diffusion, i: int, x, pred, prediction: str = "eps"):
     if prediction == "v":  # x0 = sqrt(ab) x - sqrt(1-ab) v
         return s.at("sqrt_alphas_cumprod", i, x) * x - s.at("sqrt_one_minus_alphas_cumprod", i, x) * pred
     if prediction == "eps":  # x0 = (x - sqrt(1-ab) eps) / sqrt(ab)
@@ -165,7 +165,7 @@ def predict_x0(s: Schedule, i: int, x, pred, prediction: str = "eps"):
     raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
-def ddpm_step(s: Schedule, i: int, x, out, noise, prediction: str = "eps"):
+def ddpm_step(s: Diffusion, i: int, x, out, noise, prediction: str = "eps"):
     """One ancestral DDPM step x_i -> x_{i-1}; learned variance when out has 2x channels
     (log-variance interpolated between the clipped posterior and beta), else beta ("fixed large").
     Returns (x_prev, x0)."""
@@ -182,7 +182,7 @@ def ddpm_step(s: Schedule, i: int, x, out, noise, prediction: str = "eps"):
     return mean + torch.exp(0.5 * log_var) * noise, x0
 
 
-def ddim_step(s: Schedule, i: int, x, out, noise=None, eta: float = 0.0, prediction: str = "eps"):
+def ddim_step(s: Diffusion, i: int, x, out, noise=None, eta: float = 0.0, prediction: str = "eps"):
     """One DDIM step (eta=0: deterministic). Returns (x_prev, x0)."""
     pred, _ = split_output(out, x.shape[1])
     x0 = predict_x0(s, i, x, pred, prediction)
@@ -218,7 +218,7 @@ def guide(cond_out, uncond_out, scale: float, mode: str = "reference", channels:
 # ----------------------------------------------------------------------------- training
 
 
-def q_sample(s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, flow: bool = False):
+def q_sample(s: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, flow: bool = False):
     """x_t ~ q(x_t | x0) for training timesteps ``t``: sqrt(ab) x0 + sqrt(1 - ab) noise, or with
     ``flow`` the reference's straight path x0 (1 - t/T) + noise t/T."""
     if flow:
@@ -252,7 +252,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def _x0_from(s: Schedule, x_t, t, pred, prediction):
+def _x0_from(s: Diffusion, x_t, t, pred, prediction):
     if prediction == "v":
         return s.gather("sqrt_alphas_cumprod", t, x_t) * x_t - s.gather("sqrt_one_minus_alphas_cumprod", t, x_t) * pred
     if prediction == "eps":
@@ -260,7 +260,7 @@ def _x0_from(s: Schedule, x_t, t, pred, prediction):
     raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
-def variational_bound(s: Schedule, x0, x_t, t, pred, var_values, prediction="eps"):
+def variational_bound(s: Diffusion, x0, x_t, t, pred, var_values, prediction="eps"):
     """The learned variance's loss term in bits per dimension: KL(q(x_prev|x_t,x0) || p(x_prev|x_t))
     for t > 0, the decoder NLL at t = 0. ``pred`` should be detached (the reference lets only the
     variance learn from this term)."""
@@ -274,7 +274,7 @@ def variational_bound(s: Schedule, x0, x_t, t, pred, var_values, prediction="eps
     return torch.where(t == 0, nll, kl)
 
 
-def v_loss_weights(s: Schedule, kind: str = "p2") -> np.ndarray:
+def v_loss_weights(s: Diffusion, kind: str = "p2") -> np.ndarray:
     """Per-timestep weights of the reference's v-prediction loss (an x0 error). Its default "p2" is
     snr * sqrt(1 - alpha_bar), kept as the reference has it."""
     snr = s.alphas_cumprod / s.sqrt_one_minus_alphas_cumprod**2
@@ -285,7 +285,7 @@ def v_loss_weights(s: Schedule, kind: str = "p2") -> np.ndarray:
     return table[kind]()
 
 
-def training_losses(s: Schedule, model_output: torch.Tensor, x0, x_t, t, noise, prediction: str = "eps",
+def training_losses(s: Diffusion, model_output: torch.Tensor, x0, x_t, t, noise, prediction: str = "eps",
                     flow: bool = False, v_weights: str = "p2") -> dict:
     """Per-sample training losses of one network output at x_t = q_sample(x0, t, noise).
 

@@ -1,12 +1,12 @@
 """Fixed-point solving: iteration budgets across timesteps, the per-call solver, reuse state.
 
 Pure torch, no ComfyUI. The pieces:
-- ``allocation_schedule``: iterations per sampling step, with the reference's budget rounding.
+- ``allocate_iterations``: iterations per sampling step, with the reference's budget rounding.
 - ``make_solver``: plain iteration (the reference), optionally with a relative-residual
   tolerance (per sample, so image i never depends on its batch-mates) and Anderson acceleration.
 - ``stochastic_solver``: the paper's training solver (no-grad then with-grad iterations, counts
   drawn per training step).
-- ``FixedPointRun``: one sampling run's state — which schedule entry each step uses, the reused
+- ``FixedPointRun``: one sampling run's state — which allocation entry each step uses, the reused
   solution per CFG half, and counters (block evaluations, iterations used).
 """
 
@@ -50,14 +50,14 @@ def reference_budget_list(budget: int, steps: int, kind: str = "fixed", ratio=(0
     return [int(v) for v in rounded]
 
 
-def allocation_schedule(iterations: int, steps: int, kind: str = "fixed", ratio=(0.5, 1.5),
+def allocate_iterations(iterations: int, steps: int, kind: str = "fixed", ratio=(0.5, 1.5),
                         reference_double_count: bool = False) -> List[int]:
     """Iterations for each sampling step, first (noisiest) step first. Budget = steps*iterations.
 
     Names follow the reference, where the list is indexed by timestep: "increasing" grows with
     the timestep t, i.e. spends MORE at the noisy start of sampling and less at the end;
     "decreasing" the opposite; "fixed" the same everywhere. Each step uses one entry, so the
-    schedule never spends more than the budget. ``reference_double_count`` reproduces the
+    allocation never spends more than the budget. ``reference_double_count`` reproduces the
     reference sampler exactly: it asks its controller twice per step (no-grad and with-grad
     iterations), so step k runs entries P-2k and P-2k-1 (negative indices wrap), ~2x the budget.
     """
@@ -245,7 +245,7 @@ class FixedPointRun:
     settings: SolverSettings
     steps: int
     default_iterations: int
-    schedule: List[int] = field(init=False)
+    allocated: List[int] = field(init=False)
     state: Dict[int, torch.Tensor] = field(default_factory=dict)
     evaluations: int = 0  # block evaluations summed over samples
     iterations_used: List[list] = field(default_factory=list)  # per call: per-sample iterations
@@ -254,10 +254,10 @@ class FixedPointRun:
     def __post_init__(self):
         s = self.settings.validate()
         its = s.iterations or self.default_iterations
-        self.schedule = allocation_schedule(its, self.steps, s.allocation, s.ratio, s.reference_double_count)
+        self.allocated = allocate_iterations(its, self.steps, s.allocation, s.ratio, s.reference_double_count)
 
     def iterations_for(self, step: int) -> int:
-        return self.schedule[min(max(step, 0), len(self.schedule) - 1)]
+        return self.allocated[min(max(step, 0), len(self.allocated) - 1)]
 
     def solver_for(self, step: int) -> Callable:
         s = self.settings

@@ -38,7 +38,7 @@ import torch
 
 from .. import distributed
 from .config import RESUME_FIELDS, TrainConfig, reference_key
-from .diffusion import make_schedule, q_sample, training_losses
+from .diffusion import make_diffusion, q_sample, training_losses
 from .model import DiT, drop_labels, initialize_weights, model_config
 from .solver import draw_iterations, stochastic_solver
 
@@ -364,7 +364,7 @@ class Session:
     net: DiT  # the bare network
     ema: DiT
     opt: torch.optim.Optimizer
-    sched: object
+    diffusion: object
     start: int
     logs: Optional["Logs"]
 
@@ -445,7 +445,7 @@ def setup(cfg: TrainConfig) -> Session:
         logs = Logs(cfg.out, cfg.to_args(), cfg.log_with, start)
     distributed.barrier()
     return Session(cfg, engine, latents, labels, model, engine.unwrap(model), ema, opt,
-                   make_schedule(None, zero_snr=bool(cfg.zero_snr)), start, logs)
+                   make_diffusion(None, zero_snr=bool(cfg.zero_snr)), start, logs)
 
 
 def train_step(s: Session, step: int, order: torch.Tensor) -> Tuple[dict, dict]:
@@ -461,12 +461,12 @@ def train_step(s: Session, step: int, order: torch.Tensor) -> Tuple[dict, dict]:
     x0 = s.latents[idx].to(device)
     y = drop_labels(s.labels[idx], cfg.label_dropout, s.net.null_class, d["drop"][lo:hi]).to(device)
     t, noise = d["t"][lo:hi].to(device), d["noise"][lo:hi].to(device)
-    xt = q_sample(s.sched, x0, t, noise, flow=bool(cfg.flow))
+    xt = q_sample(s.diffusion, x0, t, noise, flow=bool(cfg.flow))
     solver = stochastic_solver(d["no_grad"], d["with_grad"]) if cfg.fixed_point else None
     with s.engine.autocast():
         out = s.model(xt, t, y, solver=solver)
     prediction = "v" if cfg.predict_v else "eps"
-    terms = training_losses(s.sched, out.float(), x0, xt, t, noise, prediction, flow=bool(cfg.flow))
+    terms = training_losses(s.diffusion, out.float(), x0, xt, t, noise, prediction, flow=bool(cfg.flow))
     loss = terms["loss"].mean()
     s.opt.zero_grad(set_to_none=True)
     s.engine.backward(loss)

@@ -39,18 +39,18 @@ class AsynDMCurvePreview:
     def plot(self, steps, curve, strengths, run=None):
         import torch
 
-        from ..samplers.comfy_plots import curves_image, mean_curves
-        from ..samplers.schedule import AsyncSchedule
+        from ..samplers.comfyui.previews import curves_image, mean_curves
+        from ..samplers.curves import PaperCurves
 
         if run is not None:
             series = mean_curves(run.timestep_maps, run.masks, len(run.ks))
-        else:
-            ks = parse_ks(strengths) or [0.7]
-            schedule = AsyncSchedule(steps, curve=curve)
-            series = [[float(v) for v in schedule.plan(None, [], 1, 1, 1)[:-1, 0, 0, 0]]]
-            for k in ks:
-                plan = schedule.plan(torch.ones(1, 1, 1, 1), [k], 1, 1, 1)
-                series.append([float(v) for v in plan[:-1, 0, 0, 0]])
+            return (curves_image(series, len(series), max_t=run.max_timestep),)
+        ks = parse_ks(strengths) or [0.7]
+        curves = PaperCurves(steps, curve=curve)  # the paper's virtual timesteps, 1001 → 0
+        series = [[float(v) for v in curves.plan(None, [], 1, 1, 1)[:-1, 0, 0, 0]]]
+        for k in ks:
+            plan = curves.plan(torch.ones(1, 1, 1, 1), [k], 1, 1, 1)
+            series.append([float(v) for v in plan[:-1, 0, 0, 0]])
         return (curves_image(series, len(series)),)
 
 
@@ -94,7 +94,7 @@ class AsynDMMaskStepsPreview:
     def VALIDATE_INPUTS(cls, at_steps=None, steps=None):
         """Checked when the prompt is queued, before anything runs: only the format, since the
         run's length is not known yet."""
-        from ..samplers.comfy_plots import parse_step_list
+        from ..samplers.comfyui.previews import parse_step_list
 
         try:
             parse_step_list(_step_list(at_steps, steps))
@@ -103,7 +103,7 @@ class AsynDMMaskStepsPreview:
         return True
 
     def preview(self, run, at_steps=None, image_index=0, steps=None):
-        from ..samplers.comfy_plots import mark_frames, pick_steps, region_images, timestep_images
+        from ..samplers.comfyui.previews import mark_frames, pick_steps, region_images, timestep_images
 
         chosen, clamped, notes = pick_steps(_step_list(at_steps, steps), len(run.timestep_maps))
         batch = run.timestep_maps[0].shape[0]
@@ -117,7 +117,8 @@ class AsynDMMaskStepsPreview:
         else:
             regions = region_images(run.masks, chosen, image_index)
         frames = [chosen.index(i) for i in clamped]
-        return (mark_frames(regions, frames), mark_frames(timestep_images(run.timestep_maps, chosen, image_index), frames))
+        times = timestep_images(run.timestep_maps, chosen, image_index, max_t=run.max_timestep)
+        return mark_frames(regions, frames), mark_frames(times, frames)
 
 
 def _step_list(at_steps, legacy_steps):

@@ -115,7 +115,7 @@ class FPDMClassConditioning:
 
 class FPDMSettings:
     DESCRIPTION = ("Fixed-point settings for an FPDM MODEL (patches a clone; the input MODEL is untouched). The budget "
-                   "is steps x iterations; every sampling step uses one entry of the allocation schedule.")
+                   "is steps x iterations; every sampling step uses one entry of the allocation.")
     CATEGORY = CATEGORY_FPDM
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The same model with these fixed-point settings.",)

@@ -18,16 +18,13 @@ import torch
 
 from ..seeding import image_generators, per_image_randn
 from . import engine
-from .backends.diffusers_unet import DiffusersDenoiser, schedule_of
+from .backends.diffusers_unet import DiffusersDenoiser, model_sampling_of
 from .pixel_samplers import ETA_SAMPLERS, get_sampler
 from .plan import MODES, SigmaPlan
 from .schedulers import make_sigmas
 from .tokens import locate_word
 
 MASK_SOURCES = ("dynamic", "static", "external")
-
-
-SampleResult = engine.RunRecord  # latents: what vae.decode(latents / scaling_factor) takes
 
 
 def token_positions(tokenizer, prompt: str, word: str, occurrence: int = 0) -> List[int]:
@@ -57,14 +54,15 @@ def asyn_generate(
     mask_source: str = "dynamic",
     external_masks: Optional[torch.Tensor] = None,
     mask_thr: float = 1.0,
-    attn_fraction: int = 4,
+    capture_stride: int = 4,
     added_cond=None,
     negative_added_cond=None,
     callback=None,
-) -> SampleResult:
-    """Run vanilla / DMconcave / AsynDM sampling; returns latents, masks and timestep maps.
+) -> engine.RunRecord:
+    """Run vanilla / DMconcave / AsynDM sampling; returns the run's ``engine.RunRecord``: latents
+    (what ``vae.decode(latents / scaling_factor)`` takes), masks and timestep maps.
 
-    ``sampler`` is a per-pixel sampler (pixel_samplers.SAMPLERS), ``scheduler`` a schedule name
+    ``sampler`` is a per-pixel sampler (pixel_samplers.SAMPLERS), ``scheduler`` a scheduler's name
     (schedulers.SCHEDULERS); ``eta`` is the noise of ddim and the ancestral/SDE samplers.
     ``latents`` is the initial noise (unit variance), drawn from ``seed`` (seed + i for image i)
     when not given. ``callback(info)`` gets k-diffusion's step dict (x, i, sigma, sigma_map,
@@ -89,18 +87,18 @@ def asyn_generate(
     shape = latents.shape if latents is not None else (batch, unet.config.in_channels, size, size)
     hw = tuple(shape[-2:])
 
-    schedule = schedule_of(scheduler_config)
-    sigmas = make_sigmas(schedule, scheduler, steps, steps_offset=scheduler_config.get("steps_offset", 0))
+    model_sampling = model_sampling_of(scheduler_config)
+    sigmas = make_sigmas(model_sampling, scheduler, steps, steps_offset=scheduler_config.get("steps_offset", 0))
     denoise = DiffusersDenoiser(
-        unet, schedule, prompt_embeds, negative_embeds, guidance_scale=guidance_scale,
+        unet, model_sampling, prompt_embeds, negative_embeds, guidance_scale=guidance_scale,
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-        token_groups=[list(p) for p, _ in items], attn_fraction=attn_fraction,
+        positions=[list(p) for p, _ in items], capture_stride=capture_stride,
         added_cond=added_cond, uncond_added_cond=negative_added_cond,
     )
     ks = [float(k) for _, k in items]
 
     def make_plan(mode=mode, capture_all=False, masks=None, dynamic=False):
-        return SigmaPlan(sigmas.to(device), schedule, batch, hw, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
+        return SigmaPlan(sigmas.to(device), model_sampling, batch, hw, mode=mode, ks=ks, masks=masks, dynamic=dynamic,
                          anchors=[min(p) for p, _ in items], curve=curve, mask_thr=mask_thr, from_noise=True,
                          capture_all=capture_all)
 
@@ -113,7 +111,7 @@ def asyn_generate(
         noise_sampler = lambda s, s_next: per_image_randn(gens, shape, device, noise.dtype)  # noqa: E731
         x = engine.initial_latent(plan, noise)
         x = engine.run(denoise, x, plan, sampler, callback=report, noise_sampler=noise_sampler, **options)
-        # the returned latent is the VP latent at the last sigma (DESIGN.md): x / sqrt(1 + σ²)
+        # the returned latent is the VP latent at the last sigma, as the reference's DDIM leaves it: x / sqrt(1 + σ²)
         return x / (1 + plan.sigmas[-1] ** 2) ** 0.5
 
     def run_along(plan):  # the static pre-pass (a vanilla plan recording attention) reports nothing

@@ -49,7 +49,9 @@ def add_parser(sub):
     p.add_argument("--curve", choices=["bin", "lin", "exp"], default="bin")
     p.add_argument("--mask", choices=["dynamic", "static"], default="dynamic")
     p.add_argument("--mask-thr", type=float, default=1.0, help="mask threshold as a multiple of the mean attention")
-    p.add_argument("--attn-fraction", type=int, default=4, help="use attention layers whose grid is latent/N")
+    p.add_argument("--capture-stride", "--attn-fraction", dest="capture_stride", type=int, default=4,
+                   help="read the masks' attention from the layers whose grid is latent/N (--attn-fraction: "
+                        "its former name)")
     p.add_argument("--modes", default="vanilla,concave,asyn", help="comma list of vanilla, concave, asyn")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=1)
@@ -205,7 +207,7 @@ def _run(args) -> int:
                 pipe.unet, sched_cfg, cond, uncond, items=resolved, latents=latents,
                 seed=seed, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
                 eta=args.eta, curve=args.curve,
-                mode=MODES[mode], mask_source=args.mask, mask_thr=args.mask_thr, attn_fraction=args.attn_fraction,
+                mode=MODES[mode], mask_source=args.mask, mask_thr=args.mask_thr, capture_stride=args.capture_stride,
                 callback=lambda *a: bar.update(1),
             )
             bar.close()

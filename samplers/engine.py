@@ -34,8 +34,8 @@ def initial_latent(plan, noise, latent=None, noise_scaling=None):
     """x at the first step, per pixel: pure noise at each pixel's own first sigma (txt2img, the
     paper's start) or the latent noised to the first sigma (img2img)."""
     latent = torch.zeros_like(noise) if latent is None else latent
-    scaling = noise_scaling or plan.schedule.noise_scaling
-    max_denoise = plan.from_noise and not plan.schedule.flow
+    scaling = noise_scaling or plan.model_sampling.noise_scaling
+    max_denoise = plan.from_noise and not plan.model_sampling.flow
     return scaling(plan.initial_sigma().to(noise.dtype), noise, latent, max_denoise)
 
 
@@ -70,9 +70,12 @@ def static_prepass(run_vanilla: Callable, make_plan: Callable, ks, size, mask_th
 @dataclass
 class RunRecord:
     """What one asynchronous run leaves: the latents (None where the caller keeps them) and, per
-    step, every pixel's timestep, the masks that set the step's next state and the attention read."""
+    step, every pixel's timestep, the masks that set the step's next state and the attention read.
+    ``max_timestep`` tops the model's timestep scale, what previews draw as white: 1001 on the
+    paper's (table) models, the timestep of σ = 1 on flow models (Flux 1, SD3 1000)."""
 
     latents: Optional[torch.Tensor] = None
+    max_timestep: float = 1001.0
     ks: List[float] = field(default_factory=list)
     words: List[str] = field(default_factory=list)
     timestep_maps: List[torch.Tensor] = field(default_factory=list)  # (B, H, W) per step
@@ -93,5 +96,6 @@ def sample(run_along: Callable, make_plan: Callable, *, mode: str, mask_source: 
         masks = external
     plan = make_plan(mode=mode, capture_all=capture_all, masks=masks, dynamic=mask_source == "dynamic")
     latents = run_along(plan)
-    return RunRecord(latents=latents, ks=list(plan.ks), words=list(words), timestep_maps=list(plan.timestep_maps),
+    return RunRecord(latents=latents, max_timestep=float(getattr(plan.model_sampling, "max_timestep", 1001.0)),
+                     ks=list(plan.ks), words=list(words), timestep_maps=list(plan.timestep_maps),
                      masks=list(plan.mask_history), item_maps=list(plan.item_maps))

@@ -14,9 +14,13 @@ would need a tree per distinct sigma path; the background tree gives every pixel
 Gaussian increments, independent between steps, which is what the per-pixel SDE update needs,
 and equals ComfyUI's noise exactly when every pixel is on the background (DESIGN.md).
 
-Flow-matching models (``plan.schedule.flow``): euler, heun, dpm_2, dpmpp_2m, lcm need nothing
+Flow-matching models (``plan.model_sampling.flow``): euler, heun, dpm_2, dpmpp_2m, lcm need nothing
 more; the ancestral/SDE samplers use their flow (RF) forms.
 """
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -64,9 +68,9 @@ def _snr_safe(sigma, plan):
     """ComfyUI's offset_first_sigma_for_snr: a flow sigma of 1 has no finite log-SNR, so it becomes
     the model's sigma at 1e-4 of its schedule (shift included) — for the model call and the noise
     interval too, as ComfyUI evaluates the offset sigma; per pixel, wherever a pixel is at 1."""
-    if not plan.schedule.flow:
+    if not plan.model_sampling.flow:
         return sigma
-    to_sigma = getattr(plan.schedule, "percent_to_sigma", None)
+    to_sigma = getattr(plan.model_sampling, "percent_to_sigma", None)
     offset = float(to_sigma(1e-4)) if to_sigma is not None else 1 - 1e-4
     return torch.where(sigma >= 1, torch.as_tensor(offset, dtype=sigma.dtype, device=sigma.device), sigma)
 
@@ -93,7 +97,7 @@ def sample_euler_ancestral(model, x, plan, extra_args=None, callback=None, disab
         if _last(sigma_next):
             x = denoised
             continue
-        if plan.schedule.flow:  # k-diffusion's euler_ancestral_RF
+        if plan.model_sampling.flow:  # k-diffusion's euler_ancestral_RF
             down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
             a_next, a_down = 1 - sigma_next, 1 - down
             renoise = (sigma_next**2 - down**2 * a_next**2 / a_down**2).clamp(min=0) ** 0.5
@@ -174,7 +178,7 @@ def sample_dpmpp_2m_sde(model, x, plan, extra_args=None, callback=None, disable=
     if solver_type not in ("heun", "midpoint"):
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     extra_args = extra_args or {}
-    flow = plan.schedule.flow
+    flow = plan.model_sampling.flow
     old_denoised, h_last, h = None, None, None
     for i in range(len(plan)):
         sigma, sigma_next = plan.step(i)
@@ -208,7 +212,7 @@ def sample_dpmpp_2m_sde(model, x, plan, extra_args=None, callback=None, disable=
 def sample_dpmpp_sde(model, x, plan, extra_args=None, callback=None, disable=None, eta=DEFAULT_ETA, s_noise=1.0,
                      noise_sampler=None, r=1 / 2):
     extra_args = extra_args or {}
-    flow = plan.schedule.flow
+    flow = plan.model_sampling.flow
     fac = 1 / (2 * r)
     for i in range(len(plan)):
         sigma, sigma_next = plan.step(i)
@@ -247,7 +251,7 @@ def sample_dpmpp_sde(model, x, plan, extra_args=None, callback=None, disable=Non
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, plan, extra_args=None, callback=None, disable=None, eta=DEFAULT_ETA,
                               s_noise=1.0, noise_sampler=None):
-    if plan.schedule.flow:
+    if plan.model_sampling.flow:
         raise ValueError("dpmpp_2s_ancestral per pixel is implemented for epsilon/v models only; "
                          "use euler_ancestral or dpmpp_2m_sde with flow models")
     extra_args = extra_args or {}
@@ -279,7 +283,7 @@ def sample_lcm(model, x, plan, extra_args=None, callback=None, disable=None, noi
         _report(callback, plan, i, x, sigma, denoised)
         x = denoised
         if not _last(sigma_next):
-            x = plan.schedule.noise_scaling(sigma_next, _noise(noise_sampler, plan, i, x), x)
+            x = plan.model_sampling.noise_scaling(sigma_next, _noise(noise_sampler, plan, i, x), x)
     return x
 
 
@@ -291,7 +295,7 @@ def sample_ddim(model, x, plan, extra_args=None, callback=None, disable=None, et
     In sigma space DDIM(η) is Euler ancestral(η): the same update, written in the variance-
     preserving form the reference uses, so its latents are matched to float32 round-off.
     """
-    if plan.schedule.flow:
+    if plan.model_sampling.flow:
         return sample_euler_ancestral(model, x, plan, extra_args, callback, disable, eta, s_noise, noise_sampler)
     extra_args = extra_args or {}
     for i in range(len(plan)):
@@ -309,23 +313,55 @@ def sample_ddim(model, x, plan, extra_args=None, callback=None, disable=None, et
     return x
 
 
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What the pack knows of one sampler. ``function``: the per-pixel version (None for a sampler
+    that runs through the change of clock, clock.py); ``rule``: the rule of its steps' noise, None
+    (deterministic), "ancestral" or "sde" (clock.NOISE_DOWN); ``brownian``: its noise is ComfyUI's
+    Brownian tree (on the CPU unless ``tree_on_cpu`` is off), else fresh Gaussian noise per call.
+    Whether it takes eta (and its default) and s_noise is read from the function's signature."""
+
+    function: Optional[Callable] = None
+    rule: Optional[str] = None
+    brownian: bool = False
+    tree_on_cpu: bool = True
+
+    def _params(self):
+        try:
+            return inspect.signature(self.function).parameters
+        except (TypeError, ValueError):
+            return {}
+
+    @property
+    def eta(self) -> Optional[float]:
+        """The function's default eta; None when it takes no eta."""
+        p = self._params().get("eta")
+        return None if p is None or p.default is p.empty else float(p.default)
+
+    @property
+    def s_noise(self) -> bool:
+        return "s_noise" in self._params()
+
+
+# a new per-pixel sampler: its function above and one line here
 SAMPLERS = {
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "lcm": sample_lcm,
+    "ddim": SamplerInfo(sample_ddim, rule="ancestral"),
+    "euler": SamplerInfo(sample_euler),
+    "euler_ancestral": SamplerInfo(sample_euler_ancestral, rule="ancestral"),
+    "heun": SamplerInfo(sample_heun),
+    "dpm_2": SamplerInfo(sample_dpm_2),
+    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, rule="sde", brownian=True),
+    "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, rule="sde", brownian=True),
+    "dpmpp_2s_ancestral": SamplerInfo(sample_dpmpp_2s_ancestral, rule="ancestral"),
+    "lcm": SamplerInfo(sample_lcm, rule="ancestral"),
 }
-ETA_SAMPLERS = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_ancestral")
+ETA_SAMPLERS = tuple(name for name, info in SAMPLERS.items() if info.eta is not None)
 
 
 def get_sampler(name: str):
+    """The per-pixel sampler function of that name."""
     try:
-        return SAMPLERS[name]
+        return SAMPLERS[name].function
     except KeyError:
         raise ValueError(f"the sampler {name!r} has no per-pixel version: use one of {', '.join(SAMPLERS)}") from None

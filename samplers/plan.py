@@ -3,7 +3,7 @@
 The background follows the run's sigmas S_0 > ... > S_N (any scheduler, any SIGMAS) exactly.
 Prompt-item pixels lag behind on the paper's concave curves (curves.py). The curves live in
 the paper's *virtual timestep* space y (1001 → 0, the linear curve gives the background's
-knots K_i). A pixel's y is mapped to a *position* u on the schedule's time axis
+knots K_i). A pixel's y is mapped to a *position* u on the model's time axis
 (time_axis.py) by interpolating, between the knots, the offset U_i − K_i where U_i =
 position(S_i), then rounded to the axis' grid and turned into a sigma by the axis' exact inverse
 sigma(u) (DESIGN.md, "AsynDM in sigma space"). What the model is fed, and what
@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .masks import build_item_masks, cell_coverage, initial_dynamic_masks
-from .schedule import AsyncSchedule
+from .curves import PaperCurves
 
 MODES = ("asyn", "concave", "vanilla")
 DEFAULT_K = 0.7
@@ -39,7 +39,7 @@ class SigmaPlan:
     def __init__(
         self,
         sigmas: torch.Tensor,
-        schedule,
+        model_sampling,
         batch: int,
         size,
         *,
@@ -63,24 +63,24 @@ class SigmaPlan:
         if bool((sigmas[1:] > sigmas[:-1]).any()):
             raise ValueError("the SIGMAS must not increase: AsynDM denoises from noisy to clean")
         self.device = sigmas.device
-        self.sigmas, self.schedule = sigmas, schedule
+        self.sigmas, self.model_sampling = sigmas, model_sampling
         self.batch, self.size = batch, tuple(size)
         self.steps = len(sigmas) - 1
         self.mode, self.mask_thr, self.dynamic = mode, mask_thr, dynamic and mode == "asyn"
         self.capture_all = capture_all
         self.ks = [float(k) for k in ks]
         self.cell = int(cell)  # a transformer's patch: masks are uniform on it (backends/comfy_dit.py)
-        self.curves = AsyncSchedule(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
+        self.curves = PaperCurves(self.steps, curve=curve)  # the paper's y-space: 1001 → 0
         self._init_masks(masks, anchors)
 
-        self.axis = schedule.axis  # σ ↔ position u, exact inverses (time_axis.py)
-        positions = self.axis.position(sigmas.cpu()).float()
+        self.axis = model_sampling.axis  # σ ↔ position u, exact inverses (time_axis.py)
+        u_sigmas = self.axis.position(sigmas.cpu()).float()
         self.u_max = float(self.axis.u_max)
 
         start = float(self.curves.start_value)
         first = float(self.curves.step(torch.tensor([start]), self.steps)[0])
         if from_noise is None:  # txt2img: the first sigma is at or above the paper's first timestep
-            from_noise = float(positions[0]) >= first / start * self.u_max - 0.5
+            from_noise = float(u_sigmas[0]) >= first / start * self.u_max - 0.5
         self.from_noise = bool(from_noise)
         knots = [first if self.from_noise else start]
         for i in range(self.steps):
@@ -88,7 +88,7 @@ class SigmaPlan:
         k = torch.tensor(knots)
         # position − y at each knot, against the rounded knot, so that in the paper's configuration
         # it is exactly 0 and u = y (float32 knots drift by ~1e-4)
-        offsets = positions - k.round()
+        offsets = u_sigmas - k.round()
         if self.from_noise:  # the virtual start y = 1001 keeps the first knot's offset
             k, offsets = torch.cat([torch.tensor([start]), k]), torch.cat([offsets[:1], offsets])
         self.knots, self.offsets = k, offsets  # knots descend in y
@@ -131,7 +131,7 @@ class SigmaPlan:
         """What the model is fed for a (B, 1, H, W) sigma map: its own timestep(σ), looked up
         once per distinct sigma; σ = 0 is timestep 0."""
         uniq, inverse = torch.unique(sigma_map[:, 0], return_inverse=True)
-        t = torch.as_tensor(self.schedule.timestep(uniq.float().cpu()), dtype=torch.float32).to(uniq.device)
+        t = torch.as_tensor(self.model_sampling.timestep(uniq.float().cpu()), dtype=torch.float32).to(uniq.device)
         return torch.where(uniq > 0, t, torch.zeros_like(t))[inverse]
 
     # ------------------------------------------------------------------------------ y → sigma
@@ -271,7 +271,7 @@ class PlanWindow:
             raise RuntimeError(f"the plan stands at step {len(plan._y) - 1}, not at the window's start {start}")
         self.plan, self.start, self.end = plan, start, end
 
-    def __getattr__(self, name):  # schedule, from_noise, ks, mode, capture_pending, ...
+    def __getattr__(self, name):  # model_sampling, from_noise, ks, mode, capture_pending, ...
         return getattr(self.plan, name)
 
     def __len__(self):

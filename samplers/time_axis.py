@@ -4,7 +4,7 @@ Three things are kept apart:
 
 - **σ**, the noise level: what the samplers step and the model's input scaling uses;
 - **u**, the plan's *position*: the axis on which prompt items lag (the paper's virtual timesteps
-  are mapped onto it). u counts the steps of the schedule's own grid, 0 (clean end) … ``u_max``,
+  are mapped onto it). u counts the steps of the model's own grid, 0 (clean end) … ``u_max``,
   and items' positions are rounded to whole steps;
 - **the model timestep**, what the model is fed: the model's own ``timestep(σ)``. It is not a
   position: on shifted flow models (SD3, Flux dev, AuraFlow) ``timestep(σ)`` is σ times a

@@ -101,14 +101,15 @@ def _block_centres(img, h, w):
     return img[ys][:, xs]
 
 
-def assert_mask_steps_preview_shows(regions, times, run, steps, image, palette):
+def assert_mask_steps_preview_shows(regions, times, run, steps, image, palette, max_t=1001.0):
     """"Masks at Steps" outputs show the run: frame f of ``regions`` colours each pixel with the
     last item whose mask is > 0.5 at step ``steps[f]`` (``palette[0]`` where none is, item j in
-    ``palette[j + 1]``), frame f of ``times`` is gray at the pixel's timestep / 1001 (white = noisy)."""
+    ``palette[j + 1]``), frame f of ``times`` is gray at the pixel's timestep / ``max_t`` (white =
+    noisy; 1001 on the paper's models, the model's top timestep on flow models)."""
     for f, s in enumerate(steps):
         t = run.timestep_maps[s][image].float()
         shown = _block_centres(times[f], *t.shape)
-        assert torch.allclose(shown, (t / 1001.0)[..., None].expand(-1, -1, 3), atol=1e-6, rtol=0), \
+        assert torch.allclose(shown, (t / max_t).clamp(0, 1)[..., None].expand(-1, -1, 3), atol=1e-6, rtol=0), \
             f"timestep frame {f} (step {s}) does not show the run's timesteps"
         masks = run.masks[s][image]
         expected = torch.empty(*masks.shape[-2:], 3)

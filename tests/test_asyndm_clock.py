@@ -15,12 +15,12 @@ import torch
 
 from asyndm_fpdm.samplers.clock import Clock, ClockModel, ancestral_down, sde_down
 from asyndm_fpdm.samplers.plan import SigmaPlan
-from asyndm_fpdm.samplers.schedulers import DiscreteSchedule, make_sigmas
+from asyndm_fpdm.samplers.schedulers import DiscreteModelSampling, make_sigmas
 
 
 def _sd():
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return DiscreteSchedule(torch.cumprod(1 - betas, 0).float())
+    return DiscreteModelSampling(torch.cumprod(1 - betas, 0).float())
 
 
 def _plan_clock(steps=12, scheduler="karras"):

@@ -1,4 +1,4 @@
-"""Curves and per-pixel schedules (DESIGN.md invariant 3), checked against hand-derived values."""
+"""Curves and the paper's per-pixel states (DESIGN.md invariant 3), checked against hand-derived values."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from asyndm_fpdm.samplers.curves import concave_prev, linear_prev
-from asyndm_fpdm.samplers.schedule import AsyncSchedule, ddim_leading_timesteps, timesteps_of
+from asyndm_fpdm.samplers.curves import PaperCurves, timesteps_of
 from numeric import EPS32
 
 # The curves run in float32 (as the reference does) on states near 1000: a handful of roundings,
@@ -16,9 +16,16 @@ CURVE_ROUNDING = 4 * EPS32
 S = torch.tensor([1001.0])
 
 
+def ddim_leading_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list:
+    """Oracle: diffusers' DDIM 'leading' spacing, as the reference's vanilla run uses it, ending at 0."""
+    ratio = num_train_timesteps // num_steps
+    ts = [i * ratio + steps_offset for i in range(num_steps)][::-1]
+    return ts + [0]
+
+
 def test_linear_curve_is_ddim_leading_plus_offset():
     for steps in (10, 20, 25, 50):
-        plan = AsyncSchedule(steps).plan(None, (), 1, 1, 1)
+        plan = PaperCurves(steps).plan(None, (), 1, 1, 1)
         assert timesteps_of(plan).flatten().tolist() == ddim_leading_timesteps(steps)
     assert ddim_leading_timesteps(50)[:3] == [981, 961, 941]
 
@@ -63,20 +70,20 @@ def test_k_zero_is_linear_and_unknown_curve_is_refused():
     with pytest.raises(ValueError, match="bin, lin, exp"):
         concave_prev(S, 7, 0.5, curve="cubic")
     with pytest.raises(ValueError, match="bin, lin, exp"):
-        AsyncSchedule(10, curve="cubic")
+        PaperCurves(10, curve="cubic")
 
 
 @pytest.mark.parametrize("curve", ["bin", "lin", "exp"])
 @pytest.mark.parametrize("steps", [5, 20, 50])
 @pytest.mark.parametrize("k", [0.1, 0.5, 0.7, 1.0])
 def test_invariant3_start_end_monotone_and_items_lag(curve, steps, k):
-    sched = AsyncSchedule(steps, curve=curve)
+    curves = PaperCurves(steps, curve=curve)
     masks = torch.zeros(1, 2, 4, 4)
     masks[0, 0, :2] = 1  # item 0 strength k on the top half
     masks[0, 1, 2:, :2] = 1  # item 1 strength k/2 bottom-left; the rest is background
-    plan = sched.plan(masks, [k, k / 2], 1, 4, 4)
+    plan = curves.plan(masks, [k, k / 2], 1, 4, 4)
     t = timesteps_of(plan)
-    assert sched.initial_state(1, 4, 4).eq(1001).all()
+    assert curves.initial_state(1, 4, 4).eq(1001).all()
     assert (t[-1] == 0).all(), "every pixel reaches the end of the schedule"
     assert (t[1:] <= t[:-1]).all(), "a pixel's timestep never increases"
     bg_max = t[:, 0, 2:, 2:].amax(dim=(-1, -2)).view(-1, 1, 1)

@@ -6,13 +6,14 @@ import torch
 
 from asyndm_fpdm import tiny as tm
 from asyndm_fpdm.samplers.api import asyn_generate
-from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, capture_stride, pixel_forward, schedule_of
+from asyndm_fpdm.samplers.backends.diffusers_unet import (DiffusersDenoiser, model_sampling_of, unet_capture_stride,
+                                                        pixel_forward)
 from asyndm_fpdm.samplers.pixel_samplers import SAMPLERS
-from asyndm_fpdm.samplers.schedule import AsyncSchedule
+from asyndm_fpdm.samplers.curves import PaperCurves
 from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, ROUNDOFF_SAMPLING, assert_close, assert_differs
 
 CFG = tm.sd_scheduler_config()
-SCHED = schedule_of(CFG)
+MODEL_SAMPLING = model_sampling_of(CFG)
 ITEMS = [([2], 0.7), ([4], 0.5)]
 
 
@@ -71,7 +72,7 @@ def _naive_pixel_forward(unet, x, tmap, ctx, added=None):
     ResNet's per-image time embedding zeroed, and after each ResNet's conv1 a (B, C, h, w) map is
     added whose every pixel is computed alone, by a Python loop through the model's own time MLP at
     the timestep of the latent pixel at the top-left of that feature pixel's block (DESIGN.md,
-    "gathered per pixel, strided indices"), plus the image's added embedding (SDXL)."""
+    "Backend protocol": strided indices for coarser feature maps), plus the image's added embedding (SDXL)."""
     from diffusers.models.resnet import ResnetBlock2D
 
     height = tmap.shape[1]
@@ -155,15 +156,15 @@ def test_invariant6_embeddings_only_for_distinct_timesteps(unet):
 
 
 def test_attention_capture_only_selected_tokens_and_stride_rule(unet):
-    den = DiffusersDenoiser(unet, SCHED, tm.embeds(2), tm.embeds(2, seed=9), token_groups=[[2], [3, 4]])
+    den = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(2), tm.embeds(2, seed=9), positions=[[2], [3, 4]])
     out, maps = den(tm.latents(2), torch.full((2, 1, 16, 16), 4.0), capture=True)
     assert out.shape == (2, 4, 16, 16) and maps.shape == (2, 2, 4, 4)
     assert (maps > 0).all() and (maps < 1).all()
     # the tiny UNet has cross-attention at strides 1, 2, 4 (down/up) and 8 (mid): a missing wanted
     # stride takes the nearest finer level, a too-fine one the coarsest... of those that fit the latent
-    assert [capture_stride(unet, (16, 16), w) for w in (4, 3, 16, 1)] == [4, 2, 8, 1]
-    assert capture_stride(unet, (4, 4), 8) == 4
-    _, maps3 = DiffusersDenoiser(unet, SCHED, tm.embeds(1), token_groups=[[2]], attn_fraction=3)(
+    assert [unet_capture_stride(unet, (16, 16), w) for w in (4, 3, 16, 1)] == [4, 2, 8, 1]
+    assert unet_capture_stride(unet, (4, 4), 8) == 4
+    _, maps3 = DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), positions=[[2]], capture_stride=3)(
         tm.latents(1), torch.full((1, 1, 16, 16), 4.0), True)
     assert maps3.shape == (1, 1, 8, 8)
 
@@ -180,9 +181,9 @@ def test_model_fn_denoised_matches_diffusers_x0(unet, prediction_type):
     x_vp, ctx = tm.latents(1), tm.embeds(1)
     model_out = unet(x_vp, t, encoder_hidden_states=ctx).sample
     ref = sched.step(model_out, t, x_vp).pred_original_sample
-    schedule = schedule_of(cfg)
-    sigma = schedule.sigma(torch.tensor(float(t)))
-    den = DiffusersDenoiser(unet, schedule, ctx, prediction_type=prediction_type)
+    model_sampling = model_sampling_of(cfg)
+    sigma = model_sampling.sigma(torch.tensor(float(t)))
+    den = DiffusersDenoiser(unet, model_sampling, ctx, prediction_type=prediction_type)
     ours, maps = den(x_vp * (1 + sigma**2) ** 0.5, torch.full((1, 1, 16, 16), float(sigma)))
     assert maps is None and (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
     scalar, _ = den(x_vp * (1 + sigma**2) ** 0.5, sigma)  # one sigma per image is a constant map
@@ -251,7 +252,7 @@ def test_static_and_external_masks_fix_the_schedule(unet):
 def test_concave_mode_puts_every_pixel_on_the_strongest_curve(unet):
     # 8 steps divide the 1000 training steps: DDIM's leading timesteps are the paper's linear curve
     res = run(unet, mode="concave", steps=8)
-    plan = AsyncSchedule(8).plan(torch.ones(1, 1, 16, 16), [0.7], 1, 16, 16).round().long()
+    plan = PaperCurves(8).plan(torch.ones(1, 1, 16, 16), [0.7], 1, 16, 16).round().long()
     assert len(res.timestep_maps) == 8 and all(torch.equal(t, plan[i]) for i, t in enumerate(res.timestep_maps))
 
 
@@ -281,9 +282,9 @@ def test_bad_settings_are_clear_errors(unet):
     with pytest.raises(ValueError, match="unknown scheduler 'simple'.*karras"):
         run(unet, scheduler="simple")
     with pytest.raises(ValueError, match="does not match the latent"):
-        DiffusersDenoiser(unet, SCHED, tm.embeds(1))(tm.latents(1), torch.ones(1, 1, 8, 8))
+        DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1))(tm.latents(1), torch.ones(1, 1, 8, 8))
     with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
-        DiffusersDenoiser(unet, SCHED, tm.embeds(1), prediction_type="flow")
+        DiffusersDenoiser(unet, MODEL_SAMPLING, tm.embeds(1), prediction_type="flow")
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
@@ -309,7 +310,7 @@ def test_non_square_latents_and_capture_grid(unet):
     const, _ = pixel_forward(unet, x, torch.full((2, 16, 24), 400), ctx, force_per_pixel=True)
     stock = unet(x, torch.tensor([400, 400]), encoder_hidden_states=ctx).sample
     assert_close(const, stock, ROUNDOFF_ONE_PASS, "non-square constant map vs stock forward")
-    out, maps = pixel_forward(unet, x, tmap, ctx, capture_tokens=[[2]], capture_slice=slice(1, 2))
+    out, maps = pixel_forward(unet, x, tmap, ctx, positions=[[2]], capture_slice=slice(1, 2))
     assert out.shape == x.shape and maps.shape == (1, 1, 4, 6)
     res = asyn_generate(unet, CFG, tm.embeds(1), tm.embeds(1, seed=3), items=ITEMS, steps=3, latents=x[:1])
     assert res.latents.shape == (1, 4, 16, 24) and res.masks[-1].shape == (1, 2, 16, 24)

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PURE = ["curves", "schedule", "time_axis", "plan", "clock", "pixel_samplers", "masks", "tokens", "schedulers", "engine"]
+PURE = ["curves", "time_axis", "plan", "clock", "pixel_samplers", "masks", "tokens", "schedulers", "engine"]
 
 
 @pytest.mark.parametrize("name", PURE + ["backends/pixel_math"])

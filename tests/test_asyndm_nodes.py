@@ -9,10 +9,10 @@ import torch
 
 from asyndm_fpdm.nodes import asyndm_nodes
 from asyndm_fpdm.nodes.common import CATEGORY_ASYNDM
-from asyndm_fpdm.samplers import comfy_plots
+from asyndm_fpdm.samplers.comfyui import previews
 from asyndm_fpdm.samplers.comfyui import conditioning
 from asyndm_fpdm.samplers.comfyui import tokens as comfy_tokens
-from asyndm_fpdm.samplers.comfyui.sampler import RunInfo
+from asyndm_fpdm.samplers.engine import RunRecord
 from asyndm_fpdm.samplers.tokens import UnknownWordError
 from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
@@ -112,7 +112,7 @@ def test_asyndm_locate_targets_with_stand_in_tokenizer():
 
 
 def test_asyndm_preview_steps_follow_the_run():
-    pick = comfy_plots.pick_steps
+    pick = previews.pick_steps
     assert pick("", 10) == ([0, 3, 6, 9], [], []) and pick("", 3) == ([0, 1, 2], [], []) and pick("", 1)[0] == [0]
     assert pick("0, -1, -2", 10)[0] == [0, 9, 8]
     assert pick("0.0, 0.5, 1.0", 11)[0] == [0, 5, 10] and pick("50%", 11)[0] == [5]
@@ -137,10 +137,10 @@ def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
     for total in (1, 3, 7, 20):
         maps = [torch.full((2, 4, 4), 1000 - 50 * i) for i in range(total)]
         masks = [torch.zeros(2, 1, 4, 4) for _ in range(total)]
-        run = RunInfo(ks=[0.7], words=["cat"], timestep_maps=maps, masks=masks, item_maps=[])
+        run = RunRecord(ks=[0.7], words=["cat"], timestep_maps=maps, masks=masks, item_maps=[])
         for text in ("", "0, 0.25, 0.5, -1", "0, 10, 25, 49"):
             regions, times = node.preview(run, text, 5)  # image 5 of a batch of 2: the last one
-            chosen, clamped, _ = comfy_plots.pick_steps(text, total)
+            chosen, clamped, _ = previews.pick_steps(text, total)
             assert regions.shape == times.shape == (len(chosen), 32, 32, 3)
             for f, i in enumerate(chosen):
                 border = bool((times[f, 0, :, 0] > 0.9).all() and (times[f, 0, :, 1] < 0.2).all())
@@ -161,25 +161,25 @@ def test_asyndm_previews_show_the_run():
     steps, batch, h, w = 5, 2, 6, 5
     maps = [torch.randint(0, 1000, (batch, h, w), generator=gen) for _ in range(steps)]
     masks = [(torch.rand(batch, 2, h, w, generator=gen) > 0.6).float() for _ in range(steps)]
-    run = RunInfo(ks=[0.7, 0.5], words=["cat", "dog"], timestep_maps=maps, masks=masks, item_maps=[])
+    run = RunRecord(ks=[0.7, 0.5], words=["cat", "dog"], timestep_maps=maps, masks=masks, item_maps=[])
     regions, times = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]().preview(run, "0, 2, -1", 1)
     assert regions.shape == times.shape == (3, h * 8, w * 8, 3)
-    assert_mask_steps_preview_shows(regions, times, run, [0, 2, 4], 1, comfy_plots.PALETTE)
+    assert_mask_steps_preview_shows(regions, times, run, [0, 2, 4], 1, previews.PALETTE)
     (img,) = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMCurvePreview"]().plot(steps, "bin", "0.7, 0.5", run=run)
-    assert_curves_drawn(img[0], mean_timesteps(run), comfy_plots.PALETTE)
+    assert_curves_drawn(img[0], mean_timesteps(run), previews.PALETTE)
 
 
 def test_asyndm_plots_shapes():
-    img = comfy_plots.curves_image([[981, 500, 1], [1000, 800, 2]], 2)
+    img = previews.curves_image([[981, 500, 1], [1000, 800, 2]], 2)
     assert img.shape == (1, 256, 384, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
     tmaps = [torch.full((2, 4, 4), v) for v in (900, 500, 100)]
     masks = [torch.zeros(2, 1, 4, 4) for _ in range(3)]
     for m in masks:
         m[:, 0, :2] = 1
-    series = comfy_plots.mean_curves(tmaps, masks, 1)
+    series = previews.mean_curves(tmaps, masks, 1)
     assert series[0] == [900.0, 500.0, 100.0] and series[1] == [900.0, 500.0, 100.0]
-    assert comfy_plots.region_images(masks, [0, 2], 1).shape == (2, 32, 32, 3)
-    assert comfy_plots.timestep_images(tmaps, [1], 0).shape == (1, 32, 32, 3)
+    assert previews.region_images(masks, [0, 2], 1).shape == (2, 32, 32, 3)
+    assert previews.timestep_images(tmaps, [1], 0).shape == (1, 32, 32, 3)
 
 
 def test_asyndm_preview_node_plots_theoretical_curves():
@@ -212,5 +212,5 @@ def test_asyndm_workflow_files_are_ui_format(path):
             assert len(n["widgets_values"]) == len(widgets) + extra, n["type"]
         if n["type"] == "AsynDMMaskStepsPreview":  # the list fits any run the sampler allows
             for total in range(1, 151):
-                steps, clamped, _ = comfy_plots.pick_steps(n["widgets_values"][0], total)
+                steps, clamped, _ = previews.pick_steps(n["widgets_values"][0], total)
                 assert steps and not clamped, (path.name, total)

@@ -12,7 +12,7 @@ import torch
 from asyndm_fpdm.samplers import engine
 from asyndm_fpdm.samplers.pixel_samplers import SAMPLERS, get_sampler
 from asyndm_fpdm.samplers.plan import SigmaPlan
-from asyndm_fpdm.samplers.schedulers import DiscreteSchedule, make_sigmas
+from asyndm_fpdm.samplers.schedulers import DiscreteModelSampling, make_sigmas
 
 DATA_STD = 0.8
 SHAPE = (2, 3, 6, 8)
@@ -21,7 +21,7 @@ SHAPE = (2, 3, 6, 8)
 @pytest.fixture(scope="module")
 def sd():
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return DiscreteSchedule(torch.cumprod(1 - betas, 0).float())
+    return DiscreteModelSampling(torch.cumprod(1 - betas, 0).float())
 
 
 def exact_denoiser(x, sigma, capture=False):

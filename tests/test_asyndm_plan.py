@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from asyndm_fpdm.samplers.plan import SigmaPlan
-from asyndm_fpdm.samplers.schedule import AsyncSchedule
-from asyndm_fpdm.samplers.schedulers import DiscreteSchedule, make_sigmas
+from asyndm_fpdm.samplers.curves import PaperCurves
+from asyndm_fpdm.samplers.schedulers import DiscreteModelSampling, make_sigmas
 
 SIZE = (8, 8)
 KS = [0.7, 0.4]
@@ -14,7 +14,7 @@ KS = [0.7, 0.4]
 @pytest.fixture(scope="module")
 def sd():
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled_linear
-    return DiscreteSchedule(torch.cumprod(1 - betas, 0).float())
+    return DiscreteModelSampling(torch.cumprod(1 - betas, 0).float())
 
 
 def fixed_masks():
@@ -60,7 +60,7 @@ def test_paper_configuration_is_the_reference_schedule(sd, steps, curve):
     masks = fixed_masks()
     plan = SigmaPlan(make_sigmas(sd, "paper", steps), sd, 2, SIZE, mode="asyn", ks=KS, masks=masks, curve=curve)
     walk(plan)
-    ref = AsyncSchedule(steps, curve=curve).plan(masks, KS, 2, *SIZE).round().long()
+    ref = PaperCurves(steps, curve=curve).plan(masks, KS, 2, *SIZE).round().long()
     assert len(plan.timestep_maps) == steps
     assert all(torch.equal(t.long(), ref[i]) for i, t in enumerate(plan.timestep_maps))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from asyndm_fpdm import tiny
-from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, pixel_forward, schedule_of
+from asyndm_fpdm.samplers.backends.diffusers_unet import DiffusersDenoiser, pixel_forward, model_sampling_of
 from asyndm_fpdm.samplers.pixel_samplers import sample_ddim
 from numeric import ROUNDOFF_ONE_PASS, assert_close
 
@@ -51,7 +51,7 @@ def test_per_pixel_forward_and_attention_maps_match_reference(ref):
             unet, x2, tmap.reshape(2, -1), encoder_hidden_states=ctx, return_dict=False,
             extra_input={"used_layer_size": 4, "item_idx": [1, 3]}, return_extra_inf=True,
         )
-    ours, maps = pixel_forward(unet, x2, tmap, ctx, capture_tokens=[[2], [4]], capture_slice=slice(1, 2))
+    ours, maps = pixel_forward(unet, x2, tmap, ctx, positions=[[2], [4]], capture_slice=slice(1, 2))
     assert_close(ours, theirs, ROUNDOFF_ONE_PASS, "per-pixel UNet forward vs the reference's")
     their_maps = extra["cross_mask"].permute(0, 2, 1).reshape(1, 2, 4, 4)
     assert_close(maps, their_maps, ROUNDOFF_ONE_PASS, "attention maps vs the reference's")
@@ -60,8 +60,8 @@ def test_per_pixel_forward_and_attention_maps_match_reference(ref):
 class _FixedOutput(DiffusersDenoiser):
     """The backend's sigma-space conversion around a given raw model output."""
 
-    def __init__(self, schedule, out, prediction_type):
-        super().__init__(None, schedule, None, prediction_type=prediction_type)
+    def __init__(self, model_sampling, out, prediction_type):
+        super().__init__(None, model_sampling, None, prediction_type=prediction_type)
         self.out, self.seen_t = out, []
 
     def raw(self, x_in, timesteps, capture=False):
@@ -72,8 +72,8 @@ class _FixedOutput(DiffusersDenoiser):
 class _OneStep:
     """A plan of one step between two per-pixel sigma maps."""
 
-    def __init__(self, schedule, sigma, sigma_next):
-        self.schedule, self.maps = schedule, (sigma, sigma_next)
+    def __init__(self, model_sampling, sigma, sigma_next):
+        self.model_sampling, self.maps = model_sampling, (sigma, sigma_next)
 
     def __len__(self):
         return 1
@@ -97,10 +97,11 @@ def test_asynchronous_ddim_step_matches_reference(ref, prediction_type):
     t_prev = (t - 37).clamp(min=0)
     theirs, _, _ = asyn_step(sched, out, t, t_prev, x, eta=0.0)
 
-    schedule = schedule_of(config)
-    sigma, sigma_next = (schedule.sigma(m[:, :1].float()) for m in (t, t_prev))
-    model = _FixedOutput(schedule, out, prediction_type)
-    x_ve = sample_ddim(lambda v, s: model(v, s)[0], x * (1 + sigma**2) ** 0.5, _OneStep(schedule, sigma, sigma_next))
+    model_sampling = model_sampling_of(config)
+    sigma, sigma_next = (model_sampling.sigma(m[:, :1].float()) for m in (t, t_prev))
+    model = _FixedOutput(model_sampling, out, prediction_type)
+    one_step = _OneStep(model_sampling, sigma, sigma_next)
+    x_ve = sample_ddim(lambda v, s: model(v, s)[0], x * (1 + sigma**2) ** 0.5, one_step)
     ours = x_ve / (1 + sigma_next**2) ** 0.5
     assert torch.equal(model.seen_t[0], t[:, 0]), "sigma -> timestep gives back the reference's timesteps"
     assert_close(ours, theirs, ROUNDOFF_ONE_PASS, f"asynchronous DDIM step ({prediction_type}) vs the reference's")

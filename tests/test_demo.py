@@ -50,11 +50,11 @@ def test_demo_writes_what_it_ran_and_prints_consistent_numbers(tmp_path, monkeyp
     assert f"AsynDM: vanilla, DMconcave and AsynDM images, masks and timestep maps in {asyn_out}/" in printed
 
     # FPDM: the same budget spent three ways; the printed numbers are what the block really did
-    lines = re.findall(r"FPDM (\S+)\s*: budget (\d+) iterations/image, schedule sum (\d+), block evaluations (\d+)",
+    lines = re.findall(r"FPDM (\S+)\s*: budget (\d+) iterations/image, allocation sum (\d+), block evaluations (\d+)",
                        printed)
     assert [name for name, *_ in lines] == ["fixed", "increasing", "fixed+reuse"], printed
-    for (name, budget, schedule_sum, evaluations), counted in zip(lines, fixed_point_calls):
-        assert int(budget) == STEPS * ITERATIONS and int(schedule_sum) == int(budget), name
+    for (name, budget, allocated_sum, evaluations), counted in zip(lines, fixed_point_calls):
+        assert int(budget) == STEPS * ITERATIONS and int(allocated_sum) == int(budget), name
         # 2 images × cond/uncond = 4 samples per block call, the whole budget spent on each
         assert int(evaluations) == counted == 4 * int(budget), name
     assert len(fixed_point_calls) == 3

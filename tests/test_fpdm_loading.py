@@ -1,7 +1,6 @@
 """FPDM/DiT checkpoint loading: every path, shape inference, clear errors, refused pickles."""
 
 import json
-import os
 
 import pytest
 import torch

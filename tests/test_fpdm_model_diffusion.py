@@ -78,13 +78,13 @@ def test_linear_betas_are_truly_linear():
 def test_respacing():
     assert D.space_timesteps(1000, "10") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     assert D.space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
-    s, full = D.make_schedule(10), D.make_schedule(None)
+    s, full = D.make_diffusion(10), D.make_diffusion(None)
     assert_close(torch.from_numpy(s.alphas_cumprod), torch.from_numpy(full.alphas_cumprod[s.timesteps]),
                  2**6 * EPS64, "respaced alpha_bar vs the full schedule's (float64)")
 
 
 def test_zero_terminal_snr():
-    s, base = D.make_schedule(None, zero_snr=True), D.make_schedule(None)
+    s, base = D.make_diffusion(None, zero_snr=True), D.make_diffusion(None)
     assert s.alphas_cumprod[-1] == pytest.approx(0, abs=1e-12)
     assert s.alphas_cumprod[0] == pytest.approx(base.alphas_cumprod[0])
 
@@ -102,7 +102,7 @@ def _exact_predictor(s, i, x, x0_star, prediction):
 @pytest.mark.parametrize("prediction,zsnr", [("eps", False), ("v", False), ("v", True)])
 def test_exact_predictor_recovers_the_data_point(method, prediction, zsnr):
     """One-point data: the true denoiser is known, and both samplers must land on the point."""
-    s = D.make_schedule(20, zero_snr=zsnr)
+    s = D.make_diffusion(20, zero_snr=zsnr)
     # The steps take their schedule coefficients as float32 scalars (the reference's numerics), so on
     # float64 tensors a step is exact only up to float32 rounding of those coefficients, amplified by
     # 1/sqrt(alpha_bar) at the noisiest step (about 160 for t=999).
@@ -121,7 +121,7 @@ def test_exact_predictor_recovers_the_data_point(method, prediction, zsnr):
 
 
 def test_ddpm_step_matches_the_posterior_formula():
-    s = D.make_schedule(10)
+    s = D.make_diffusion(10)
     i = 5
     x, x0, noise = torch.randn(3, 1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
     ab, abp, beta = s.alphas_cumprod[i], s.alphas_cumprod_prev[i], s.betas[i]
@@ -134,7 +134,7 @@ def test_ddpm_step_matches_the_posterior_formula():
 
 
 def test_ddim_eta_one_uses_the_ddpm_posterior_variance():
-    s = D.make_schedule(10)
+    s = D.make_diffusion(10)
     i = 4
     x, x0, noise = torch.randn(3, 1, 4, 2, 2, generator=torch.Generator().manual_seed(2))
     ab, abp = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from asyndm_fpdm.fpdm.solver import (FixedPointRun, SolverSettings, allocation_schedule, make_solver,
+from asyndm_fpdm.fpdm.solver import (FixedPointRun, SolverSettings, allocate_iterations, make_solver,
                                      reference_budget_list)
 from fpdm_tiny import tiny_model
 from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, assert_close, assert_differs
@@ -12,18 +12,18 @@ from numeric import FAR_ABOVE_ROUNDOFF, ROUNDOFF_ONE_PASS, assert_close, assert_
 @pytest.mark.parametrize("kind", ["fixed", "increasing", "decreasing"])
 @pytest.mark.parametrize("iters,steps", [(26, 20), (4, 10), (7, 13), (12, 250), (3, 1)])
 def test_allocation_never_exceeds_budget_one_entry_per_step(kind, iters, steps):
-    sched = allocation_schedule(iters, steps, kind)
-    assert len(sched) == steps
-    assert sum(sched) <= iters * steps
-    assert sum(sched) >= iters * steps - steps  # rounding loses at most one per step
-    assert min(sched) >= 1
+    alloc = allocate_iterations(iters, steps, kind)
+    assert len(alloc) == steps
+    assert sum(alloc) <= iters * steps
+    assert sum(alloc) >= iters * steps - steps  # rounding loses at most one per step
+    assert min(alloc) >= 1
 
 
 def test_allocation_shapes_and_reference_rounding():
-    inc = allocation_schedule(26, 20, "increasing")
-    dec = allocation_schedule(26, 20, "decreasing")
+    inc = allocate_iterations(26, 20, "increasing")
+    dec = allocate_iterations(26, 20, "decreasing")
     assert inc[0] > inc[-1] and dec[0] < dec[-1]  # "increasing" in t: most at the noisy start
-    assert allocation_schedule(5, 8, "fixed") == [5] * 8
+    assert allocate_iterations(5, 8, "fixed") == [5] * 8
     # the reference's list is read from its end; values printed by the reference LinearController
     assert reference_budget_list(40, 10, "increasing") == [3, 3, 4, 4, 4, 4, 4, 4, 5, 5]
     assert reference_budget_list(37, 7, "increasing") == [4, 4, 5, 5, 6, 6, 7]
@@ -33,8 +33,8 @@ def test_allocation_shapes_and_reference_rounding():
 
 
 def test_reference_double_count_spends_about_twice():
-    once = allocation_schedule(4, 10, "increasing")
-    twice = allocation_schedule(4, 10, "increasing", reference_double_count=True)
+    once = allocate_iterations(4, 10, "increasing")
+    twice = allocate_iterations(4, 10, "increasing", reference_double_count=True)
     assert sum(twice) > 1.8 * sum(once)
     lst = reference_budget_list(40, 10, "increasing")
     assert twice[0] == lst[-1] + lst[-2]
@@ -136,5 +136,5 @@ def test_run_counts_block_evaluations_from_the_schedule():
     x, y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
     for k in range(4):
         run.evaluate(model, x, torch.tensor([999 - k * 250] * 2), y, k)
-    assert run.evaluations == 2 * sum(run.schedule) and sum(run.schedule) <= 12
-    assert [u[0] for u in run.iterations_used] == run.schedule
+    assert run.evaluations == 2 * sum(run.allocated) and sum(run.allocated) <= 12
+    assert [u[0] for u in run.iterations_used] == run.allocated

@@ -18,14 +18,14 @@ def _batch(n=5, seed=0):
 
 
 def test_q_sample_is_the_forward_marginal_and_zero_snr_ends_in_noise():
-    s = D.make_schedule(None)
+    s = D.make_diffusion(None)
     x0, noise = _batch()
     t = torch.tensor([0, 10, 300, 700, 999])
     xt = D.q_sample(s, x0, t, noise)
     for i, ti in enumerate(t.tolist()):
         ab = s.alphas_cumprod[ti]
         assert torch.allclose(xt[i], math.sqrt(ab) * x0[i] + math.sqrt(1 - ab) * noise[i], atol=1e-6)
-    z = D.make_schedule(None, zero_snr=True)
+    z = D.make_diffusion(None, zero_snr=True)
     assert torch.allclose(D.q_sample(z, x0, torch.full((5,), 999), noise), noise, atol=1e-6)
     flow = D.q_sample(s, x0, torch.tensor([0, 250, 500, 750, 1000]), noise, flow=True)
     assert torch.allclose(flow[2], 0.5 * x0[2] + 0.5 * noise[2]) and torch.equal(flow[0], x0[0])
@@ -39,7 +39,7 @@ def _exact_output(s, x0, xt, t, noise, prediction, var_value):
 
 @pytest.mark.parametrize("prediction,zsnr", [("eps", False), ("v", False), ("v", True)])
 def test_exact_prediction_has_zero_mse_and_zero_kl_at_the_posterior_variance(prediction, zsnr):
-    s = D.make_schedule(None, zero_snr=zsnr)
+    s = D.make_diffusion(None, zero_snr=zsnr)
     x0, noise = _batch()
     t = torch.tensor([1, 50, 400, 800, 998])
     xt = D.q_sample(s, x0, t, noise)
@@ -60,7 +60,7 @@ def test_exact_prediction_has_zero_mse_and_zero_kl_at_the_posterior_variance(pre
 
 
 def test_eps_mse_is_the_plain_noise_error_and_vb_does_not_reach_the_mean():
-    s = D.make_schedule(None)
+    s = D.make_diffusion(None)
     x0, noise = _batch()
     t = torch.tensor([0, 3, 30, 300, 999])
     xt = D.q_sample(s, x0, t, noise)
@@ -72,7 +72,7 @@ def test_eps_mse_is_the_plain_noise_error_and_vb_does_not_reach_the_mean():
 
 
 def test_flow_loss_targets_the_velocity_and_refuses_learned_variance():
-    s = D.make_schedule(None)
+    s = D.make_diffusion(None)
     x0, noise = _batch()
     t = torch.tensor([0, 250, 500, 750, 999])
     xt = D.q_sample(s, x0, t, noise, flow=True)

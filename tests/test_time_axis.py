@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from asyndm_fpdm.samplers.plan import SigmaPlan
-from asyndm_fpdm.samplers.schedulers import DiscreteSchedule
+from asyndm_fpdm.samplers.schedulers import DiscreteModelSampling
 from asyndm_fpdm.samplers.time_axis import FlowAxis, FluxAxis, TableAxis
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -71,12 +71,12 @@ def test_table_axis_positions_are_the_models_timesteps(zsnr):
 def test_table_axis_rejects_a_bad_table_and_merges_plateaus():
     with pytest.raises(ValueError, match="ascending"):
         TableAxis(torch.tensor([2.0, 1.0]))
-    axis = TableAxis(torch.tensor([0.1, 0.1, 0.2, 0.4, 0.4]))  # a clamped schedule (Stable Cascade's ends)
+    axis = TableAxis(torch.tensor([0.1, 0.1, 0.2, 0.4, 0.4]))  # a clamped sigma table (Stable Cascade's ends)
     assert axis.u_max == 2 and torch.equal(axis.position(torch.tensor([0.1, 0.2, 0.4])), torch.tensor([0.0, 1, 2]))
 
 
-class FlowSchedule:
-    """A flow model's schedule as ComfyUI's ModelSamplingDiscreteFlow gives it: the model is fed
+class FlowModelSampling:
+    """A flow model's model sampling as ComfyUI's ModelSamplingDiscreteFlow gives it: the model is fed
     σ·multiplier (not the position), the axis is the shift's."""
 
     flow = True
@@ -105,9 +105,9 @@ def test_plan_positions_do_not_depend_on_the_shift_and_maps_report_what_the_mode
     u_bg = torch.linspace(1000, 0, steps + 1).round()
     out = []
     for shift in (1.0, 3.0, 6.0):
-        schedule = FlowSchedule(shift, multiplier)
-        sigmas = schedule.axis.sigma(u_bg)
-        plan = SigmaPlan(sigmas, schedule, 1, size, mode="asyn", ks=[0.7], masks=masks)
+        model_sampling = FlowModelSampling(shift, multiplier)
+        sigmas = model_sampling.axis.sigma(u_bg)
+        plan = SigmaPlan(sigmas, model_sampling, 1, size, mode="asyn", ks=[0.7], masks=masks)
         out.append(_positions(plan, steps))
         for i, t in enumerate(plan.timestep_maps):  # what the model is fed: σ·multiplier
             assert torch.equal(t, plan._sig[i][:, 0] * multiplier)
@@ -115,7 +115,7 @@ def test_plan_positions_do_not_depend_on_the_shift_and_maps_report_what_the_mode
         assert float((other - out[0]).abs().max()) <= 1e-3
     assert float((out[0][1:-1, 0, 0, :2] - out[0][1:-1, 0, 0, 2:]).max()) >= 1.0  # items lag
     # the same positions as on a discrete table whose background sits at the same positions
-    sd = DiscreteSchedule(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1001), 0)[1:])
+    sd = DiscreteModelSampling(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1001), 0)[1:])
     sd_sigmas = torch.cat([sd.axis.sigma(u_bg[:-1].clamp(max=999)), torch.zeros(1)])
     plan = SigmaPlan(sd_sigmas, sd, 1, size, mode="asyn", ks=[0.7], masks=masks, from_noise=True)
     ref = _positions(plan, steps)

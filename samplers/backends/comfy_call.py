@@ -25,7 +25,7 @@ class PixelCall:
 
     sigma_map: torch.Tensor  # (B, 1, H, W): every latent pixel's sigma
     capture: bool = False
-    items: Sequence[Sequence[int]] = ()  # token positions of each item in the targets' context
+    positions: Sequence[Sequence[int]] = ()  # token positions of each item in the targets' context
     context_len: int = 77
     target_uuids: Optional[set] = None  # conds that carry the targets (None: the first cond)
     areas: Mapping = field(default_factory=dict)  # cond uuid → (y, x) of its area crop, latent units
@@ -103,7 +103,7 @@ class Forward:
         tokens (registers) before the text."""
         key = (length, offset)
         if key not in self._weights:
-            w = token_weights(self.call.items, length - offset, self.call.context_len, self.sigma.device)
+            w = token_weights(self.call.positions, length - offset, self.call.context_len, self.sigma.device)
             if offset:
                 w = torch.cat([w.new_zeros(offset, w.shape[1]), w])
             self._weights[key] = w

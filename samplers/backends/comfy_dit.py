@@ -1,4 +1,4 @@
-"""What the diffusion-transformer backends (Flux, SD3's MMDiT) share (DESIGN.md, "Transformers").
+"""What the diffusion-transformer backends (Flux, SD3's MMDiT) share (DESIGN.md, "Backend protocol", Transformers).
 
 A transformer's tokens are its pixels: a token is one patch of the latent, and the timestep
 enters every block through adaLN modulation computed from one conditioning vector per image.
@@ -32,7 +32,7 @@ __all__ = ["joint_item_attention", "middle_blocks", "per_token", "record_maps"]
 def middle_blocks(depth: int, count: int = 3) -> List[int]:
     """``count`` consecutive blocks centred in the stack: early blocks still see mostly noise and
     layout, the last ones specialise on output detail; the middle joint blocks attend most
-    selectively to the prompt's nouns (DESIGN.md)."""
+    selectively to the prompt's nouns (DESIGN.md, "Backend protocol": masks from a few middle blocks)."""
     count = max(1, min(count, depth))
     start = max(0, (depth - count) // 2)
     return list(range(start, start + count))

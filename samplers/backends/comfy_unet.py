@@ -99,8 +99,8 @@ class ComfyUNetBackend(PixelBackend):
         super().__init__(model_patcher)
         self.per_image_rows = self.dm.num_classes is not None  # SDXL: the ADM vector stays per image
         self.resblocks, attentions = unet_layout(self.dm)
-        self.stride = pick_capture_stride([a[3] for a in attentions], capture_stride)
-        self.capture_blocks = [a[:3] for a in attentions if a[3] == self.stride]
+        self.capture_stride = pick_capture_stride([a[3] for a in attentions], capture_stride)
+        self.capture_blocks = [a[:3] for a in attentions if a[3] == self.capture_stride]
 
     @classmethod
     def accepts(cls, dm):
@@ -151,4 +151,4 @@ class ComfyUNetBackend(PixelBackend):
         attn2 = replace.setdefault("attn2", {})
         for block_name, block_id, index in self.capture_blocks:
             previous = attn2.get((block_name, block_id, index)) or attn2.get((block_name, block_id))
-            attn2[(block_name, block_id, index)] = _attn2_capture(self.stride, previous)
+            attn2[(block_name, block_id, index)] = _attn2_capture(self.capture_stride, previous)

@@ -2,7 +2,7 @@
 
 ``DiffusersDenoiser`` is the engine's ``model_fn(x, sigma_map, capture) -> (denoised, item_maps)``
 (engine.py): x is in sigma space (x = x0 + σ·ε), σ a per-pixel map (B, 1, H, W). The UNet sees
-x / sqrt(1 + σ²) at the per-pixel integer timesteps ``schedule.timestep(σ)``, as ComfyUI's
+x / sqrt(1 + σ²) at the per-pixel integer timesteps ``model_sampling.timestep(σ)``, as ComfyUI's
 discrete models do, and its output becomes a denoised latent per pixel.
 
 Per-pixel timesteps without copying the UNet's forward: the stock forward runs, and for the
@@ -125,8 +125,8 @@ def _pixel_timestep_hooks(unet, emb_rows, index_map):
 
 
 @contextmanager
-def _attention_capture(layers, batch_slice, token_groups, store: List):
-    """Record, per hooked layer, (b, Q, N) head-averaged probabilities of each token group."""
+def _attention_capture(layers, batch_slice, positions, store: List):
+    """Record, per hooked layer, (b, Q, N) head-averaged probabilities of each item's token positions."""
 
     def hook(attn, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -137,7 +137,7 @@ def _attention_capture(layers, batch_slice, token_groups, store: List):
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         length = context.shape[1]  # diffusers never repeats the context: every token once
-        weights = token_weights(token_groups, length, length, hidden.device)
+        weights = token_weights(positions, length, length, hidden.device)
         store.append(item_attention(attn.to_q(hidden), attn.to_k(context), attn.heads, weights))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
@@ -148,7 +148,7 @@ def _attention_capture(layers, batch_slice, token_groups, store: List):
             h.remove()
 
 
-def capture_stride(unet, size, wanted: int = 4) -> int:
+def unet_capture_stride(unet, size, wanted: int = 4) -> int:
     """The stride attention is read at for a latent of ``size`` (H, W): ``wanted`` if a
     cross-attention level has it, else pixel_math's one rule for a missing level."""
     strides = [s for s in cross_attention_strides(unet).values() if s <= min(size)]
@@ -163,16 +163,16 @@ def pixel_forward(
     *,
     added_cond_kwargs: Optional[dict] = None,
     class_labels=None,
-    capture_tokens: Optional[Sequence[Sequence[int]]] = None,
+    positions: Optional[Sequence[Sequence[int]]] = None,
     capture_slice=slice(None),
-    attn_fraction: int = 4,
+    capture_stride: int = 4,
     force_per_pixel: bool = False,
 ):
     """Raw UNet output for integer per-pixel timesteps ``timestep_map`` (B, H, W).
 
-    With ``capture_tokens`` (one list of token positions per item) also returns the item maps
+    With ``positions`` (one list of token positions per item) also returns the item maps
     (b, N, ⌈H/s⌉, ⌈W/s⌉) of the ``capture_slice`` images, s = the capture stride for the wanted
-    ``attn_fraction`` (see ``capture_stride``), else None.
+    ``capture_stride`` (see ``unet_capture_stride``), else None.
     """
     _, _, height, width = sample.shape
     timestep_map = timestep_map.to(sample.device).long()
@@ -184,10 +184,10 @@ def pixel_forward(
 
     store: List[torch.Tensor] = []
     capture = nullcontext()
-    if capture_tokens:
-        stride = capture_stride(unet, (height, width), attn_fraction)
+    if positions:
+        stride = unet_capture_stride(unet, (height, width), capture_stride)
         layers = [m for m, s in cross_attention_strides(unet).items() if s == stride]
-        capture = _attention_capture(layers, capture_slice, [list(g) for g in capture_tokens], store)
+        capture = _attention_capture(layers, capture_slice, [list(g) for g in positions], store)
     kwargs = dict(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                   class_labels=class_labels, return_dict=False)
     with torch.no_grad(), capture:
@@ -200,7 +200,7 @@ def pixel_forward(
             with _pixel_timestep_hooks(unet, rows, index_map):
                 out = unet(sample, per_image_t, **kwargs)[0]
     maps = None
-    if capture_tokens:
+    if positions:
         if not store:
             raise RuntimeError("no cross-attention layer ran at the capture stride: another hook or processor "
                                "bypasses the UNet's attention modules")
@@ -210,36 +210,36 @@ def pixel_forward(
     return out, maps
 
 
-def schedule_of(scheduler_config: dict):
-    """The model's sigma <-> timestep map (schedulers.DiscreteSchedule) from a diffusers scheduler
+def model_sampling_of(scheduler_config: dict):
+    """The model's sigma <-> timestep map (schedulers.DiscreteModelSampling) from a diffusers scheduler
     config; ᾱ computed by diffusers' DDIMScheduler itself."""
     from diffusers import DDIMScheduler
 
-    from ..schedulers import DiscreteSchedule
+    from ..schedulers import DiscreteModelSampling
 
-    return DiscreteSchedule(DDIMScheduler.from_config(dict(scheduler_config)).alphas_cumprod)
+    return DiscreteModelSampling(DDIMScheduler.from_config(dict(scheduler_config)).alphas_cumprod)
 
 
 class DiffusersDenoiser:
     """The engine's ``model_fn`` for a diffusers UNet with classifier-free guidance.
 
-    ``schedule`` is a ``DiscreteSchedule`` (or a diffusers scheduler config); ``cond``/``uncond``
+    ``model_sampling`` is a ``DiscreteModelSampling`` (or a diffusers scheduler config); ``cond``/``uncond``
     are prompt embeddings (B, L, D); the CFG batch is [uncond; cond] as in the reference, and
-    attention is captured from the cond half. ``attn_fraction`` is the wanted capture stride.
+    attention is captured from the cond half. ``capture_stride`` is the wanted capture stride.
     """
 
-    def __init__(self, unet, schedule, cond, uncond=None, *, prediction_type="epsilon", guidance_scale=5.0,
-                 token_groups=(), attn_fraction=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
+    def __init__(self, unet, model_sampling, cond, uncond=None, *, prediction_type="epsilon", guidance_scale=5.0,
+                 positions=(), capture_stride=4, added_cond=None, uncond_added_cond=None, force_per_pixel=False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction type {prediction_type!r} is not supported: use one of "
                              f"{', '.join(PREDICTION_TYPES)}")
-        if isinstance(schedule, dict):
-            schedule = schedule_of(schedule)
-        self.unet, self.schedule, self.cond, self.uncond = unet, schedule, cond, uncond
+        if isinstance(model_sampling, dict):
+            model_sampling = model_sampling_of(model_sampling)
+        self.unet, self.model_sampling, self.cond, self.uncond = unet, model_sampling, cond, uncond
         self.prediction_type = prediction_type
         self.guidance_scale = guidance_scale
-        self.token_groups = [list(g) for g in token_groups]
-        self.attn_fraction = attn_fraction
+        self.positions = [list(g) for g in positions]
+        self.capture_stride = capture_stride
         self.added_cond, self.uncond_added_cond = added_cond, uncond_added_cond
         self.force_per_pixel = force_per_pixel
 
@@ -249,7 +249,7 @@ class DiffusersDenoiser:
     def timesteps(self, sigma_map: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) sigmas → (B, H, W) nearest integer timesteps, looked up once per distinct sigma."""
         uniq, inverse = torch.unique(sigma_map[:, 0].float(), return_inverse=True)
-        t = self.schedule.timestep(uniq.cpu()).to(sigma_map.device)
+        t = self.model_sampling.timestep(uniq.cpu()).to(sigma_map.device)
         t = torch.where(uniq.to(t.device) > 0, t, torch.zeros_like(t))  # σ = 0 is timestep 0
         return t[inverse].long()
 
@@ -266,8 +266,8 @@ class DiffusersDenoiser:
             x2, t2, context, added, cond_slice = x_in, timesteps, self.cond, self.added_cond, slice(None)
         out, maps = pixel_forward(
             self.unet, x2.to(dtype), t2, context.to(dtype), added_cond_kwargs=added,
-            capture_tokens=self.token_groups if (capture and self.token_groups) else None,
-            capture_slice=cond_slice, attn_fraction=self.attn_fraction, force_per_pixel=self.force_per_pixel,
+            positions=self.positions if (capture and self.positions) else None,
+            capture_slice=cond_slice, capture_stride=self.capture_stride, force_per_pixel=self.force_per_pixel,
         )
         out = out.to(x_in.dtype)
         if self._use_cfg():

@@ -44,17 +44,17 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows[index].permute(0, 3, 1, 2)
 
 
-def token_weights(items: Sequence[Sequence[int]], length: int, context_len: int, device=None) -> torch.Tensor:
+def token_weights(positions: Sequence[Sequence[int]], length: int, context_len: int, device=None) -> torch.Tensor:
     """(L, N): 1/len(item) on each item's token positions. ComfyUI repeats a shorter context to a
     common length when it batches cond and uncond; every repeat of a token counts (their
     probabilities add up to the token's share)."""
-    w = torch.zeros(length, len(items), device=device)
+    w = torch.zeros(length, len(positions), device=device)
     reps = max(length // max(context_len, 1), 1)
-    for j, positions in enumerate(items):
-        for p in positions:
+    for j, item in enumerate(positions):
+        for p in item:
             for m in range(reps):
                 if p + m * context_len < length:
-                    w[p + m * context_len, j] += 1.0 / len(positions)
+                    w[p + m * context_len, j] += 1.0 / len(item)
     return w
 
 

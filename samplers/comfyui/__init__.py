@@ -1,2 +1,2 @@
 """ComfyUI adapters of the AsynDM engine: the KSAMPLER/SAMPLER, conditioning glue, word → token
-positions. Imported only when a node runs (they import ComfyUI inside their functions)."""
+positions, the preview nodes' drawings. Imported only when a node runs (they import ComfyUI inside their functions)."""

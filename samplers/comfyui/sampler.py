@@ -16,6 +16,7 @@ into per-pixel timesteps), and steps with the per-pixel sampler of the chosen na
   background's sigmas (pixel_samplers.py).
 """
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -23,8 +24,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ..clock import NOISE_DOWN, Clock, ClockModel
-from ..engine import RunRecord, initial_latent, plan_model, run as engine_run, sample as engine_sample
-from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS
+from ..engine import initial_latent, plan_model, run as engine_run, sample as engine_sample
+from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS, SamplerInfo
 from ..plan import DEFAULT_K, SigmaPlan
 from .conditioning import external_item_masks, resolve_ks, targets_of
 
@@ -56,25 +57,21 @@ def sampler_names() -> List[str]:
     return list(COMFY_SAMPLERS)
 
 
-@dataclass(frozen=True)
-class NoiseInfo:
-    """How a ComfyUI sampler draws its noise: its noise sampler (ComfyUI's default per call, or a
-    Brownian tree on the CPU or the device) and the rule of its steps' noise (clock.NOISE_DOWN)."""
-
-    rule: Optional[str]  # None (deterministic), "ancestral" or "sde"
-    brownian: bool = False
-    tree_on_cpu: bool = True
-
-
-def noise_info(name: str) -> NoiseInfo:
-    brownian = name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))
+def sampler_info(name: str, function: Optional[Callable] = None) -> SamplerInfo:
+    """The record of a sampler: the native per-pixel one of that name (pixel_samplers.SAMPLERS), or
+    for any other function (ComfyUI's, another pack's) one read from ComfyUI's naming: its noise
+    rule, Brownian tree ("dpmpp_*sde*"), tree on the device ("_gpu"). Nothing to add for a sampler
+    without a native version."""
+    if function is None and name in SAMPLERS:
+        return SAMPLERS[name]
     if "ancestral" in name or name in ("ddpm", "lcm", "dpm_fast", "dpm_adaptive"):
         rule = "ancestral"
     elif "sde" in name or name.startswith(("seeds_", "sa_solver")):
         rule = "sde"
     else:
         rule = None
-    return NoiseInfo(rule, brownian, not name.endswith("_gpu"))
+    brownian = name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))
+    return SamplerInfo(function, rule, brownian, not name.endswith("_gpu"))
 
 
 def _function_name(fn) -> str:
@@ -119,8 +116,20 @@ def time_axis(model_sampling):
     return TableAxis(sigmas.float().cpu(), None if logs is None else logs.float().cpu())
 
 
-class ComfySchedule:
-    """ComfyUI's model_sampling seen as the plan's schedule: the time ``axis`` (σ ↔ position),
+def max_timestep(model_sampling) -> float:
+    """The top of the model's timestep scale, what the previews draw as white: the paper's 1001
+    on table models (timesteps are table indices, SD images unchanged), else the model's timestep
+    of its largest sigma (flow models: σ = 1 → Flux 1, SD3 and Wan 1000)."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.ModelSamplingDiscrete):
+        return 1001.0
+    top = float(model_sampling.timestep(torch.as_tensor(float(model_sampling.sigma_max)).reshape(1))[0])
+    return top if top > 0 else 1001.0
+
+
+class ComfyModelSampling:
+    """ComfyUI's model_sampling seen as the plan's model sampling: the time ``axis`` (σ ↔ position),
     what the model is fed (``timestep``: the model's own), noise scaling."""
 
     def __init__(self, model_sampling):
@@ -133,6 +142,7 @@ class ComfySchedule:
         self.sigma_min, self.sigma_max = model_sampling.sigma_min, model_sampling.sigma_max
         self.sigmas = model_sampling.sigmas
         self.axis = time_axis(model_sampling)
+        self.max_timestep = max_timestep(model_sampling)
 
     def timestep(self, sigma):
         """The model's timestep for σ: what the model is fed (not a position on the axis)."""
@@ -161,9 +171,6 @@ class AsynOptions:
     capture_all: bool = False  # record attention at every step (the mask extractor)
 
 
-RunInfo = RunRecord  # what a run leaves for the preview nodes (latents stay in the LATENT output)
-
-
 def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler_name: str = "ddim",
                 last_step: str = LAST_STEPS[0]) -> torch.Tensor:
     """The core KSampler's sigmas (denoise → the tail of a longer schedule), plus the paper's
@@ -178,7 +185,7 @@ def node_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0, sampler
         discard = sampler_name in DISCARD_PENULTIMATE
         n = n + 1 if discard else n
         if scheduler == PAPER_SCHEDULER:
-            sig = paper_sigmas(ComfySchedule(ms), n, last_timestep_zero=last_step == LAST_STEPS[0])
+            sig = paper_sigmas(ComfyModelSampling(ms), n, last_timestep_zero=last_step == LAST_STEPS[0])
         elif scheduler in comfy.samplers.KSampler.SCHEDULERS:
             sig = comfy.samplers.calculate_sigmas(ms, scheduler, n).float().cpu()
         else:
@@ -240,10 +247,10 @@ def asyn_sampler(name: str, options: AsynOptions, eta: Optional[float] = None, s
     sampler where the pack has one (pixel_samplers.SAMPLERS), else ComfyUI's own function of that
     name through the change of clock; ``eta`` None keeps the sampler's own default."""
     if name in SAMPLERS:
-        extra = {}
-        if name in ETA_SAMPLERS and eta is not None:
+        info, extra = SAMPLERS[name], {}
+        if info.eta is not None and eta is not None:
             extra["eta"] = float(eta)
-        if name not in ("dpmpp_2m", "lcm"):
+        if info.s_noise:
             extra["s_noise"] = float(s_noise)
         return _sampler_class()(name, options, extra, batch_index=batch_index, records=records)
     names = sampler_names()
@@ -278,7 +285,7 @@ def from_ksampler(ksampler, options: AsynOptions, eta: Optional[float] = None, s
                             batch_index=batch_index, records=records)
 
 
-def _noise_sampler(info: NoiseInfo, x, sigmas, seed, batch_index=None):
+def _noise_sampler(info: SamplerInfo, x, sigmas, seed, batch_index=None):
     """ComfyUI's noise samplers, one stream per image (seed + batch index), so image i never
     depends on the batch size (DESIGN.md invariant 5); for one image they are ComfyUI's exactly."""
     from comfy.k_diffusion import sampling as kd
@@ -304,7 +311,7 @@ def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callb
     model = ClockModel(plan_model(model_fn, plan), clock, inner_model=model_wrap,
                        base_options=extra_args.get("model_options"))
     opts = dict(sampler.extra_options)
-    info = noise_info(sampler.name)
+    info = sampler_info(sampler.name, sampler.sampler_function)
     fn = sampler.sampler_function
     if info.rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
         base = _noise_sampler(info, x, sigmas, seed, batch_index)
@@ -348,7 +355,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
 
     opts = sampler.options
     ms = model_wrap.inner_model.model_sampling
-    schedule = ComfySchedule(ms)
+    model_sampling = ComfyModelSampling(ms)
     sigmas = sigmas.float()
     batch, _, height, width = noise.shape
     size = (height, width)
@@ -382,7 +389,7 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         call = PixelCall(sigma, capture, targets.positions if targets else (), targets.context_len if targets else 77,
                          targets.uuids if targets else None, areas)
         if denoise_mask is not None:  # inpainting: outside the mask, the input re-noised to each pixel's sigma
-            x = x * denoise_mask + schedule.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
+            x = x * denoise_mask + model_sampling.noise_scaling(sigma, noise, latent) * (1 - denoise_mask)
         options = model_options or {}
         if backend is not None:
             options = backend.model_options(options, call)
@@ -408,16 +415,16 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         if window is not None and window.start > 0:  # the previous pass's latent, as the core continues it
             x = ms.noise_scaling(sigmas[0], noise, latent, False)
         else:
-            x = initial_latent(plan, noise, latent, schedule.noise_scaling)
+            x = initial_latent(plan, noise, latent, model_sampling.noise_scaling)
         if sampler.sampler_function is not None:
             return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
-                              seed, schedule.flow, batch_index)
+                              seed, model_sampling.flow, batch_index)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
-                          noise_sampler=_noise_sampler(noise_info(sampler.name), x, sigmas, seed, batch_index),
+                          noise_sampler=_noise_sampler(SAMPLERS[sampler.name], x, sigmas, seed, batch_index),
                           **sampler.extra_options)
 
     def make_plan(mode, capture_all=False, masks=None, dynamic=False):
-        plan = SigmaPlan(sigmas if window is None else window.sigmas, schedule, batch, size, mode=mode, ks=ks,
+        plan = SigmaPlan(sigmas if window is None else window.sigmas, model_sampling, batch, size, mode=mode, ks=ks,
                          masks=masks, dynamic=dynamic, anchors=targets.anchors if targets else None, curve=opts.curve,
                          mask_thr=opts.mask_thr, capture_all=capture_all, cell=getattr(backend, "cell", 1))
         return plan if window is None else window.enter(plan)
@@ -431,8 +438,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         def cpu(maps):
             return [m.cpu() if m is not None else None for m in maps]
 
-        sampler.records.append(RunRecord(ks=record.ks, words=record.words, timestep_maps=cpu(record.timestep_maps),
-                                         masks=cpu(record.masks), item_maps=cpu(record.item_maps)))
+        sampler.records.append(dataclasses.replace(record, latents=None, timestep_maps=cpu(record.timestep_maps),
+                                                   masks=cpu(record.masks), item_maps=cpu(record.item_maps)))
     samples = ms.inverse_noise_scaling(sigmas[-1], record.latents)
     return unfold(samples, frames) if frames else samples
 
@@ -441,8 +448,9 @@ def asyndm_sample(model, positive, negative, latent: dict, *, seed: int, steps: 
                   sampler_name: str = "ddim", scheduler: str = PAPER_SCHEDULER, denoise: float = 1.0,
                   eta: float = 0.0, options: Optional[AsynOptions] = None, last_step: str = LAST_STEPS[0],
                   sigmas: Optional[torch.Tensor] = None, callback=None, disable_pbar: bool = False, window=None):
-    """The Asynchronous KSampler: (latent dict, RunInfo). ``window``: a split.StepWindow (this pass runs
-    steps start..end-1 of the run over its sigmas, continuing its state; ``sigmas`` are that slice)."""
+    """The Asynchronous KSampler: (latent dict, RunRecord without its latents, kept in the LATENT).
+    ``window``: a split.StepWindow (this pass runs steps start..end-1 of the run over its sigmas,
+    continuing its state; ``sigmas`` are that slice)."""
     import comfy.sample
 
     options = options or AsynOptions()
@@ -469,7 +477,7 @@ def extract_masks(model, positive, negative, latent, *, seed, steps, cfg, streng
     """A vanilla run that records the items' attention at every step (the static pre-pass as a node).
 
     Returns (binary item masks (B, N, H, W) at latent size, one item per pixel by priority k;
-    mean attention maps (B, N, h, w); (latent dict, RunInfo) of the vanilla run).
+    mean attention maps (B, N, h, w); (latent dict, RunRecord) of the vanilla run).
     """
     from ..engine import masks_from_attention
 

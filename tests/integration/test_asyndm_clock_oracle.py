@@ -110,9 +110,9 @@ def _run(comfy, name, kind, n, seed=0, stochastic=False, eta=1.0, size=(8, 8)):
         from comfy.k_diffusion import sampling as kd
 
         base = kd.default_noise_sampler(x_a, seed=seed)
-        from asyndm_fpdm.samplers.comfyui.sampler import noise_info
+        from asyndm_fpdm.samplers.comfyui.sampler import sampler_info
 
-        down = NOISE_DOWN[noise_info(name).rule]
+        down = NOISE_DOWN[sampler_info(name).rule]
         extra["noise_sampler"] = lambda s, t: base(s, t) * clock.noise_scale(float(s), float(t), down(float(s), float(t), eta))
         if "eta" in inspect.signature(fn).parameters:
             extra["eta"] = eta

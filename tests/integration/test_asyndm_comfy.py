@@ -84,7 +84,7 @@ def test_asyndm_constant_map_is_stock_forward_and_embeddings_per_distinct_value(
     hook = model.model.diffusion_model.time_embed.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
     try:
         with torch.no_grad():
-            call = PixelCall(sig[537].expand(2, 1, 8, 8), capture=True, items=[[2], [4]], context_len=77)
+            call = PixelCall(sig[537].expand(2, 1, 8, 8), capture=True, positions=[[2], [4]], context_len=77)
             to = backend.model_options(base, call)["transformer_options"]
             const = model.model.apply_model(x, sigma, transformer_options=to, **kwargs)
             maps = call.item_maps()
@@ -101,7 +101,7 @@ def test_asyndm_constant_map_is_stock_forward_and_embeddings_per_distinct_value(
         hook.remove()
     assert_close(const, stock, ROUNDOFF_ONE_PASS, "constant map vs stock forward")  # invariant 1
     assert torch.equal(plain, stock)  # without a PixelCall the wrappers are the stock code
-    assert maps is not None and maps.shape == (2, 2, 8 // backend.stride, 8 // backend.stride)
+    assert maps is not None and maps.shape == (2, 2, 8 // backend.capture_stride, 8 // backend.capture_stride)
     assert torch.isfinite(maps).all() and float(maps.min()) >= 0
     # invariant 6: the time MLP ran on the 3 distinct timesteps (SDXL: the 5 distinct (image,
     # timestep) pairs, its size embedding being per image), plus ComfyUI's own per-image call
@@ -415,7 +415,7 @@ def test_asyndm_missing_targets_named(setup):
 def test_asyndm_extractor_and_previews(setup):
     from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMCurvePreview, AsynDMMaskStepsPreview
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMMaskExtractor
-    from asyndm_fpdm.samplers.comfy_plots import PALETTE
+    from asyndm_fpdm.samplers.comfyui.previews import PALETTE
     from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
 
     model, clip, pos, neg = setup["sdxl"]

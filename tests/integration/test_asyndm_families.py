@@ -84,7 +84,7 @@ def _forwards(model, x, kw, hooks, counters):
     handles = [register[kind](m, fn) for m, kind, fn in hooks]
     try:
         base = {"transformer_options": {"cond_or_uncond": [0]}}
-        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
+        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, positions=TARGETS["positions"], context_len=12)
         const = model.model.apply_model(x, sigma, transformer_options=backend.model_options(base, call)[
             "transformer_options"], **kw)
         for c in counters:

@@ -2,7 +2,7 @@
 
 1. Property: for every ComfyUI model sampling (the classes, and the ModelSampling* override nodes
    at several shifts) the axis' σ → u → σ round-trips within float32 round-off, on the model's
-   own sigmas and between them, and the axis is the model's own schedule (its sigma(t) with the
+   own sigmas and between them, and the axis is the model's own sigma table (its sigma(t) with the
    shift applied; its table).
 2. Invariant: the timestep every pixel (UNet) or token (Flux, SD3, SD3.5) really receives — read
    from the model's first time-modulated layer by forward hooks, decoded against the model's own
@@ -102,7 +102,7 @@ def test_every_comfyui_model_sampling_round_trips(comfy_env, tiny_models):
         err = ((back - sig).abs() / sig.abs().clamp(min=1e-30)).max()
         assert float(err) <= 2 ** 5 * EPS32, (name, float(err))
         assert bool((u[1:len(table)] > u[:len(table) - 1]).all()), f"{name}: positions ascend with sigma"
-        # the axis is the model's own schedule, not only some pair of inverses
+        # the axis is the model's own sigma(t), not only some pair of inverses
         if isinstance(axis, TableAxis):
             k = torch.arange(len(table)).float()
             assert torch.equal(axis.position(table), k), name  # the table's σ(k) is exactly position k
@@ -127,7 +127,7 @@ def test_positions_do_not_depend_on_the_shift(comfy_env, tiny_models):
     import comfy.samplers
     import comfy_extras.nodes_model_advanced as adv
 
-    from asyndm_fpdm.samplers.comfyui.sampler import ComfySchedule
+    from asyndm_fpdm.samplers.comfyui.sampler import ComfyModelSampling
     from asyndm_fpdm.samplers.plan import SigmaPlan
 
     model = tiny_models.tiny_dit("sd3")
@@ -138,12 +138,12 @@ def test_positions_do_not_depend_on_the_shift(comfy_env, tiny_models):
         for shift in (1.0, 3.0, 6.0):
             ms = adv.ModelSamplingSD3().patch(model, shift)[0].get_model_object("model_sampling")
             sigmas = comfy.samplers.calculate_sigmas(ms, "simple", steps).float()
-            schedule = ComfySchedule(ms)
+            model_sampling = ComfyModelSampling(ms)
             per_mode = []
             for mode, m in (("concave", None), ("asyn", masks)):
-                plan = SigmaPlan(sigmas, schedule, 1, (8, 8), mode=mode, ks=[0.7], masks=m, cell=2)
+                plan = SigmaPlan(sigmas, model_sampling, 1, (8, 8), mode=mode, ks=[0.7], masks=m, cell=2)
                 maps = [plan.step(i)[0] for i in range(steps)] + [plan.step(steps - 1)[1]]
-                per_mode.append(torch.stack([schedule.axis.position(s) for s in maps]))
+                per_mode.append(torch.stack([model_sampling.axis.position(s) for s in maps]))
             runs.append(per_mode)
         for other in runs[1:]:
             for a, b in zip(runs[0], other):
@@ -252,7 +252,6 @@ def _decode_unet(dm, rec):
     flat = got.permute(0, 2, 3, 1).reshape(-1, c)
     dist = (flat[:, None] - cand[None]).abs().amax(dim=-1)
     best = dist.min(dim=1)
-    second = dist.kthvalue(2, dim=1).values
     scale = max(float(rec["h_emb"].abs().max()), float(rec["h"].abs().max()))
 
     return cand_t[best.indices].view(bm, h, w), float(best.values.max() / scale)

@@ -106,7 +106,7 @@ def test_dit_constant_map_is_stock_forward_with_the_models_own_attention(dits, f
     hook = embedder.register_forward_hook(lambda m, a, o: rows.append(o.shape[0]))
     try:
         base = {"transformer_options": {"cond_or_uncond": [0]}}
-        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, items=TARGETS["positions"], context_len=12)
+        call = PixelCall(s.expand(2, 1, 8, 8), capture=True, positions=TARGETS["positions"], context_len=12)
         to = backend.model_options(base, call)["transformer_options"]
         const = model.model.apply_model(x, sigma, transformer_options=to, **kw)
         maps = call.item_maps()
@@ -194,6 +194,29 @@ def test_dit_dynamic_masks_follow_the_target_tokens_attention(dits, fam):
     _, info2 = sampler_node(model, pos2, neg, lat, sampler_name="euler", scheduler="simple", steps=4, cfg=cfg)
     assert not torch.equal(info2.item_maps[1], info.item_maps[1])
     assert any(not torch.equal(a, b) for a, b in zip(info.masks[1:], info2.masks[1:]))
+
+
+# ---------------------------------------------------------------------------------------- previews
+@pytest.mark.parametrize("fam, top", [("flux", 1.0), ("sd3", 1000.0)])
+def test_dit_previews_draw_on_the_models_timestep_scale(dits, fam, top):
+    """The preview nodes scale a run's timesteps by the model's own top timestep (σ = 1 is timestep
+    σ × multiplier: 1 on Flux, 1000 on SD3), so a flow run is drawn from white (noisy) to black
+    (clean) like an SD run on its 1001. Broken variant caught: the paper's fixed 1001 for every
+    model (Flux's maps, all ≤ 1, drew almost black: gray levels up to 0.001)."""
+    from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMCurvePreview, AsynDMMaskStepsPreview
+    from asyndm_fpdm.samplers.comfyui.previews import PALETTE
+    from png_content import assert_curves_drawn, assert_mask_steps_preview_shows, mean_timesteps
+
+    model, pos, neg = dits[fam]
+    cfg = 1.0 if fam == "flux" else 2.0
+    _, info = sampler_node(model, pos, neg, empty_latent(1, 16, 16), sampler_name="euler", scheduler="simple",
+                           steps=4, cfg=cfg)
+    regions, times = AsynDMMaskStepsPreview().preview(info, "0, 1, 2, 3", 0)
+    assert_mask_steps_preview_shows(regions, times, info, [0, 1, 2, 3], 0, PALETTE, max_t=top)
+    first, last = float(times[0].min()), float(times[-1].min())  # step 0 is near pure noise, step 3 far below
+    assert first >= 0.9 and last <= first - 0.3, f"the grays do not span noisy → clean ({first:.3f} → {last:.3f})"
+    (curves,) = AsynDMCurvePreview().plot(4, "bin", "0.7", run=info)
+    assert_curves_drawn(curves[0], mean_timesteps(info), PALETTE, max_t=top)
 
 
 # ---------------------------------------------------------------------------------------- inv. 4, 5

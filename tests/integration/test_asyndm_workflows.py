@@ -47,7 +47,7 @@ def test_asyndm_workflows_shipped():
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps):
-    from asyndm_fpdm.samplers.comfy_plots import PALETTE, pick_steps
+    from asyndm_fpdm.samplers.comfyui.previews import PALETTE, pick_steps
 
     result = cw.run_workflow(_api(path, steps))
     classes = comfy_env.nodes.NODE_CLASS_MAPPINGS
@@ -88,7 +88,9 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
         assert regions.shape[1] % 64 == 0
         run = result.outputs[inputs["run"][0]][inputs["run"][1]]  # the run wired into the preview
         if run.masks[0] is not None and not clamped:  # (clamped frames carry a red border)
-            assert_mask_steps_preview_shows(regions, times, run, shown, inputs.get("image_index", 0), PALETTE)
+            # (the scale per model family is pinned in test_asyndm_transformers / test_asyndm_comfy)
+            assert_mask_steps_preview_shows(regions, times, run, shown, inputs.get("image_index", 0), PALETTE,
+                                            max_t=run.max_timestep)
     has_preview = any(v["class_type"] == "AsynDMMaskStepsPreview" for v in result.prompt.values())
     assert bool(previews) == has_preview
 

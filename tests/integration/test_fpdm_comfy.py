@@ -168,12 +168,12 @@ def test_every_fpdm_node_input_has_a_tooltip(pack_nodes, fpdm_files):
 
 
 def test_allocation_follows_comfyui_steps_one_entry_per_step(comfy_env, pack_nodes, fpdm_files):
-    from asyndm_fpdm.fpdm.solver import allocation_schedule
+    from asyndm_fpdm.fpdm.solver import allocate_iterations
 
     model = _load(pack_nodes, fpdm_files["fpdm"])
     patched = pack_nodes["FPDMSettings"]().patch(model, iterations=4, allocation="increasing")[0]
     block = patched.model.diffusion_model.dit.block_fixed_point
-    counts, sigmas_seen = [], []
+    counts = []
     hook = block.register_forward_hook(lambda *a: counts.append(1))
     pos, neg = pack_nodes["FPDMClassConditioning"]().encode("1: goldfish")
     per_step = []
@@ -193,7 +193,7 @@ def test_allocation_follows_comfyui_steps_one_entry_per_step(comfy_env, pack_nod
     finally:
         hook.remove()
     done = [b - a for a, b in zip([0] + per_step[:-1], per_step)]
-    assert done == allocation_schedule(4, 5, "increasing")  # cond+uncond share one batched call per step
+    assert done == allocate_iterations(4, 5, "increasing")  # cond+uncond share one batched call per step
     assert sum(done) <= 20
 
 

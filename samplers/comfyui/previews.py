@@ -1,4 +1,4 @@
-"""Small torch-only renderings for the AsynDM preview nodes (IMAGE tensors, (N, H, W, 3) in 0..1).
+"""The preview nodes' drawings, torch only: IMAGE tensors (N, H, W, 3) in 0..1 (no algorithm of the engine).
 
 - ``curves_image``: timestep against step for the background and each item.
 - ``region_images`` / ``timestep_images``: which item owns each latent pixel, and each pixel's
