@@ -5,12 +5,13 @@ Each run is one fresh process (the same model, latent, conditioning and sampler 
 bench_comfy_asyndm_transformers.py builds), so no side inherits the other's allocator state. In
 it: the model and inputs are built, freed heap is returned to the OS (malloc_trim), the kernel's
 peak-RSS mark is reset (/proc/self/clear_refs, Linux) and the resident size read; one sampling run;
-then the peak (VmHWM). "Sampling peak" is the peak minus the resident size before the run: what the
+then the peak (VmHWM). Large tensors are mapped one by one (MALLOC_MMAP_THRESHOLD_), so memory
+freed during the run leaves the resident size as it would on a GPU allocator. "Sampling peak" is the peak minus the resident size before the run: what the
 run itself added at its highest (activations, attention, the per-token maps); "total" includes the
 weights. Ratios are AsynDM / core of each.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_comfy_asyndm_memory.py \
-        [--size 1024] [--unet-size 512] [--steps 2] [--hidden 256] [--depth 4] [--families sd15,flux,sd3,chroma,wan,qwen_image]
+        [--size 1024] [--unet-size 512] [--steps 2] [--hidden 256] [--depth 4] [--families sd15,flux,sd3,chroma,wan,qwen_image,hidream,lumina2]
 
 At the default 1024 px a patch-2 transformer sees 4096 image tokens (Flux / Qwen-Image at 1024²):
 the attention read for masks must stay blockwise there (a full image × text attention matrix per
@@ -37,7 +38,7 @@ def _status(field):
 def one(args):
     """Child: one side, one run; prints a JSON line with the bytes."""
     sys.path.insert(0, str(HERE))
-    from bench_comfy_asyndm_transformers import bootstrap, build
+    from bench_comfy_asyndm_transformers import bootstrap, build, inputs
 
     bootstrap(args.comfyui, threads=args.threads)
     import ctypes
@@ -53,34 +54,26 @@ def one(args):
     family = args.one
     gen = torch.Generator().manual_seed(1)
     size = args.unet_size if family == "sd15" else args.size
-    lat = size // 8
     if family == "sd15":
         from bench_comfy_asyndm import build_model
 
-        model, width, ctx, cfg, pooled = build_model(args.channels), 768, 77, 7.5, None
-        latent = torch.zeros(1, 4, lat, lat)
+        model, cfg = build_model(args.channels), 7.5
+        targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": 77}
+        pos = [[torch.randn(1, 77, 768, generator=gen), {"asyndm_targets": targets}]]
+        neg = [[torch.randn(1, 77, 768, generator=gen), {}]]
+        latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
     else:
         model = build(family, args.hidden, args.depth)
-        width, ctx = 512, 64
-        cfg = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0}.get(family, 4.0)
-        pooled = {"flux": 768, "sd3": 2048}.get(family)
-        latent = torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else torch.zeros(1, 16, lat, lat)
-    extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if pooled else None}
-    if family == "flux":
-        extra["guidance"] = 3.5
-    targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": ctx}
-    pos = [[torch.randn(1, ctx, width, generator=gen), dict(extra, asyndm_targets=targets)]]
-    neg = [[torch.randn(1, ctx, width, generator=gen), dict(extra)]]
+        cfg, pos, neg, latent = inputs(family, size, gen)
     half = torch.zeros(1, size, size)
     half[:, :, : size // 2] = 1
 
     def run():
         if args.side == "core":
-            return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg,
-                                           {"samples": latent})
+            return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg, latent)
         source, mask = ("dynamic", None) if args.side == "asyn" else ("mask input", half)
         return AsynDMKSampler().sample(model, 7, args.steps, cfg, 0.0, "AsynDM", source, "bin", "", 1.0,
-                                       "clean (sigma 0, like ComfyUI)", pos, neg, {"samples": latent},
+                                       "clean (sigma 0, like ComfyUI)", pos, neg, latent,
                                        sampler_name="euler", scheduler="simple", denoise=1.0, mask=mask)
 
     gc.collect()
@@ -102,7 +95,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=256, help="transformer width")
     ap.add_argument("--depth", type=int, default=4, help="transformer blocks (Flux/Chroma: double; 2× single)")
     ap.add_argument("--channels", type=int, default=320, help="SD1.5 UNet base channels")
-    ap.add_argument("--families", default="sd15,flux,sd3,chroma,wan,qwen_image")
+    ap.add_argument("--families", default="sd15,flux,sd3,chroma,wan,qwen_image,hidream,lumina2")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -123,7 +116,10 @@ def main():
     for family in args.families.split(","):
         got = {}
         for side in SIDES:
-            out = subprocess.run(common + ["--one", family, "--side", side], capture_output=True, text=True)
+            # every large tensor mapped on its own: glibc would otherwise raise its mmap threshold and keep
+            # freed blocks resident, which reads as memory the run does not hold
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            out = subprocess.run(common + ["--one", family, "--side", side], capture_output=True, text=True, env=env)
             if out.returncode:
                 sys.exit(f"{family} {side} failed:\n{out.stderr[-3000:]}")
             got[side] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -91,6 +91,33 @@ def build(family, hidden, depth):
     return patcher(config)
 
 
+CFGS = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0, "hidream": 5.0, "lumina2": 4.0}
+
+
+def inputs(family, size, gen):
+    """(cfg, positive, negative, latent) as the family's text encoders and empty-latent node give
+    them: a 64-token, 512-wide context, the family's pooled / extra conditioning, targets at
+    tokens 2 and 4."""
+    import torch
+
+    targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": 64}
+    lat = size // 8
+    pooled = 768 if family == "flux" else 2048
+    extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if family in ("flux", "sd3") else None}
+    if family == "flux":
+        extra["guidance"] = 3.5
+    if family == "hidream":  # pooled CLIP-L‖G (2048) and one Llama layer (the config reads layer 0)
+        extra = {"pooled_output": torch.randn(1, 2048, generator=gen),
+                 "conditioning_llama3": torch.randn(1, 1, 64, 512, generator=gen)}
+    if family == "lumina2":  # Gemma's mask (all ones: the model gets num_tokens)
+        extra["attention_mask"] = torch.ones(1, 64, dtype=torch.long)
+    pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
+    neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
+    latent = {"samples": torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else
+              torch.zeros(1, 16, lat, lat)}
+    return CFGS[family], pos, neg, latent
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
@@ -120,29 +147,11 @@ def main():
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
 
     gen = torch.Generator().manual_seed(1)
-    targets = {"words": ["rabbit", "basketball"], "ks": [0.7, 0.7], "positions": [[2], [4]], "context_len": 64}
-    lat = args.size // 8
     settings = {"keep": [False], "flush": [True], "both": [False, True]}[args.denormals]
     rows = []
-    cfgs = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0}
-    cfgs["hidream"] = 5.0
-    cfgs["lumina2"] = 4.0
     for family in args.families.split(","):
-        cfg = cfgs[family]
         model = build(family, args.hidden, args.sd3_depth if family == "sd3" else args.flux_depth)
-        pooled = 768 if family == "flux" else 2048
-        extra = {"pooled_output": torch.randn(1, pooled, generator=gen) if family in ("flux", "sd3") else None}
-        if family == "flux":
-            extra["guidance"] = 3.5
-        if family == "hidream":  # pooled CLIP-L‖G (2048) and one Llama layer (the config reads layer 0)
-            extra = {"pooled_output": torch.randn(1, 2048, generator=gen),
-                     "conditioning_llama3": torch.randn(1, 1, 64, 512, generator=gen)}
-        if family == "lumina2":  # Gemma's mask (all ones: the model gets num_tokens)
-            extra["attention_mask"] = torch.ones(1, 64, dtype=torch.long)
-        pos = [[torch.randn(1, 64, 512, generator=gen), dict(extra, asyndm_targets=targets)]]
-        neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
-        latent = {"samples": torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else
-                  torch.zeros(1, 16, lat, lat)}
+        cfg, pos, neg, latent = inputs(family, args.size, gen)
 
         def core():
             return nodes.KSampler().sample(model, 7, args.steps, cfg, "euler", "simple", pos, neg, latent)
@@ -165,6 +174,7 @@ def main():
             rows.append((family, flush, median(times["core"]), median(times["asyn"]), ratio(times, "asyn", "core"),
                          ratio(times, "tokens", "core"), spread(times, "asyn", "core")))
         flush_denormals(False)
+    lat = args.size // 8
     print(f"latent {lat}x{lat} ({(lat // 2) ** 2} tokens), {args.steps} steps euler/simple, threads "
           f"{torch.get_num_threads()}, {args.repeats} interleaved rounds after a warm-up of each, median per step "
           "(ratios: median of the rounds' ratios)")
