@@ -228,8 +228,8 @@ def rf_down(s: float, s_next: float, eta: float) -> float:
 
 def er_sde_down(s: float, s_next: float, scaler: Callable) -> float:
     """ER-SDE's first stage x ← r·x + (1 − r)·D in VE form, r = scaler(v')/scaler(v): down to r·v."""
-    if s_next <= 0:
-        return s_next
+    if s_next <= 0 or math.isinf(s):
+        return 0.0 if s_next > 0 else s_next  # from v = ∞: v/scaler(v) → 0
     ratio = scaler(torch.tensor(s_next, dtype=torch.float64)) / scaler(torch.tensor(s, dtype=torch.float64))
     return s * float(ratio)
 
