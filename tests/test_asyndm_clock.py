@@ -144,7 +144,8 @@ def test_tau_clock_background_is_exact_and_its_terms_are_the_derivatives_of_the_
 def test_seeds_noise_adds_up_to_the_pixels_own_step():
     """SEEDS-2 reuses its first draw in the second stage (ComfyUI's coefficients written out here):
     the two scaled draws together give each pixel the variance of its own full SDE step, the one
-    the single-call rule gives the step (s → s')."""
+    the single-call rule gives the step (s → s'). Mutation caught (tried once): each SEEDS call
+    scaled by the single-call sde rule instead (the stage-2 variance off by 2.3%)."""
     from asyndm_fpdm.samplers.clock import PixelNoise
 
     sig, a, clock = _flow_clock()
