@@ -22,13 +22,16 @@ bit. A pixel held at one sigma has r = 0 (D̃ = x: it does not move). Into a las
 lag stays at the last knot's, σ_p = σ_p,N−1·s/S_{N−1}: r = 1 and the final latent is the
 denoised one.
 
-Noise: ancestral/SDE samplers add noise sized for the background's step s → s' (deterministic
-part down to s_d, then noise of variance s'² − s_d²). The pixel's deterministic part goes down
-to σ_p(s_d), so it needs noise of variance σ_p(s')² − σ_p(s_d)² to sit at its own σ_p(s');
-``noise_scale`` is that per-pixel factor on the sampler's noise (s_d from k-diffusion's
-get_ancestral_step for ancestral steps, s'^(1+η)/s^η for DPM-Solver++'s SDE steps). Where the lag
-is linear in log s this is the pixel's own ancestral / SDE step with the same η; background
-pixels get factor 1 exactly.
+Noise: a stochastic step takes the state down to v_d by its deterministic part, then adds
+noise of variance v'² − v_d² (v = σ, or τ on flow models). The pixel's deterministic part goes to
+v_p(v_d), so ``PixelNoise`` scales the sampler's own noise by sqrt(v_p(v')² − v_p(v_d)²)/
+sqrt(v'² − v_d²), with v_d from the sampler's own rule (``noise_rule``); 1 exactly on the
+background.
+
+Flow models (x = α x0 + σ ε, α = 1 − σ): samplers with flow forms rescale x by the background's
+α between steps, so they run on the τ clock (``tau=True``): the sampler's x is α(s)·(x0 + τ_p ε),
+τ = σ/α, the model is fed β·x with β = α(σ_p)/α(s), and D̃ = D + k (α(s) D − x),
+k = d(logit σ_p − logit s)/d log s (``terms``; DESIGN.md, "Any sampler by a change of clock").
 """
 
 import bisect
@@ -233,8 +236,6 @@ def er_sde_down(s: float, s_next: float, scaler: Callable) -> float:
     ratio = scaler(torch.tensor(s_next, dtype=torch.float64)) / scaler(torch.tensor(s, dtype=torch.float64))
     return s * float(ratio)
 
-
-NOISE_DOWN = {"ancestral": ancestral_down, "sde": sde_down}
 
 # How each ComfyUI sampler's noise is added (k-diffusion's sampling.py), on EDM-type models / on
 # flow models (CONST), and the clock a flow model then needs (DESIGN.md, "Noise"). Samplers that

@@ -60,7 +60,7 @@ def sampler_names() -> List[str]:
 @dataclass(frozen=True)
 class NoiseInfo:
     """How a ComfyUI sampler draws its noise: its noise sampler (ComfyUI's default per call, or a
-    Brownian tree on the CPU or the device) and the rule of its steps' noise (clock.NOISE_DOWN)."""
+    Brownian tree on the CPU or the device). (``rule``: unused since clock.noise_rule.)"""
 
     rule: Optional[str]  # None (deterministic), "ancestral" or "sde"
     brownian: bool = False

@@ -6,6 +6,8 @@ probability-flow ODE keeps (x − μ)/sqrt(sd² + σ²) constant, so a pixel tha
 lands on μ + (x_a − μ)·sqrt(sd² + σ_b²)/sqrt(sd² + σ_a²) whatever path its sigma took. Every
 pixel's path here is its own (on the background, lagging at a constant rate, lagging at a varying
 rate, restarted mid-run like a dynamic mask); the sampler only ever sees the background's sigmas.
+On a flow model (CONST: x = (1 − σ)x0 + σε, every pixel pure noise at σ = 1) the same holds for
+(x − (1 − σ)μ)/sqrt((1 − σ)²sd² + σ²), with D = μ + (1 − σ)sd²/((1 − σ)²sd² + σ²)(x − (1 − σ)μ).
 
 The CFG++ samplers read the unconditional prediction from a post-CFG hook: the fake model calls
 the hooks (CFG at scale 1); with the hook's prediction left untransformed (mutation tried once)
@@ -24,7 +26,7 @@ import math
 import pytest
 import torch
 
-from asyndm_fpdm.samplers.clock import NOISE_DOWN, Clock, ClockModel
+from asyndm_fpdm.samplers.clock import Clock, ClockModel
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
                  "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2", "dpm_fast", "euler_cfg_pp",
