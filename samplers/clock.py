@@ -22,16 +22,16 @@ bit. A pixel held at one sigma has r = 0 (D̃ = x: it does not move). Into a las
 lag stays at the last knot's, σ_p = σ_p,N−1·s/S_{N−1}: r = 1 and the final latent is the
 denoised one.
 
-Noise: a stochastic step takes the state down to v_d by its deterministic part, then adds
-noise of variance v'² − v_d² (v = σ, or τ on flow models). The pixel's deterministic part goes to
-v_p(v_d), so ``PixelNoise`` scales the sampler's own noise by sqrt(v_p(v')² − v_p(v_d)²)/
-sqrt(v'² − v_d²), with v_d from the sampler's own rule (``noise_rule``); 1 exactly on the
-background.
+Noise: a stochastic step takes the state down to a level d by its deterministic part, then adds
+noise up to s'. The pixel's deterministic part goes to σ_p(d), so ``PixelNoise`` scales the
+sampler's own noise by sqrt(the pixel's variance / the background's) (``Clock.variance``), with d
+from the sampler's own rule (``NoiseRule``, ``noise_rule``); 1 exactly on the background.
 
 Flow models (x = α x0 + σ ε, α = 1 − σ): samplers with flow forms rescale x by the background's
-α between steps, so they run on the τ clock (``tau=True``): the sampler's x is α(s)·(x0 + τ_p ε),
-τ = σ/α, the model is fed β·x with β = α(σ_p)/α(s), and D̃ = D + k (α(s) D − x),
-k = d(logit σ_p − logit s)/d log s (``terms``; DESIGN.md, "Any sampler by a change of clock").
+α'/α_d between steps, so they run on the ``FlowClock``: the sampler's x at a pixel is κ·x_p with
+κ = α(s)/max(α(σ_p), q·α(s)) — the pixel's VE state x0 + τ_p ε (τ = σ/α) scaled by the
+background's α wherever the pixel is not near pure noise (DESIGN.md, "Any sampler by a change of
+clock").
 """
 
 import bisect
@@ -49,9 +49,9 @@ class Clock:
     decides σ_p,i+1 only then).
     """
 
-    def __init__(self, sigmas: torch.Tensor, knots: Callable[[int], Tuple[torch.Tensor, torch.Tensor]],
-                 tau: bool = False):
-        self.tau = tau  # flow models: the sampler's x in VE coordinates τ = σ/(1 − σ) (``terms``)
+    tau = False  # the noise rules' coordinate v is σ (FlowClock: τ)
+
+    def __init__(self, sigmas: torch.Tensor, knots: Callable[[int], Tuple[torch.Tensor, torch.Tensor]]):
         self.sigmas = [float(s) for s in torch.as_tensor(sigmas).flatten()]
         if len(self.sigmas) < 2:
             raise ValueError("a clock needs at least two sigmas (one step)")
@@ -125,74 +125,108 @@ class Clock:
         return torch.as_tensor(s, dtype=w.dtype, device=w.device) * w.exp(), 1 + slope
 
     def terms(self, s: float):
-        """What the sampler's model call at background sigma s needs, per pixel: (σ_p, input scale β
-        (None: 1), k, c) with D̃ = D + k (c·D − x) (``tilde``) and the model fed β·x.
-
-        σ clock: the sampler's x is the pixel's latent; k = r − 1, c = 1. τ clock (flow models,
-        x = α(σ)·x0 + σ·ε, α = 1 − σ): the sampler's x is α(s)·(x0 + τ_p ε), the pixel's VE state
-        scaled by the background's α, so β = α(σ_p)/α(s); the background's flow ODE with D̃
-        integrates the pixel's VE ODE dy/dτ_p = (y − D)/τ_p when k = d(logit σ_p − logit s)/d log s
-        = r/α(σ_p) − 1/α(s) and c = α(s). On the background σ_p = s, r = 1: β = 1, k = 0 exactly.
-        At s = 1 (every pixel pure noise, 0/0) β and k are their limits, taken at 1 − 1e-7."""
+        """What the sampler's model call at background sigma s needs, per pixel: (σ_p, input scale
+        (None: 1), a, b) with D̃ = a·D + b·x (``tilde``) and the model fed the scaled x. Here the
+        sampler's x is the pixel's latent, a = r, b = 1 − r: 1 and 0 exactly on the background."""
         w, slope = self.lag(s)
-        s_t = torch.as_tensor(s, dtype=w.dtype, device=w.device)
-        sigma = s_t * w.exp()
-        if not self.tau:
-            return sigma, None, slope, None
-        beta, k = self._tau_terms(min(s, 1 - 1e-7))
-        return sigma, beta, k, 1 - s_t
-
-    def _tau_terms(self, s: float):
-        w, slope = self.lag(s)
-        w, slope = w.double(), slope.double()
-        a_s = 1 - torch.as_tensor(s, dtype=torch.float64)
-        a_p = (1 - s * w.exp()).clamp(min=1e-12)  # a pixel held at σ = 1 while s < 1 cannot be represented
-        return a_p / a_s, (1 + slope) / a_p - 1 / a_s
+        r = 1 + slope
+        return torch.as_tensor(s, dtype=w.dtype, device=w.device) * w.exp(), None, r, 1 - r
 
     def v(self, s: float) -> float:
-        """The clock's noise coordinate of a background sigma: σ, or τ = σ/(1 − σ)."""
-        if not self.tau:
-            return s
+        """The noise coordinate of a background sigma (σ here, τ on the FlowClock)."""
+        return s
+
+    def sigma_of_v(self, v: float) -> float:
+        return v
+
+    def scale(self, sampler_x: torch.Tensor, s: float) -> torch.Tensor:
+        """The pixels' latents from the sampler's x at background sigma s (identity here)."""
+        return sampler_x
+
+    def unscale(self, latent: torch.Tensor, s: float) -> torch.Tensor:
+        """The sampler's x from the pixels' latents at background sigma s (identity here)."""
+        return latent
+
+    def variance(self, i: int, b: float, d: float):
+        """(pixel's, background's) variance of the noise that tops the step's deterministic part
+        (in interval i, down to d) up to each one's own sigma at b; and where the pixel is on the
+        background at both."""
+        w_b, _ = self.lag(b, i)
+        sig_b = b * w_b.double().exp()
+        if d > 0:
+            w_d, _ = self.lag(d, i)
+            sig_d = d * w_d.double().exp()
+        else:
+            w_d, sig_d = torch.zeros_like(w_b), torch.zeros_like(sig_b)
+        return (sig_b**2 - sig_d**2).clamp(min=0), b**2 - d**2, (w_b == 0) & (w_d == 0)
+
+
+class FlowClock(Clock):
+    """The clock for flow models (x = α x0 + σ ε, α = 1 − σ) and samplers whose noise steps
+    rescale x by the background's α'/α_d (their flow forms; DESIGN.md, "Noise").
+
+    Pixels follow the σ clock's paths σ_p(s). The sampler's x at a pixel is κ·x_p, x_p the pixel's
+    latent and κ = α(s)/α̃_p, α̃_p = max(α(σ_p), q·α(s)): where α̃_p = α(σ_p) the sampler's x is
+    α(s)·(x0 + τ_p ε), τ = σ/α, and the background's rescale keeps every pixel's state exactly;
+    pixels near pure noise (α(σ_p) < q·α(s), held at σ = 1 included) keep κ = 1/q, so their
+    ODE stays as mild as on the σ clock (with κ = α(s)/α(σ_p) alone it is stiff there: their τ
+    falls many times faster than the background's), at the price of a signal off by the ratio of
+    the two α rescales while they are that noisy. The model is fed x/κ, and
+    D̃ = κ r D + (1 − r − s·d log κ/ds) x makes the background's ODE the pixel's. On the
+    background κ = 1, D̃ = D exactly. At s = 1 (0/0) the terms are their limits, taken at 1 − 1e-7."""
+
+    tau = True
+
+    def __init__(self, sigmas, knots, q: float = 0.5):
+        super().__init__(sigmas, knots)
+        self.q = q
+
+    def v(self, s: float) -> float:
         return math.inf if s >= 1 else s / (1 - s)
 
     def sigma_of_v(self, v: float) -> float:
-        return v if not self.tau else (1.0 if math.isinf(v) else v / (1 + v))
+        return 1.0 if math.isinf(v) else v / (1 + v)
 
-    def scale(self, sampler_x: torch.Tensor, s: float) -> torch.Tensor:
-        """The pixels' latents from the sampler's x at background sigma s (identity on the σ clock)."""
-        return sampler_x if not self.tau else sampler_x * self.terms(s)[1].to(sampler_x)
+    def _kappa(self, s: float, i: Optional[int] = None):
+        """(σ_p, r, κ, d log κ/ds, background mask) at s (double)."""
+        s = min(s, 1 - 1e-7)
+        w, slope = self.lag(s, i)
+        w, r = w.double(), 1 + slope.double()
+        sigma = s * w.exp()
+        a_s, a_p = 1 - s, 1 - sigma
+        free = a_p >= self.q * a_s
+        a_t = torch.where(free, a_p, torch.full_like(a_p, self.q * a_s))
+        da_t = torch.where(free, -r * sigma / s, torch.full_like(a_p, -self.q))
+        kappa = a_s / a_t
+        dlog = -1 / a_s - da_t / a_t
+        return sigma, r, kappa, dlog, w == 0
 
-    def unscale(self, latent: torch.Tensor, s: float) -> torch.Tensor:
-        """The sampler's x from the pixels' latents at background sigma s."""
-        return latent if not self.tau else latent / self.terms(s)[1].to(latent)
+    def terms(self, s: float):
+        sigma, r, kappa, dlog, bg = self._kappa(s)
+        if s >= 1:
+            sigma = torch.ones_like(sigma)
+        else:
+            w, _ = self.lag(s)
+            sigma = s * w.double().exp()
+        a = torch.where(bg, torch.ones_like(r), kappa * r)
+        b = torch.where(bg, torch.zeros_like(r), 1 - r - min(s, 1 - 1e-7) * dlog)
+        return sigma.float(), torch.where(bg, torch.ones_like(kappa), 1 / kappa), a, b
 
-    def pixel_v(self, v: float, i: int):
-        """(the pixel's coordinate v_p, its lag) where the background's is v (sigma σ(v)), in interval i."""
-        if v <= 0:
-            zero = torch.zeros_like(self._piece(i)[0])
-            return zero, zero
-        s = self.sigma_of_v(v)
-        w, _ = self.lag(s, i)
-        sigma = s * w.double().exp()
-        return (sigma if not self.tau else sigma / (1 - sigma).clamp(min=1e-12)), w
+    def scale(self, sampler_x, s):
+        return sampler_x * self.terms(s)[1].to(sampler_x)
 
-    def noise_scale(self, s: float, s_next: float, s_down: float) -> torch.Tensor:
-        """Per-pixel factor on noise of std sqrt(v_next² − v_down²) added after the background's
-        deterministic step s → s_down (in the clock's coordinate v: σ, or τ on the τ clock), so
-        that the pixel's variance reaches v_p(s_next)². 1 exactly where the pixel is on the
-        background at both ends."""
-        return self.noise_scale_v(s, self.v(s_next), self.v(s_down) if s_down > 0 else 0.0)
+    def unscale(self, latent, s):
+        return latent / self.terms(s)[1].to(latent)
 
-    def noise_scale_v(self, s: float, v_next: float, v_down: float) -> torch.Tensor:
-        i = self.interval(s)
-        w_a = self._piece(i)[0]
-        up2 = v_next**2 - v_down**2
-        if v_next <= 0 or up2 <= 0 or math.isinf(v_next):
-            return torch.ones_like(w_a)
-        p_next, w_next = self.pixel_v(v_next, i)
-        p_down, w_down = self.pixel_v(v_down, i)
-        factor = ((p_next.double()**2 - p_down.double()**2).clamp(min=0) / up2).sqrt()
-        return torch.where((w_next == 0) & (w_down == 0), torch.ones_like(factor), factor)
+    def variance(self, i: int, b: float, d: float):
+        """(pixel's, background's) variance of the noise that tops the step's deterministic part
+        (down to d, then rescaled by α(b)/α(d)) up to each one's own sigma at b."""
+        sig_b, _, k_b, _, bg_b = self._kappa(b, i)
+        sig_d, _, k_d, _, bg_d = self._kappa(d, i) if d > 0 else (torch.zeros_like(sig_b), None, k_b, None, bg_b)
+        rescale = (1 - b) / (1 - d)
+        nu = rescale * (k_d / k_b) * sig_d
+        var = (k_b**2 * (sig_b**2 - nu**2)).clamp(min=0)
+        return var, b**2 - (rescale * d) ** 2, bg_b & bg_d
 
 
 def _rise(t, secant, start, end):
@@ -206,41 +240,45 @@ def _slope(t, secant, start, end):
     return secant + (start - secant) * (1 - 4 * t + 3 * t**2) + (end - secant) * (3 * t**2 - 2 * t)
 
 
-def ancestral_down(s: float, s_next: float, eta: float) -> float:
-    """k-diffusion's get_ancestral_step: the level the deterministic part goes down to. From an
-    infinite level (τ at σ = 1) ComfyUI's formula gives σ_up = s_next (nan compares false): 0."""
-    if not eta or s_next <= 0:
+def ancestral_down(s, s_next, eta):
+    """k-diffusion's get_ancestral_step: the level the deterministic part goes down to (floats or
+    tensors). From an infinite level (τ at σ = 1) ComfyUI's formula gives σ_up = s_next (nan
+    compares false): 0."""
+    if not eta:
         return s_next
-    if math.isinf(s):
-        return 0.0
-    up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
-    return (s_next**2 - up**2) ** 0.5
+    s, s_next = _t(s), _t(s_next)
+    up = torch.minimum(s_next, eta * (s_next**2 * (1 - (s_next / s) ** 2)).clamp(min=0).sqrt())
+    down = (s_next**2 - up**2).clamp(min=0).sqrt()
+    return torch.where(torch.isinf(s), torch.zeros_like(down), down)
 
 
-def sde_down(s: float, s_next: float, eta: float) -> float:
+def sde_down(s, s_next, eta):
     """DPM-Solver++ SDE steps: x scales by (s'/s)·e^(−ηh), h = log(s/s'), i.e. down to s'^(1+η)/s^η."""
-    if s_next <= 0:
-        return s_next
+    s, s_next = _t(s), _t(s_next)
     return s_next * (s_next / s) ** eta
 
 
-def rf_down(s: float, s_next: float, eta: float) -> float:
+def rf_down(s, s_next, eta):
     """The RF ancestral samplers' flow sigma of the deterministic part (k-diffusion's *_RF)."""
     return s_next * (1 + (s_next / s - 1) * eta)
 
 
-def er_sde_down(s: float, s_next: float, scaler: Callable) -> float:
-    """ER-SDE's first stage x ← r·x + (1 − r)·D in VE form, r = scaler(v')/scaler(v): down to r·v."""
-    if s_next <= 0 or math.isinf(s):
-        return 0.0 if s_next > 0 else s_next  # from v = ∞: v/scaler(v) → 0
-    ratio = scaler(torch.tensor(s_next, dtype=torch.float64)) / scaler(torch.tensor(s, dtype=torch.float64))
-    return s * float(ratio)
+def er_sde_down(s, s_next, scaler: Callable):
+    """ER-SDE's first stage x ← r·x + (1 − r)·D in VE form, r = scaler(v')/scaler(v): down to r·v
+    (from v = ∞: v/scaler(v) → 0)."""
+    s, s_next = _t(s), _t(s_next)
+    down = s * scaler(s_next) / scaler(s)
+    return torch.where(torch.isinf(s), torch.zeros_like(down), down)
+
+
+def _t(v):
+    return torch.as_tensor(v, dtype=torch.float64)
 
 
 # How each ComfyUI sampler's noise is added (k-diffusion's sampling.py), on EDM-type models / on
-# flow models (CONST), and the clock a flow model then needs (DESIGN.md, "Noise"). Samplers that
-# step flow models with their half-log-SNR or RF forms add noise in VE coordinates τ = σ/(1 − σ);
-# those that apply k-diffusion's σ formulas to a flow model's sigmas stay in σ.
+# flow models (CONST), and whether a flow model then needs the FlowClock (DESIGN.md, "Noise").
+# Samplers that step flow models with their half-log-SNR or RF forms add noise in VE coordinates
+# τ = σ/(1 − σ); those that apply k-diffusion's σ formulas to a flow model's sigmas stay in σ.
 _RF = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")
 _TAU_ANCESTRAL = ("dpmpp_sde", "dpmpp_sde_gpu", "euler_ancestral_cfg_pp")
 _SIGMA_ANCESTRAL = ("dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
@@ -250,7 +288,7 @@ _SDE = ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_h
 
 
 def noise_rule(name: str, flow: bool) -> Tuple[Optional[str], bool]:
-    """(rule of the sampler's noise, whether it needs the τ clock) for a ComfyUI sampler name;
+    """(rule of the sampler's noise, whether it needs the FlowClock) for a ComfyUI sampler name;
     rule None: deterministic (or unknown: its own noise, not per pixel)."""
     if name in _RF:
         return ("rf", True) if flow else ("ancestral", False)
@@ -275,22 +313,47 @@ def default_er_sde_scaler(v):
     return v * ((v**0.3).exp() + 10.0)
 
 
-class PixelNoise:
-    """The sampler's noise sampler scaled per pixel (``Clock.noise_scale``): each call (a, b) adds
-    noise after a deterministic part that the sampler's own ``rule`` sends down to v_d:
+class NoiseRule:
+    """A sampler's rule for the level v_d its deterministic part goes down to before the noise
+    of a call (a → b) tops it up to b (``level``, on floats or per-pixel tensors, in v):
 
     - ancestral: k-diffusion's get_ancestral_step(v_a, v_b, η); rf: the RF samplers' σ_d;
-    - sde, sa_solver: v_b·(v_b/v_a)^η (sa_solver: η = tau_func(b)²); er_sde: v_a·scaler(v_b)/scaler(v_a);
-    - renoise (lcm): 0;
-    - seeds: SEEDS reuses each draw in the next stage, N_k = N_(k−1)·(v_b/v_a)^η + sqrt(1 − (v_b/v_a)^2η)·n_k,
-      and the full step from the step's start v_0 is an sde step: the factor on n_k makes each
-      pixel's N_k have the variance (v_p(b)² − v_p(d_k)²)/v_b², d_k = v_b·(v_b/v_0)^η.
+    - sde, seeds: v_b·(v_b/v_a)^η; sa_solver: the same with η = tau_func(σ_b)²;
+    - er_sde: v_a·scaler(v_b)/scaler(v_a); renoise (lcm): 0.
     """
 
-    def __init__(self, clock: Clock, base: Callable, rule: str, eta: float = 1.0, tau_func: Optional[Callable] = None,
-                 scaler: Optional[Callable] = None):
-        self.clock, self.base, self.rule, self.eta = clock, base, rule, eta
-        self.tau_func, self.scaler = tau_func, scaler or default_er_sde_scaler
+    def __init__(self, rule: str, eta: float = 1.0, tau_func: Optional[Callable] = None,
+                 scaler: Optional[Callable] = None, tau: bool = False):
+        self.rule, self.eta, self.tau_func = rule, eta, tau_func
+        self.scaler, self.tau = scaler or default_er_sde_scaler, tau  # tau: the flow form (FlowClock)
+
+    def level(self, v_a, v_b, sigma_b: float, tau: bool = False):
+        """v_d for a step v_a → v_b (v: σ, or τ when ``tau``) whose background target is σ_b."""
+        if self.rule == "renoise":
+            return torch.zeros_like(_t(v_b))
+        if self.rule == "ancestral":
+            return ancestral_down(v_a, v_b, self.eta)
+        if self.rule == "er_sde":
+            return er_sde_down(v_a, v_b, self.scaler)
+        if self.rule == "rf":  # in σ, then back to τ
+            s_a, s_b = _t(v_a) / (1 + _t(v_a)), _t(v_b) / (1 + _t(v_b))
+            s_a = torch.where(torch.isinf(_t(v_a)), torch.ones_like(s_a), s_a)
+            s_d = rf_down(s_a, s_b, self.eta)
+            return s_d / (1 - s_d) if tau else s_d
+        eta = float(self.tau_func(sigma_b)) ** 2 if self.rule == "sa_solver" else self.eta
+        return sde_down(v_a, v_b, eta)
+
+
+class PixelNoise:
+    """The sampler's noise sampler scaled per pixel: each call (a, b) adds noise after a
+    deterministic part that the sampler's ``NoiseRule`` sends down to d; the factor is
+    sqrt(pixel's variance / background's) of ``clock.variance`` (1 exactly on the background).
+    SEEDS reuses each draw in its next stage, N_k = N_(k−1)·(v_b/v_a)^η + sqrt(1 − (v_b/v_a)^2η)·n_k,
+    and each stage is an sde step from the step's start v_0: the factor on n_k brings N_k to each
+    pixel's own variance for that stage."""
+
+    def __init__(self, clock: "Clock", base: Callable, rule: NoiseRule):
+        self.clock, self.base, self.rule = clock, base, rule
         self._knots = set(clock.sigmas)
         self._v0, self._want = None, None
 
@@ -299,37 +362,37 @@ class PixelNoise:
         return n * self.factor(float(a), float(b)).to(n)
 
     def factor(self, a: float, b: float) -> torch.Tensor:
-        clock, v_a, v_b = self.clock, self.clock.v(a), self.clock.v(b)
-        if self.rule == "rf":
-            return clock.noise_scale(a, b, rf_down(a, b, self.eta))
-        if self.rule == "seeds":
-            return self._seeds(a, v_a, v_b)
-        if self.rule == "renoise":
-            v_d = 0.0
-        elif self.rule == "ancestral":
-            v_d = ancestral_down(v_a, v_b, self.eta)
-        elif self.rule == "er_sde":
-            v_d = er_sde_down(v_a, v_b, self.scaler)
-        else:
-            eta = float(self.tau_func(b)) ** 2 if self.rule == "sa_solver" else self.eta
-            v_d = sde_down(v_a, v_b, eta)
-        return clock.noise_scale_v(a, v_b, v_d)
-
-    def _seeds(self, a, v_a, v_b):
         clock = self.clock
+        i = clock.interval(a)
+        if b <= 0:
+            return torch.ones_like(clock._piece(i)[0])
+        v_a, v_b = clock.v(a), clock.v(b)
+        if self.rule.rule == "seeds":
+            return self._seeds(i, a, b, v_a, v_b)
+        v_d = float(self.rule.level(v_a, v_b, b, clock.tau))
+        var, var_bg, bg = clock.variance(i, b, clock.sigma_of_v(v_d) if v_d > 0 else 0.0)
+        if var_bg <= 0:
+            return torch.ones_like(var)
+        return torch.where(bg, torch.ones_like(var), (var / var_bg).sqrt())
+
+    def _seeds(self, i, a, b, v_a, v_b):
+        eta = self.rule.eta
         if a in self._knots or self._v0 is None:  # a step's first stage starts on a knot
             self._v0, self._want = v_a, None
-        i = clock.interval(a)
-        v_d = sde_down(self._v0, v_b, self.eta)
-        p_b, w_b = clock.pixel_v(v_b, i)
-        p_d, w_d = clock.pixel_v(v_d, i)
-        want = (p_b.double()**2 - p_d.double()**2).clamp(min=0) / v_b**2
-        carry = (v_b / v_a) ** (2 * self.eta)
+        v_d = float(sde_down(self._v0, v_b, eta))
+        var, _, bg = self.clock.variance(i, b, self.clock.sigma_of_v(v_d) if v_d > 0 else 0.0)
+        want = var / b**2
+        carry = (v_b / v_a) ** (2 * eta)
         prev = torch.zeros_like(want) if self._want is None else self._want
         factor = ((want - prev * carry).clamp(min=0) / (1 - carry)).sqrt()
-        on_bg = (w_b == 0) & (w_d == 0) & (self._on_bg if self._want is not None else True)
+        on_bg = bg & (self._on_bg if self._want is not None else True)
         self._want, self._on_bg = want, on_bg
         return torch.where(on_bg, torch.ones_like(factor), factor)
+
+
+def make_clock(sigmas, knots, rule: Optional[NoiseRule] = None) -> Clock:
+    """The clock a sampler needs: the FlowClock where its noise rule is a flow form (``rule.tau``)."""
+    return FlowClock(sigmas, knots) if rule is not None and rule.tau else Clock(sigmas, knots)
 
 
 class ClockModel:
@@ -345,21 +408,19 @@ class ClockModel:
         self._base_hooks = tuple((base_options or {}).get("sampler_post_cfg_function") or ())
 
     def __call__(self, x, s, **extra):
-        sigma, beta, k, c = self.clock.terms(float(torch.as_tensor(s).flatten()[0]))
-        sigma, k = sigma.to(x.dtype), k.to(x.dtype)
-        c = None if c is None else c.to(x.dtype)
+        sigma, scale, a, b = self.clock.terms(float(torch.as_tensor(s).flatten()[0]))
+        sigma, a, b = sigma.to(x.dtype), a.to(x.dtype), b.to(x.dtype)
         if extra.get("model_options") is not None:
-            extra["model_options"] = _transform_post_cfg(extra["model_options"], self._base_hooks, x, k, c)
-        return tilde(x, self.model(x if beta is None else x * beta.to(x.dtype), sigma, **extra), k, c)
+            extra["model_options"] = _transform_post_cfg(extra["model_options"], self._base_hooks, x, a, b)
+        return tilde(x, self.model(x if scale is None else x * scale.to(x.dtype), sigma, **extra), a, b)
 
 
-def tilde(x: torch.Tensor, denoised: torch.Tensor, k: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """D̃ = D + k (c·D − x) (c None: 1), so that k = 0 (a pixel on the background) gives D exactly.
-    σ clock: k = r − 1, i.e. D̃ = x + r (D − x)."""
-    return denoised + k * ((denoised if c is None else c * denoised) - x)
+def tilde(x: torch.Tensor, denoised: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """D̃ = a·D + b·x: a = 1, b = 0 (a pixel on the background) gives D exactly."""
+    return a * denoised + b * x
 
 
-def _transform_post_cfg(options: Dict, base_hooks, x, k, c):
+def _transform_post_cfg(options: Dict, base_hooks, x, a, b):
     fns = options.get("sampler_post_cfg_function") or []
     if not fns:
         return options
@@ -368,7 +429,7 @@ def _transform_post_cfg(options: Dict, base_hooks, x, k, c):
         def hook(args):
             args = dict(args)
             if args.get("uncond_denoised") is not None:
-                args["uncond_denoised"] = tilde(x, args["uncond_denoised"], k, c)
+                args["uncond_denoised"] = tilde(x, args["uncond_denoised"], a, b)
             return fn(args)
 
         return hook

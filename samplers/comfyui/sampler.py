@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..clock import Clock, ClockModel, PixelNoise, noise_rule
+from ..clock import ClockModel, NoiseRule, PixelNoise, make_clock, noise_rule
 from ..engine import RunRecord, initial_latent, plan_model, run as engine_run, sample as engine_sample
 from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS
 from ..plan import DEFAULT_K, SigmaPlan
@@ -304,18 +304,19 @@ def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callb
     its noise scaled per pixel."""
     fn = fn or sampler.sampler_function
     opts = dict(sampler.extra_options)
-    rule, tau = noise_rule(sampler.name, flow)
+    name, tau = noise_rule(sampler.name, flow)
     per_pixel = plan.mode != "vanilla"
-    clock = Clock(sigmas, plan.step, tau=tau and per_pixel)
+    rule = None
+    if name and per_pixel:
+        rule = NoiseRule(name, eta=float(opts.get("eta", _default(fn, "eta", 1.0))),
+                         tau_func=opts.get("tau_func") or _sa_tau(model_wrap, name), scaler=opts.get("noise_scaler"),
+                         tau=tau)
+    clock = make_clock(sigmas, plan.step, rule)
     model = ClockModel(plan_model(model_fn, plan), clock, inner_model=model_wrap,
                        base_options=extra_args.get("model_options"))
-    if rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
+    if name and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
         base = _noise_sampler(noise_info(sampler.name), x, sigmas, seed, batch_index)
-        opts["noise_sampler"] = base
-        if per_pixel:
-            opts["noise_sampler"] = PixelNoise(clock, base, rule, eta=float(opts.get("eta", _default(fn, "eta", 1.0))),
-                                               tau_func=opts.get("tau_func") or _sa_tau(model_wrap, rule),
-                                               scaler=opts.get("noise_scaler"))
+        opts["noise_sampler"] = base if rule is None else PixelNoise(clock, base, rule)
     x = clock.unscale(x, float(sigmas[0]))
     out = fn(model, x, sigmas, extra_args=dict(extra_args), callback=callback, disable=disable, **opts)
     return clock.scale(out, float(sigmas[-1]))
