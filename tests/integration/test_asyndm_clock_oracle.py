@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from asyndm_fpdm.samplers.clock import Clock, ClockModel
+from asyndm_fpdm.samplers.clock import ClockModel
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
                  "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2", "dpm_fast", "euler_cfg_pp",
