@@ -245,10 +245,10 @@ def test_every_stochastic_sampler_runs_per_pixel_on_flow_models(flow_dits, fam):
     """Flow models (tiny Flux and SD3), every ComfyUI sampler that draws noise: vanilla equals the
     core KSampler (1e-4); AsynDM with a dynamic mask runs and is finite; with a fixed mask, at every
     model call, no object pixel is below the background's sigma, the objects lag somewhere, and the
-    first call's input is the initial noise at every pixel (σ = 1: the τ clock's sampler variable,
-    e^w·noise on lagging pixels, is handed back to the model as β·x). Before this the stochastic
-    samplers refused AsynDM on flow models; with the τ clock's input scale β left out (tried once)
-    the first input of lagging pixels is off by their factor (relative 1.2 on SD3)."""
+    first call's input is the initial noise at every pixel (σ = 1: the FlowClock's sampler
+    variable, κ·noise on lagging pixels, is handed back to the model as x/κ). Before this the
+    stochastic samplers refused AsynDM on flow models; with the model fed the sampler's x itself
+    (tried once) the first input of lagging pixels is off by κ (relative 1.0 on SD3)."""
     import comfy.sample
 
     model, pos, neg = flow_dits[fam]

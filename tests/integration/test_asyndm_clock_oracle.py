@@ -230,9 +230,9 @@ def test_stochastic_samplers_give_the_data_distribution_per_pixel(comfy_env, nam
     assert abs(float(zl.var()) - 1) < 4 * (2 / n) ** 0.5 + bias + 0.02, (name, float(zl.var()), float(zb.var()))
 
 
-# The τ clock (flow models): ComfyUI's flow forms of the stochastic samplers, at eta 0, are ODE
-# solvers of the background's flow ODE; with D̃ = D + k(α(s)·D − x) and the model fed β·x they must
-# integrate each pixel's own ODE. (dpm_2_ancestral_RF is nan at eta 0 in ComfyUI itself.)
+# The FlowClock (flow models): ComfyUI's flow forms of the stochastic samplers, at eta 0, are ODE
+# solvers of the background's flow ODE; with D̃ = κ r D + (1 − r − s·κ'/κ)·x and the model fed x/κ
+# they must integrate each pixel's own ODE. (dpm_2_ancestral_RF is nan at eta 0 in ComfyUI itself.)
 TAU_ODE = ["euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "seeds_2",
            "euler_ancestral_cfg_pp"]
 
@@ -240,13 +240,13 @@ TAU_ODE = ["euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
 @pytest.mark.parametrize("name", TAU_ODE)
 @pytest.mark.parametrize("kind", ["const", "curved", "restart"])
 def test_tau_clock_integrates_each_pixels_ode_on_flow_models(comfy_env, name, kind):
-    """The τ clock's reparameterisation against the closed form: the stochastic samplers' flow
+    """The FlowClock's reparameterisation against the closed form: the stochastic samplers' flow
     forms at eta 0 converge on lagging pixels (at their background order for constant rates, at
-    least first order where the rate changes). Mutation caught (tried once): c = 1 instead of
-    α(s) in D̃ (the σ clock's form, in the τ representation): lagging errors 0.3-0.6, not falling."""
+    least first order where the rate changes). Mutation caught (tried once): the s·κ'/κ term left
+    out of D̃ (lagging errors 1.3-1.7, not falling)."""
     from asyndm_fpdm.samplers.clock import noise_rule
 
-    assert noise_rule(name, True)[1], f"{name} should run on the τ clock on flow models"
+    assert noise_rule(name, True)[1], f"{name} should run on the FlowClock on flow models"
     bg, lag = _errors(comfy_env, name, kind, (12, 24, 48), flow=True, eta=0.0)
     assert lag[-1] < lag[0] / 2, (name, bg, lag)
     assert _order(lag) >= min(_order(bg), 2.0 if kind == "const" else 1.0) - 0.3, (name, bg, lag)
@@ -272,8 +272,11 @@ def test_flow_stochastic_samplers_give_the_data_distribution_per_pixel(comfy_env
     """On a flow model (x = (1 − σ)x0 + σε, every pixel pure noise at σ = 1, objects lagging at
     fixed rates, 4 seeds in a batch): each pixel's final value is distributed as the data at its
     own last sigma, N((1 − σ_p)μ, (1 − σ_p)²sd² + σ_p²), on lagging pixels as on the background.
-    The same run with the sampler's noise unscaled (factor 1 on lagging pixels) fails the same
-    criterion (variance about 0.1: their noise is sized for the background's much smaller τ)."""
+    One lagging group is held at σ = 1 for the first steps, as AsynDM's curves do on Flux. The
+    same run with the sampler's noise unscaled (factor 1 on lagging pixels) fails the same
+    criterion (variance about 0.1: their noise is sized for the background's much smaller τ);
+    so does, for dpm_2_ancestral, the 2M/3M SDEs and SEEDS, the FlowClock with q = 1 (the
+    background's α rescale on every pixel: variance 1.33-1.39)."""
     kw = dict(seed=3, stochastic=True, size=(32, 32), flow=True, batch=4, held=True)
     out, _, group, mean, std = _run(comfy_env, name, "const", 40, **kw)
     ok, stats = _distribution_ok(out, mean, std, group)
