@@ -288,8 +288,9 @@ _SDE = ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_h
 
 
 def noise_rule(name: str, flow: bool) -> Tuple[Optional[str], bool]:
-    """(rule of the sampler's noise, whether it needs the FlowClock) for a ComfyUI sampler name;
-    rule None: deterministic (or unknown: its own noise, not per pixel)."""
+    """(rule of the sampler's noise, whether it needs the FlowClock) for a ComfyUI sampler name
+    (another pack's named "…ancestral…" / "…sde…": the σ forms); rule None: deterministic, or
+    unknown (its own noise, not per pixel)."""
     if name in _RF:
         return ("rf", True) if flow else ("ancestral", False)
     if name in _TAU_ANCESTRAL:
@@ -306,6 +307,10 @@ def noise_rule(name: str, flow: bool) -> Tuple[Optional[str], bool]:
         return "er_sde", flow
     if name == "lcm":
         return "renoise", flow
+    if "ancestral" in name:  # another pack's, by ComfyUI's naming: its σ form
+        return "ancestral", False
+    if "sde" in name:
+        return "sde", False
     return None, False
 
 
