@@ -22,13 +22,16 @@ bit. A pixel held at one sigma has r = 0 (D̃ = x: it does not move). Into a las
 lag stays at the last knot's, σ_p = σ_p,N−1·s/S_{N−1}: r = 1 and the final latent is the
 denoised one.
 
-Noise: ancestral/SDE samplers add noise sized for the background's step s → s' (deterministic
-part down to s_d, then noise of variance s'² − s_d²). The pixel's deterministic part goes down
-to σ_p(s_d), so it needs noise of variance σ_p(s')² − σ_p(s_d)² to sit at its own σ_p(s');
-``noise_scale`` is that per-pixel factor on the sampler's noise (s_d from k-diffusion's
-get_ancestral_step for ancestral steps, s'^(1+η)/s^η for DPM-Solver++'s SDE steps). Where the lag
-is linear in log s this is the pixel's own ancestral / SDE step with the same η; background
-pixels get factor 1 exactly.
+Noise: a stochastic step takes the state down to a level d by its deterministic part, then adds
+noise up to s'. The pixel's deterministic part goes to σ_p(d), so ``PixelNoise`` scales the
+sampler's own noise by sqrt(the pixel's variance / the background's) (``Clock.variance``), with d
+from the sampler's own rule (``NoiseRule``, ``noise_rule``); 1 exactly on the background.
+
+Flow models (x = α x0 + σ ε, α = 1 − σ): samplers with flow forms rescale x by the background's
+α'/α_d between steps, so they run on the ``FlowClock``: the sampler's x at a pixel is κ·x_p with
+κ = α(s)/max(α(σ_p), q·α(s)) — the pixel's VE state x0 + τ_p ε (τ = σ/α) scaled by the
+background's α wherever the pixel is not near pure noise (DESIGN.md, "Any sampler by a change of
+clock").
 """
 
 import bisect
@@ -45,6 +48,8 @@ class Clock:
     order, once per interval, when a sampler first evaluates inside that interval (a dynamic plan
     decides σ_p,i+1 only then).
     """
+
+    tau = False  # the noise rules' coordinate v is σ (FlowClock: τ)
 
     def __init__(self, sigmas: torch.Tensor, knots: Callable[[int], Tuple[torch.Tensor, torch.Tensor]]):
         self.sigmas = [float(s) for s in torch.as_tensor(sigmas).flatten()]
@@ -102,32 +107,126 @@ class Clock:
         start, end = torch.where(ok, start, secant), torch.where(ok, end, secant)
         return w_a, secant, start, end, False
 
-    def at(self, s: float, i: Optional[int] = None):
-        """(σ_p map, r map) at background sigma s (in interval i, found from s when not given)."""
+    def lag(self, s: float, i: Optional[int] = None):
+        """(lag w, its slope dw/d log s) maps at background sigma s (interval i, from s if not given)."""
         i = self.interval(s) if i is None else i
         w_a, secant, start, end, flat = self._piece(i)
-        s_t = torch.as_tensor(s, dtype=w_a.dtype, device=w_a.device)
         if flat:
-            return s_t * w_a.exp(), torch.ones_like(w_a)
+            return w_a, torch.zeros_like(w_a)
         du = self._u(i + 1) - self._u(i)
         t = (math.log(s) - self._u(i)) / du
         tc = min(max(t, 0.0), 1.0)
         edge = start if t < 0 else end  # beyond the knots: straight on with the end slope
-        w = w_a + du * _rise(tc, secant, start, end) + (t - tc) * du * edge
-        slope = _slope(tc, secant, start, end)
-        return s_t * w.exp(), 1 + slope
+        return w_a + du * _rise(tc, secant, start, end) + (t - tc) * du * edge, _slope(tc, secant, start, end)
 
-    def noise_scale(self, s: float, s_next: float, s_down: float) -> torch.Tensor:
-        """Per-pixel factor on noise of std sqrt(s_next² − s_down²) added after the background's
-        deterministic step s → s_down, so that the pixel's variance reaches σ_p(s_next)²."""
-        i = self.interval(s)
-        w_a = self._piece(i)[0]
-        up2 = s_next**2 - s_down**2
-        if s_next <= 0 or up2 <= 0:
-            return torch.ones_like(w_a)
-        sig_next, _ = self.at(s_next, i)
-        sig_down = self.at(s_down, i)[0] if s_down > 0 else torch.zeros_like(sig_next)
-        return ((sig_next**2 - sig_down**2).clamp(min=0) / up2).sqrt()
+    def at(self, s: float, i: Optional[int] = None):
+        """(σ_p map, r map) at background sigma s, σ clock (in interval i, found from s when not given)."""
+        w, slope = self.lag(s, i)
+        return torch.as_tensor(s, dtype=w.dtype, device=w.device) * w.exp(), 1 + slope
+
+    def terms(self, s: float):
+        """What the sampler's model call at background sigma s needs, per pixel: (σ_p, input scale
+        (None: 1), a, b) with D̃ = a·D + b·x (``tilde``) and the model fed the scaled x. Here the
+        sampler's x is the pixel's latent, a = r, b = 1 − r: 1 and 0 exactly on the background."""
+        w, slope = self.lag(s)
+        r = 1 + slope
+        return torch.as_tensor(s, dtype=w.dtype, device=w.device) * w.exp(), None, r, 1 - r
+
+    def v(self, s: float) -> float:
+        """The noise coordinate of a background sigma (σ here, τ on the FlowClock)."""
+        return s
+
+    def sigma_of_v(self, v: float) -> float:
+        return v
+
+    def scale(self, sampler_x: torch.Tensor, s: float) -> torch.Tensor:
+        """The pixels' latents from the sampler's x at background sigma s (identity here)."""
+        return sampler_x
+
+    def unscale(self, latent: torch.Tensor, s: float) -> torch.Tensor:
+        """The sampler's x from the pixels' latents at background sigma s (identity here)."""
+        return latent
+
+    def variance(self, i: int, b: float, d: float):
+        """(pixel's, background's) variance of the noise that tops the step's deterministic part
+        (in interval i, down to d) up to each one's own sigma at b; and where the pixel is on the
+        background at both."""
+        w_b, _ = self.lag(b, i)
+        sig_b = b * w_b.double().exp()
+        if d > 0:
+            w_d, _ = self.lag(d, i)
+            sig_d = d * w_d.double().exp()
+        else:
+            w_d, sig_d = torch.zeros_like(w_b), torch.zeros_like(sig_b)
+        return (sig_b**2 - sig_d**2).clamp(min=0), b**2 - d**2, (w_b == 0) & (w_d == 0)
+
+
+class FlowClock(Clock):
+    """The clock for flow models (x = α x0 + σ ε, α = 1 − σ) and samplers whose noise steps
+    rescale x by the background's α'/α_d (their flow forms; DESIGN.md, "Noise").
+
+    Pixels follow the σ clock's paths σ_p(s). The sampler's x at a pixel is κ·x_p, x_p the pixel's
+    latent and κ = α(s)/α̃_p, α̃_p = max(α(σ_p), q·α(s)): where α̃_p = α(σ_p) the sampler's x is
+    α(s)·(x0 + τ_p ε), τ = σ/α, and the background's rescale keeps every pixel's state exactly;
+    pixels near pure noise (α(σ_p) < q·α(s), held at σ = 1 included) keep κ = 1/q, so their
+    ODE stays as mild as on the σ clock (with κ = α(s)/α(σ_p) alone it is stiff there: their τ
+    falls many times faster than the background's), at the price of a signal off by the ratio of
+    the two α rescales while they are that noisy. The model is fed x/κ, and
+    D̃ = κ r D + (1 − r − s·d log κ/ds) x makes the background's ODE the pixel's. On the
+    background κ = 1, D̃ = D exactly. At s = 1 (0/0) the terms are their limits, taken at 1 − 1e-7."""
+
+    tau = True
+
+    def __init__(self, sigmas, knots, q: float = 0.5):
+        super().__init__(sigmas, knots)
+        self.q = q
+
+    def v(self, s: float) -> float:
+        return math.inf if s >= 1 else s / (1 - s)
+
+    def sigma_of_v(self, v: float) -> float:
+        return 1.0 if math.isinf(v) else v / (1 + v)
+
+    def _kappa(self, s: float, i: Optional[int] = None):
+        """(σ_p, r, κ, d log κ/ds, background mask) at s (double)."""
+        s = min(s, 1 - 1e-7)
+        w, slope = self.lag(s, i)
+        w, r = w.double(), 1 + slope.double()
+        sigma = s * w.exp()
+        a_s, a_p = 1 - s, 1 - sigma
+        free = a_p >= self.q * a_s
+        a_t = torch.where(free, a_p, torch.full_like(a_p, self.q * a_s))
+        da_t = torch.where(free, -r * sigma / s, torch.full_like(a_p, -self.q))
+        kappa = a_s / a_t
+        dlog = -1 / a_s - da_t / a_t
+        return sigma, r, kappa, dlog, w == 0
+
+    def terms(self, s: float):
+        sigma, r, kappa, dlog, bg = self._kappa(s)
+        if s >= 1:
+            sigma = torch.ones_like(sigma)
+        else:
+            w, _ = self.lag(s)
+            sigma = s * w.double().exp()
+        a = torch.where(bg, torch.ones_like(r), kappa * r)
+        b = torch.where(bg, torch.zeros_like(r), 1 - r - min(s, 1 - 1e-7) * dlog)
+        return sigma.float(), torch.where(bg, torch.ones_like(kappa), 1 / kappa), a, b
+
+    def scale(self, sampler_x, s):
+        return sampler_x * self.terms(s)[1].to(sampler_x)
+
+    def unscale(self, latent, s):
+        return latent / self.terms(s)[1].to(latent)
+
+    def variance(self, i: int, b: float, d: float):
+        """(pixel's, background's) variance of the noise that tops the step's deterministic part
+        (down to d, then rescaled by α(b)/α(d)) up to each one's own sigma at b."""
+        sig_b, _, k_b, _, bg_b = self._kappa(b, i)
+        sig_d, _, k_d, _, bg_d = self._kappa(d, i) if d > 0 else (torch.zeros_like(sig_b), None, k_b, None, bg_b)
+        rescale = (1 - b) / (1 - d)
+        nu = rescale * (k_d / k_b) * sig_d
+        var = (k_b**2 * (sig_b**2 - nu**2)).clamp(min=0)
+        return var, b**2 - (rescale * d) ** 2, bg_b & bg_d
 
 
 def _rise(t, secant, start, end):
@@ -141,22 +240,164 @@ def _slope(t, secant, start, end):
     return secant + (start - secant) * (1 - 4 * t + 3 * t**2) + (end - secant) * (3 * t**2 - 2 * t)
 
 
-def ancestral_down(s: float, s_next: float, eta: float) -> float:
-    """k-diffusion's get_ancestral_step: the sigma the deterministic part goes down to."""
-    if not eta or s_next <= 0:
+def ancestral_down(s, s_next, eta):
+    """k-diffusion's get_ancestral_step: the level the deterministic part goes down to (floats or
+    tensors). From an infinite level (τ at σ = 1) ComfyUI's formula gives σ_up = s_next (nan
+    compares false): 0."""
+    if not eta:
         return s_next
-    up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
-    return (s_next**2 - up**2) ** 0.5
+    s, s_next = _t(s), _t(s_next)
+    up = torch.minimum(s_next, eta * (s_next**2 * (1 - (s_next / s) ** 2)).clamp(min=0).sqrt())
+    down = (s_next**2 - up**2).clamp(min=0).sqrt()
+    return torch.where(torch.isinf(s), torch.zeros_like(down), down)
 
 
-def sde_down(s: float, s_next: float, eta: float) -> float:
+def sde_down(s, s_next, eta):
     """DPM-Solver++ SDE steps: x scales by (s'/s)·e^(−ηh), h = log(s/s'), i.e. down to s'^(1+η)/s^η."""
-    if s_next <= 0:
-        return s_next
+    s, s_next = _t(s), _t(s_next)
     return s_next * (s_next / s) ** eta
 
 
-NOISE_DOWN = {"ancestral": ancestral_down, "sde": sde_down}
+def rf_down(s, s_next, eta):
+    """The RF ancestral samplers' flow sigma of the deterministic part (k-diffusion's *_RF)."""
+    return s_next * (1 + (s_next / s - 1) * eta)
+
+
+def er_sde_down(s, s_next, scaler: Callable):
+    """ER-SDE's first stage x ← r·x + (1 − r)·D in VE form, r = scaler(v')/scaler(v): down to r·v
+    (from v = ∞: v/scaler(v) → 0)."""
+    s, s_next = _t(s), _t(s_next)
+    down = s * scaler(s_next) / scaler(s)
+    return torch.where(torch.isinf(s), torch.zeros_like(down), down)
+
+
+def _t(v):
+    return torch.as_tensor(v, dtype=torch.float64)
+
+
+# How each ComfyUI sampler's noise is added (k-diffusion's sampling.py), on EDM-type models / on
+# flow models (CONST), and whether a flow model then needs the FlowClock (DESIGN.md, "Noise").
+# Samplers that step flow models with their half-log-SNR or RF forms add noise in VE coordinates
+# τ = σ/(1 − σ); those that apply k-diffusion's σ formulas to a flow model's sigmas stay in σ.
+_RF = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")
+_TAU_ANCESTRAL = ("dpmpp_sde", "dpmpp_sde_gpu", "euler_ancestral_cfg_pp")
+_SIGMA_ANCESTRAL = ("dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+                    "ddpm", "dpm_fast", "dpm_adaptive")
+_SDE = ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
+        "dpmpp_3m_sde_gpu")
+
+
+def noise_rule(name: str, flow: bool) -> Tuple[Optional[str], bool]:
+    """(rule of the sampler's noise, whether it needs the FlowClock) for a ComfyUI sampler name
+    (another pack's named "…ancestral…" / "…sde…": the σ forms); rule None: deterministic, or
+    unknown (its own noise, not per pixel)."""
+    if name in _RF:
+        return ("rf", True) if flow else ("ancestral", False)
+    if name in _TAU_ANCESTRAL:
+        return "ancestral", flow
+    if name in _SIGMA_ANCESTRAL:
+        return "ancestral", False
+    if name in _SDE:
+        return "sde", flow
+    if name in ("seeds_2", "seeds_3"):
+        return "seeds", flow
+    if name in ("sa_solver", "sa_solver_pece"):
+        return "sa_solver", flow
+    if name == "er_sde":
+        return "er_sde", flow
+    if name == "lcm":
+        return "renoise", flow
+    if "ancestral" in name:  # another pack's, by ComfyUI's naming: its σ form
+        return "ancestral", False
+    if "sde" in name:
+        return "sde", False
+    return None, False
+
+
+def default_er_sde_scaler(v):
+    return v * ((v**0.3).exp() + 10.0)
+
+
+class NoiseRule:
+    """A sampler's rule for the level v_d its deterministic part goes down to before the noise
+    of a call (a → b) tops it up to b (``level``, on floats or per-pixel tensors, in v):
+
+    - ancestral: k-diffusion's get_ancestral_step(v_a, v_b, η); rf: the RF samplers' σ_d;
+    - sde, seeds: v_b·(v_b/v_a)^η; sa_solver: the same with η = tau_func(σ_b)²;
+    - er_sde: v_a·scaler(v_b)/scaler(v_a); renoise (lcm): 0.
+    """
+
+    def __init__(self, rule: str, eta: float = 1.0, tau_func: Optional[Callable] = None,
+                 scaler: Optional[Callable] = None, tau: bool = False):
+        self.rule, self.eta, self.tau_func = rule, eta, tau_func
+        self.scaler, self.tau = scaler or default_er_sde_scaler, tau  # tau: the flow form (FlowClock)
+
+    def level(self, v_a, v_b, sigma_b: float, tau: bool = False):
+        """v_d for a step v_a → v_b (v: σ, or τ when ``tau``) whose background target is σ_b."""
+        if self.rule == "renoise":
+            return torch.zeros_like(_t(v_b))
+        if self.rule == "ancestral":
+            return ancestral_down(v_a, v_b, self.eta)
+        if self.rule == "er_sde":
+            return er_sde_down(v_a, v_b, self.scaler)
+        if self.rule == "rf":  # in σ, then back to τ
+            s_a, s_b = _t(v_a) / (1 + _t(v_a)), _t(v_b) / (1 + _t(v_b))
+            s_a = torch.where(torch.isinf(_t(v_a)), torch.ones_like(s_a), s_a)
+            s_d = rf_down(s_a, s_b, self.eta)
+            return s_d / (1 - s_d) if tau else s_d
+        eta = float(self.tau_func(sigma_b)) ** 2 if self.rule == "sa_solver" else self.eta
+        return sde_down(v_a, v_b, eta)
+
+
+class PixelNoise:
+    """The sampler's noise sampler scaled per pixel: each call (a, b) adds noise after a
+    deterministic part that the sampler's ``NoiseRule`` sends down to d; the factor is
+    sqrt(pixel's variance / background's) of ``clock.variance`` (1 exactly on the background).
+    SEEDS reuses each draw in its next stage, N_k = N_(k−1)·(v_b/v_a)^η + sqrt(1 − (v_b/v_a)^2η)·n_k,
+    and each stage is an sde step from the step's start v_0: the factor on n_k brings N_k to each
+    pixel's own variance for that stage."""
+
+    def __init__(self, clock: "Clock", base: Callable, rule: NoiseRule):
+        self.clock, self.base, self.rule = clock, base, rule
+        self._knots = set(clock.sigmas)
+        self._v0, self._want = None, None
+
+    def __call__(self, a, b):
+        n = self.base(a, b)
+        return n * self.factor(float(a), float(b)).to(n)
+
+    def factor(self, a: float, b: float) -> torch.Tensor:
+        clock = self.clock
+        i = clock.interval(a)
+        if b <= 0:
+            return torch.ones_like(clock._piece(i)[0])
+        v_a, v_b = clock.v(a), clock.v(b)
+        if self.rule.rule == "seeds":
+            return self._seeds(i, a, b, v_a, v_b)
+        v_d = float(self.rule.level(v_a, v_b, b, clock.tau))
+        var, var_bg, bg = clock.variance(i, b, clock.sigma_of_v(v_d) if v_d > 0 else 0.0)
+        if var_bg <= 0:
+            return torch.ones_like(var)
+        return torch.where(bg, torch.ones_like(var), (var / var_bg).sqrt())
+
+    def _seeds(self, i, a, b, v_a, v_b):
+        eta = self.rule.eta
+        if a in self._knots or self._v0 is None:  # a step's first stage starts on a knot
+            self._v0, self._want = v_a, None
+        v_d = float(sde_down(self._v0, v_b, eta))
+        var, _, bg = self.clock.variance(i, b, self.clock.sigma_of_v(v_d) if v_d > 0 else 0.0)
+        want = var / b**2
+        carry = (v_b / v_a) ** (2 * eta)
+        prev = torch.zeros_like(want) if self._want is None else self._want
+        factor = ((want - prev * carry).clamp(min=0) / (1 - carry)).sqrt()
+        on_bg = bg & (self._on_bg if self._want is not None else True)
+        self._want, self._on_bg = want, on_bg
+        return torch.where(on_bg, torch.ones_like(factor), factor)
+
+
+def make_clock(sigmas, knots, rule: Optional[NoiseRule] = None) -> Clock:
+    """The clock a sampler needs: the FlowClock where its noise rule is a flow form (``rule.tau``)."""
+    return FlowClock(sigmas, knots) if rule is not None and rule.tau else Clock(sigmas, knots)
 
 
 class ClockModel:
@@ -165,26 +406,26 @@ class ClockModel:
     ``inner_model`` is what samplers read through ``model.inner_model`` (ComfyUI's samplers look up
     the model sampling there). The CFG++ samplers' post-CFG functions — those in the model options
     a call brings that were not in ``base_options`` — see the unconditional prediction transformed
-    the same way as D."""
+    the same way as D. On the τ clock the model is fed each pixel's own latent β·x."""
 
     def __init__(self, model: Callable, clock: Clock, inner_model=None, base_options: Optional[Dict] = None):
         self.model, self.clock, self.inner_model = model, clock, inner_model
         self._base_hooks = tuple((base_options or {}).get("sampler_post_cfg_function") or ())
 
     def __call__(self, x, s, **extra):
-        sigma, r = self.clock.at(float(torch.as_tensor(s).flatten()[0]))
-        sigma, r = sigma.to(x.dtype), r.to(x.dtype)
+        sigma, scale, a, b = self.clock.terms(float(torch.as_tensor(s).flatten()[0]))
+        sigma, a, b = sigma.to(x.dtype), a.to(x.dtype), b.to(x.dtype)
         if extra.get("model_options") is not None:
-            extra["model_options"] = _transform_post_cfg(extra["model_options"], self._base_hooks, x, r)
-        return tilde(x, self.model(x, sigma, **extra), r)
+            extra["model_options"] = _transform_post_cfg(extra["model_options"], self._base_hooks, x, a, b)
+        return tilde(x, self.model(x if scale is None else x * scale.to(x.dtype), sigma, **extra), a, b)
 
 
-def tilde(x: torch.Tensor, denoised: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """D̃ = x + r (D − x), written so that r = 1 gives D exactly."""
-    return denoised + (r - 1) * (denoised - x)
+def tilde(x: torch.Tensor, denoised: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """D̃ = a·D + b·x: a = 1, b = 0 (a pixel on the background) gives D exactly."""
+    return a * denoised + b * x
 
 
-def _transform_post_cfg(options: Dict, base_hooks, x, r):
+def _transform_post_cfg(options: Dict, base_hooks, x, a, b):
     fns = options.get("sampler_post_cfg_function") or []
     if not fns:
         return options
@@ -193,7 +434,7 @@ def _transform_post_cfg(options: Dict, base_hooks, x, r):
         def hook(args):
             args = dict(args)
             if args.get("uncond_denoised") is not None:
-                args["uncond_denoised"] = tilde(x, args["uncond_denoised"], r)
+                args["uncond_denoised"] = tilde(x, args["uncond_denoised"], a, b)
             return fn(args)
 
         return hook

@@ -316,13 +316,12 @@ def sample_ddim(model, x, plan, extra_args=None, callback=None, disable=None, et
 @dataclass(frozen=True)
 class SamplerInfo:
     """What the pack knows of one sampler. ``function``: the per-pixel version (None for a sampler
-    that runs through the change of clock, clock.py); ``rule``: the rule of its steps' noise, None
-    (deterministic), "ancestral" or "sde" (clock.NOISE_DOWN); ``brownian``: its noise is ComfyUI's
-    Brownian tree (on the CPU unless ``tree_on_cpu`` is off), else fresh Gaussian noise per call.
+    that runs through the change of clock, clock.py, whose noise rule is clock.noise_rule's);
+    ``brownian``: its noise is ComfyUI's Brownian tree (on the CPU unless ``tree_on_cpu`` is off),
+    else fresh Gaussian noise per call.
     Whether it takes eta (and its default) and s_noise is read from the function's signature."""
 
     function: Optional[Callable] = None
-    rule: Optional[str] = None
     brownian: bool = False
     tree_on_cpu: bool = True
 
@@ -345,16 +344,16 @@ class SamplerInfo:
 
 # a new per-pixel sampler: its function above and one line here
 SAMPLERS = {
-    "ddim": SamplerInfo(sample_ddim, rule="ancestral"),
+    "ddim": SamplerInfo(sample_ddim),
     "euler": SamplerInfo(sample_euler),
-    "euler_ancestral": SamplerInfo(sample_euler_ancestral, rule="ancestral"),
+    "euler_ancestral": SamplerInfo(sample_euler_ancestral),
     "heun": SamplerInfo(sample_heun),
     "dpm_2": SamplerInfo(sample_dpm_2),
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m),
-    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, rule="sde", brownian=True),
-    "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, rule="sde", brownian=True),
-    "dpmpp_2s_ancestral": SamplerInfo(sample_dpmpp_2s_ancestral, rule="ancestral"),
-    "lcm": SamplerInfo(sample_lcm, rule="ancestral"),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, brownian=True),
+    "dpmpp_sde": SamplerInfo(sample_dpmpp_sde, brownian=True),
+    "dpmpp_2s_ancestral": SamplerInfo(sample_dpmpp_2s_ancestral),
+    "lcm": SamplerInfo(sample_lcm),
 }
 ETA_SAMPLERS = tuple(name for name, info in SAMPLERS.items() if info.eta is not None)
 

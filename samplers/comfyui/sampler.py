@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..clock import NOISE_DOWN, Clock, ClockModel
+from ..clock import ClockModel, NoiseRule, PixelNoise, make_clock, noise_rule
 from ..engine import initial_latent, plan_model, run as engine_run, sample as engine_sample
 from ..pixel_samplers import ETA_SAMPLERS, SAMPLERS, SamplerInfo
 from ..plan import DEFAULT_K, SigmaPlan
@@ -42,6 +42,7 @@ COMFY_SAMPLERS = (
     "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
     "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
     "uni_pc_bh2")
+NO_NATIVE_FLOW = ("dpmpp_2s_ancestral",)  # native samplers without a flow form: ComfyUI's RF one, clocked
 DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")  # as the core KSampler does
 
 
@@ -59,19 +60,13 @@ def sampler_names() -> List[str]:
 
 def sampler_info(name: str, function: Optional[Callable] = None) -> SamplerInfo:
     """The record of a sampler: the native per-pixel one of that name (pixel_samplers.SAMPLERS), or
-    for any other function (ComfyUI's, another pack's) one read from ComfyUI's naming: its noise
-    rule, Brownian tree ("dpmpp_*sde*"), tree on the device ("_gpu"). Nothing to add for a sampler
-    without a native version."""
+    for any other function (ComfyUI's, another pack's) one read from ComfyUI's naming: Brownian tree
+    ("dpmpp_*sde*"), tree on the device ("_gpu"). Nothing to add for a sampler without a native
+    version; its noise rule is clock.noise_rule's."""
     if function is None and name in SAMPLERS:
         return SAMPLERS[name]
-    if "ancestral" in name or name in ("ddpm", "lcm", "dpm_fast", "dpm_adaptive"):
-        rule = "ancestral"
-    elif "sde" in name or name.startswith(("seeds_", "sa_solver")):
-        rule = "sde"
-    else:
-        rule = None
     brownian = name.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"))
-    return SamplerInfo(function, rule, brownian, not name.endswith("_gpu"))
+    return SamplerInfo(function, brownian, not name.endswith("_gpu"))
 
 
 def _function_name(fn) -> str:
@@ -304,32 +299,46 @@ def _noise_sampler(info: SamplerInfo, x, sigmas, seed, batch_index=None):
 
 
 def _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, callback, disable, seed, flow,
-               batch_index=None):
-    """ComfyUI's own sampler function, unmodified, stepping the background's sigmas; every pixel on
-    its own sigma through the change of clock (clock.py)."""
-    clock = Clock(sigmas, plan.step)
+               batch_index=None, fn=None):
+    """ComfyUI's own sampler function (``fn``, default the sampler's), unmodified, stepping the
+    background's sigmas; every pixel on its own sigma through the change of clock (clock.py), with
+    its noise scaled per pixel."""
+    fn = fn or sampler.sampler_function
+    opts = dict(sampler.extra_options)
+    name, tau = noise_rule(sampler.name, flow)
+    per_pixel = plan.mode != "vanilla"
+    rule = None
+    if name and per_pixel:
+        rule = NoiseRule(name, eta=float(opts.get("eta", _default(fn, "eta", 1.0))),
+                         tau_func=opts.get("tau_func") or _sa_tau(model_wrap, name), scaler=opts.get("noise_scaler"),
+                         tau=tau)
+    clock = make_clock(sigmas, plan.step, rule)
     model = ClockModel(plan_model(model_fn, plan), clock, inner_model=model_wrap,
                        base_options=extra_args.get("model_options"))
-    opts = dict(sampler.extra_options)
-    info = sampler_info(sampler.name, sampler.sampler_function)
-    fn = sampler.sampler_function
-    if info.rule and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
-        base = _noise_sampler(info, x, sigmas, seed, batch_index)
-        opts["noise_sampler"] = base
-        if plan.mode != "vanilla":
-            if flow:
-                raise ValueError(
-                    f"the stochastic sampler {sampler.name!r} has no per-pixel noise on flow-matching models (Flux, "
-                    f"SD3): use one of {', '.join(n for n in SAMPLERS if n in ETA_SAMPLERS or n == 'lcm')}, a "
-                    "deterministic sampler, or mode 'vanilla'")
-            down, eta = NOISE_DOWN[info.rule], float(opts.get("eta", 1.0))
+    if name and "noise_sampler" not in opts and _accepts(fn, "noise_sampler"):
+        base = _noise_sampler(sampler_info(sampler.name, fn), x, sigmas, seed, batch_index)
+        opts["noise_sampler"] = base if rule is None else PixelNoise(clock, base, rule)
+    x = clock.unscale(x, float(sigmas[0]))
+    out = fn(model, x, sigmas, extra_args=dict(extra_args), callback=callback, disable=disable, **opts)
+    return clock.scale(out, float(sigmas[-1]))
 
-            def noise_sampler(s, s_next):
-                s, s_next = float(s), float(s_next)
-                return base(s, s_next) * clock.noise_scale(s, s_next, down(s, s_next, eta)).to(x)
 
-            opts["noise_sampler"] = noise_sampler
-    return fn(model, x, sigmas, extra_args=dict(extra_args), callback=callback, disable=disable, **opts)
+def _default(fn, name, fallback):
+    try:
+        p = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return fallback
+    return fallback if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def _sa_tau(model_wrap, rule):
+    """sa_solver's default stochastic interval (its own: η 1 between 20% and 80% of the schedule)."""
+    if rule != "sa_solver":
+        return None
+    from comfy.k_diffusion import sa_solver
+
+    ms = model_wrap.inner_model.model_sampling
+    return sa_solver.get_tau_interval_func(ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8), eta=1.0)
 
 
 def _backend(model_patcher, per_pixel: bool):
@@ -416,9 +425,14 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
             x = ms.noise_scaling(sigmas[0], noise, latent, False)
         else:
             x = initial_latent(plan, noise, latent, model_sampling.noise_scaling)
-        if sampler.sampler_function is not None:
+        fn = sampler.sampler_function
+        if fn is None and model_sampling.flow and sampler.name in NO_NATIVE_FLOW:
+            import comfy.samplers
+
+            fn = comfy.samplers.sampler_object(sampler.name).sampler_function
+        if fn is not None:
             return _clock_run(sampler, model_wrap, plan, model_fn, x, sigmas, extra_args, step_callback, disable_pbar,
-                              seed, model_sampling.flow, batch_index)
+                              seed, model_sampling.flow, batch_index, fn)
         return engine_run(model_fn, x, plan, sampler.name, extra_args=dict(extra_args), callback=step_callback,
                           noise_sampler=_noise_sampler(SAMPLERS[sampler.name], x, sigmas, seed, batch_index),
                           **sampler.extra_options)
