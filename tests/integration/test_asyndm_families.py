@@ -22,6 +22,7 @@ TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 rou
 SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
             ("dpmpp_2m_sde", "simple")]
 FAMILIES += ["hidream"]
+FAMILIES += ["hunyuan_image"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +40,8 @@ def _latent(fam, batch=1, size=8, frames=1):
     """A family's empty latent: Wan's is a video (B, 16, frames, size, size); one frame is text-to-image."""
     if fam in ("wan", "qwen_image"):  # Qwen-Image: a one-frame video latent (Wan's VAE)
         return {"samples": torch.zeros(batch, 16, frames, size, size)}
+    if fam == "hunyuan_image":  # 64-channel latents (its VAE downsamples 32×)
+        return empty_latent(batch, size, 64)
     if fam == "chroma_radiance":  # pixels (the tiny stand-in's patch is 2 pixels, the real one 16)
         return empty_latent(batch, size, 3)
     return empty_latent(batch, size, 16)
@@ -274,6 +277,7 @@ def test_family_weight_patches_reach_the_per_token_path(fams, fam):
            "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight",
            "hidream": "diffusion_model.double_stream_blocks.0.block.adaLN_modulation.1.weight",
            "lumina2": "diffusion_model.layers.0.adaLN_modulation.1.weight",
+           "hunyuan_image": "diffusion_model.double_blocks.0.img_mod.lin.weight",
            }[fam]
     weight = model.model.get_parameter(key)
     patched = model.clone()
