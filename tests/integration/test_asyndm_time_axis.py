@@ -307,6 +307,7 @@ def _decode_dit(family, dm, ms, rec, extra_sigmas):
 
 BACKENDS.update({"hidream": ("hidream", None, "simple"),  # HiDream-I1 as loaded (shift 1); dev runs at 6.0
                  "hidream + ModelSamplingSD3 6.0": ("hidream", ("SD3", 6.0), "simple")})
+BACKENDS["hunyuan_image"] = ("hunyuan_image", None, "simple")  # HunyuanImage 2.1 as loaded (shift 5)
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
@@ -376,5 +377,3 @@ def test_every_token_receives_the_plans_sigma_and_the_run_reports_it(comfy_env, 
     finally:
         probe.remove()
 
-
-BACKENDS["hunyuan_image"] = ("hunyuan_image", None, "simple")  # HunyuanImage 2.1 as loaded (shift 5)
