@@ -10,6 +10,7 @@ from .pixel_math import UnsupportedModelError
 FAMILY_MODULES = ("comfy_unet", "comfy_flux", "comfy_mmdit", "comfy_chroma", "comfy_wan", "comfy_qwen_image",
                   "comfy_chroma_radiance", "comfy_lumina2")
 FAMILY_MODULES += ("comfy_hidream",)
+FAMILY_MODULES += ("comfy_hunyuan_image",)
 
 
 def backend_for(model_patcher, **kwargs):

@@ -40,6 +40,7 @@ class FluxLike(PixelBackend):
     """Flux's stream layout and capture, shared by the Flux-derived families."""
 
     TEXT = "t5xxl"
+    IMG_FIRST = False  # the joint sequence's order: Flux [text | image], HunyuanVideo's blocks [image | text]
 
     def __init__(self, model_patcher, capture_blocks=None):
         super().__init__(model_patcher)
@@ -55,7 +56,7 @@ class FluxLike(PixelBackend):
         if call.capture:
             dit = replace.setdefault("dit", {})
             for i in self.capture_blocks:
-                dit[("double_block", i)] = chain(_capture(self.dm, i), dit.get(("double_block", i)))
+                dit[("double_block", i)] = chain(_capture(self.dm, i, self.IMG_FIRST), dit.get(("double_block", i)))
 
 
 @register
@@ -113,7 +114,7 @@ class ComfyFluxBackend(FluxLike):
         return handles
 
 
-def _capture(dm, index):
+def _capture(dm, index, img_first=False):
     def patch(args, original_block):
         fwd = (args.get("transformer_options") or {}).get(FORWARD_KEY)
         if fwd is None or not fwd.capture_rows:
@@ -139,10 +140,11 @@ def _capture(dm, index):
             return out
         (q_img, k_img), (_, k_txt) = seen["img"], seen["txt"]
         pe = args.get("pe")
-        if pe is not None:  # RoPE as the block's attention applies it: text first, then image
-            n_txt = k_txt.shape[2]
-            q_img, k_img = apply_rope1(q_img, pe[:, :, n_txt:]), apply_rope1(k_img, pe[:, :, n_txt:])
-            k_txt = apply_rope1(k_txt, pe[:, :, :n_txt])
+        if pe is not None:  # RoPE as the block's attention applies it: text first, then image (or flipped)
+            n_txt, n_img = k_txt.shape[2], q_img.shape[2]
+            pe_img, pe_txt = (pe[:, :, :n_img], pe[:, :, n_img:]) if img_first else (pe[:, :, n_txt:], pe[:, :, :n_txt])
+            q_img, k_img = apply_rope1(q_img, pe_img), apply_rope1(k_img, pe_img)
+            k_txt = apply_rope1(k_txt, pe_txt)
         record_maps(fwd, q_img, k_txt, k_img)
         return out
 

@@ -383,6 +383,8 @@ def _dit_config(family, depth=2, hidden=64):
     import comfy.supported_models as sm
     if family == "hidream":
         return _hidream_config(depth, hidden)
+    if family == "hunyuan_image":
+        return _hunyuan_image_config(depth, hidden)
     if family in ("flux", "flux_schnell"):
         cls = sm.Flux if family == "flux" else sm.FluxSchnell
         unet = dict(cls.unet_config, in_channels=16, out_channels=16, vec_in_dim=FLUX_VEC,
@@ -459,6 +461,8 @@ def dit_conditioning(family, length=12, seed=SEED + 9, batch=1):
     """Random CONDITIONING for a tiny DiT, as its text encoders would give it: [[context, {pooled}]]."""
     if family == "hidream":
         return hidream_conditioning(length, seed, batch)
+    if family == "hunyuan_image":
+        return hunyuan_image_conditioning(length, seed, batch)
     gen = torch.Generator().manual_seed(seed)
     flux_like = family.startswith(("flux", "chroma"))
     width, pooled = (FLUX_CONTEXT, FLUX_VEC) if flux_like else (SD3_CONTEXT, SD3_ADM)
@@ -534,6 +538,8 @@ def tiny_dit_clip(family="flux", seed=SEED + 1):
     from comfy.text_encoders import flux, sd3_clip
     if family == "hidream":
         return tiny_hidream_clip(seed)
+    if family == "hunyuan_image":  # Qwen-Image's stand-in encoder behind HunyuanImage's tokenizer and template
+        return tiny_qwen_image_clip(seed, hunyuan=True)
     if family.startswith("flux"):
         target = smb.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
     elif family == "chroma":  # T5 only, as ComfyUI's Chroma config loads it
@@ -695,11 +701,12 @@ TINY_QWEN25_CONFIG = {"hidden_size": FLUX_CONTEXT, "intermediate_size": 64, "num
                       "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
-def tiny_qwen_image_clip(seed=SEED + 1):
+def tiny_qwen_image_clip(seed=SEED + 1, hunyuan=False):
     """ComfyUI's Qwen-Image text encoder (its tokenizer with the Qwen2.5 files ComfyUI ships, its chat
     template, its template-dropping ``encode_token_weights``) on a 1-layer, 32-wide Qwen2.5 language
     model. Only the model class is swapped: ``Qwen25_7BVLI`` always builds the ~600M-parameter vision
-    tower, which text-to-image never runs (it encodes reference images)."""
+    tower, which text-to-image never runs (it encodes reference images). ``hunyuan``: HunyuanImage 2.1's
+    tokenizer (its own chat template) and encoder class on the same stand-in, without the byT5 glyph encoder."""
     import comfy.sd
     import comfy.supported_models_base as smb
     from comfy.text_encoders import llama, qwen_image
@@ -721,13 +728,44 @@ def tiny_qwen_image_clip(seed=SEED + 1):
                 enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
                 model_options=model_options)
 
-    class TinyQwenImageTE(qwen_image.QwenImageTEModel):
+    from comfy.text_encoders import hunyuan_image
+
+    class TinyQwenImageTE(hunyuan_image.HunyuanImageTEModel if hunyuan else qwen_image.QwenImageTEModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
             qwen_image.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name="qwen25_7b",
                                                       clip_model=TinyQwen25VLModel, model_options=model_options)
+            self.byt5_small = None
 
-    target = smb.ClipTarget(qwen_image.QwenImageTokenizer, TinyQwenImageTE)
+    tokenizer = hunyuan_image.HunyuanImageTokenizer if hunyuan else qwen_image.QwenImageTokenizer
+    target = smb.ClipTarget(tokenizer, TinyQwenImageTE)
     options = {"qwen25_7b_model_config": dict(TINY_QWEN25_CONFIG), "dtype": torch.float32}
     clip = comfy.sd.CLIP(target, model_options=options)
     _randomize_(clip.cond_stage_model, seed)
     return clip
+
+
+DIT_FAMILIES += ("hunyuan_image",)
+BYT5_WIDTH, BYT5_LENGTH = 1472, 5  # the byT5 glyph encoder's width (ByT5Mapper's fixed input); a short glyph context
+
+
+def _hunyuan_image_config(depth=2, hidden=64):
+    """comfy.supported_models.HunyuanImage21 with tiny sizes: 64-channel latents, ``depth`` double and
+    single blocks, head dim 32 = RoPE axes 16 + 16, guidance embedding and the byT5 glyph mapper on.
+    Patch 2 here (the real checkpoint's is 1, detected from img_in) so that tokens are 2×2 cells."""
+    import comfy.supported_models as sm
+    unet = dict(sm.HunyuanImage21.unet_config, in_channels=64, out_channels=64, context_in_dim=FLUX_CONTEXT,
+                hidden_size=hidden, mlp_ratio=4.0, num_heads=hidden // 32, depth=depth, depth_single_blocks=depth,
+                axes_dim=[16, 16], theta=256, patch_size=[2, 2], qkv_bias=True, guidance_embed=True, byt5=True,
+                meanflow=False)
+    config = sm.HunyuanImage21(unet)
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def hunyuan_image_conditioning(length=12, seed=SEED + 9, batch=1):
+    """CONDITIONING as HunyuanImage 2.1's text encoder gives it for a prompt with quoted text: the
+    Qwen2.5 context (after the template) and the byT5 glyph states under ``conditioning_byt5small``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, length, FLUX_CONTEXT, generator=gen),
+             {"pooled_output": None,
+              "conditioning_byt5small": torch.randn(batch, BYT5_LENGTH, BYT5_WIDTH, generator=gen)}]]

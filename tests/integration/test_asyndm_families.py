@@ -22,6 +22,7 @@ TOL_SAME_SAMPLER = 1e-5  # same formulas with maps in place of scalars: fp32 rou
 SAMPLERS = [("euler", "simple"), ("heun", "simple"), ("dpmpp_2m", "simple"), ("euler_ancestral", "simple"),
             ("dpmpp_2m_sde", "simple")]
 FAMILIES += ["hidream"]
+FAMILIES += ["hunyuan_image"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +40,8 @@ def _latent(fam, batch=1, size=8, frames=1):
     """A family's empty latent: Wan's is a video (B, 16, frames, size, size); one frame is text-to-image."""
     if fam in ("wan", "qwen_image"):  # Qwen-Image: a one-frame video latent (Wan's VAE)
         return {"samples": torch.zeros(batch, 16, frames, size, size)}
+    if fam == "hunyuan_image":  # 64-channel latents (its VAE downsamples 32×)
+        return empty_latent(batch, size, 64)
     if fam == "chroma_radiance":  # pixels (the tiny stand-in's patch is 2 pixels, the real one 16)
         return empty_latent(batch, size, 3)
     return empty_latent(batch, size, 16)
@@ -274,6 +277,7 @@ def test_family_weight_patches_reach_the_per_token_path(fams, fam):
            "qwen_image": "diffusion_model.transformer_blocks.0.img_mod.1.weight",
            "hidream": "diffusion_model.double_stream_blocks.0.block.adaLN_modulation.1.weight",
            "lumina2": "diffusion_model.layers.0.adaLN_modulation.1.weight",
+           "hunyuan_image": "diffusion_model.double_blocks.0.img_mod.lin.weight",
            }[fam]
     weight = model.model.get_parameter(key)
     patched = model.clone()
@@ -579,3 +583,146 @@ def test_lumina2_targets_read_gemma_positions_of_the_context_the_model_gets(comf
     assert info["context_len"] == len(ids) == cond[0][0].shape[1]
     assert [ids[p] for p in info["positions"][0]] == [rabbit] and [ids[p] for p in info["positions"][1]] == [basketball]
     assert info["positions"][0] == [7] and info["positions"][1] == [4]
+
+
+# ---------------------------------------------------------------------------------------- HunyuanImage 2.1
+def _hunyuan_naive_vec(dm, t, guidance):
+    """The model's own conditioning vector for timesteps ``t`` (R,): time_in (time_factor 1) + guidance."""
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    return dm.time_in(timestep_embedding(t, 256, time_factor=1.0)) + dm.guidance_in(timestep_embedding(guidance, 256))
+
+
+def _hunyuan_naive(dm, t_tokens, t_images, guidance, x, mod, norm, n_img):
+    """A block's modulated input, one token at a time: image tokens (the first ``n_img``) from their
+    own timestep's vector, the text / glyph tokens after them from their image's (the background's)."""
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            t = t_tokens[b, j:j + 1] if j < n_img else t_images[b:b + 1]
+            shift, scale = mod(_hunyuan_naive_vec(dm, t, guidance[b:b + 1]))[:2]
+            out[b, j] = norm(x[b:b + 1, j:j + 1])[0, 0] * (1 + scale.flatten()) + shift.flatten()
+    return out
+
+
+def test_hunyuan_image_constant_map_is_stock_forward_modulation_per_row_and_its_own_attention(fams):
+    """HunyuanImage 2.1 ([image | text | glyph] joint sequence, no pooled vector). Caught: the double
+    block's image modulation left on the stock vector (naive double-block oracle); the single
+    block's image tokens left on the stock vector (naive single-block oracle); the time rows embedded
+    with Flux's time_factor 1000 (constant map ≠ stock); the maps read with Flux's [text | image]
+    RoPE order (the model's own attention); the time MLP run per token (row counts)."""
+    model, pos, neg = fams["hunyuan_image"]
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(0))
+    dm = model.model.diffusion_model
+    guidance = torch.full((2,), 6.0)
+    kw = {"c_crossattn": pos[0][0].expand(2, -1, -1), "guidance": guidance,
+          "txt_byt5": pos[0][1]["conditioning_byt5small"].expand(2, -1, -1)}
+    emb_rows, mod_rows, seen = [], [], {}
+    double, single = dm.double_blocks[0], dm.single_blocks[0]
+    r = _forwards(model, x, kw, [
+        (dm.time_in.in_layer, "hook", lambda m, a, o: emb_rows.append(a[0].shape[0])),
+        (double.img_mod.lin, "hook", lambda m, a, o: mod_rows.append(tuple(a[0].shape))),
+        (double, "pre_hook_kw", lambda m, a, k: seen.update(img=k["img"], txt=k["txt"].clone())),  # txt: updated in place
+        (double.img_attn.qkv, "pre_hook", lambda m, a: seen.update(q_in=a[0])),
+        (double.txt_attn.qkv, "pre_hook", lambda m, a: seen.update(q_t_in=a[0])),
+        (single, "pre_hook", lambda m, a: seen.update(stream=a[0].clone())),
+        (single.linear1, "pre_hook", lambda m, a: seen.update(single_in=a[0])),
+        (dm.final_layer, "pre_hook", lambda m, a: seen.update(final=a[0])),
+        (dm.final_layer.linear, "pre_hook", lambda m, a: seen.update(final_in=a[0]))], [emb_rows, mod_rows])
+    stock, const, mixed, maps, sig_map, backend, log = (r[k] for k in ("stock", "const", "mixed", "maps", "sig_map",
+                                                                       "backend", "log"))
+    assert type(backend).__name__ == "ComfyHunyuanImageBackend" and backend.cell == 2
+    assert _rel(const, stock) <= 1e-5, _rel(const, stock)  # invariant 1
+    # invariant 6: time_in and a block's modulation Linear ran on ComfyUI's 2 images and on the 5
+    # distinct (image, timestep) rows, never on the 32 tokens (txt_in's own timestep embedder aside)
+    assert emb_rows == [2, 5] and mod_rows == [(2, 1, 64), (5, 64)]
+    assert float((mixed - const).abs().max()) > 1e-3
+    ms = model.get_model_object("model_sampling")
+    t_tokens = ms.timestep(sig_map[:, 0, ::2, ::2].flatten(1)).float()
+    t_images = ms.timestep(sig_map.flatten(1).amin(1)).float()  # the sigma ComfyUI passes: the background's
+    n_img = t_tokens.shape[1]
+
+    def parts(block_mod):  # the (shift, scale) a block's first modulated input uses
+        return lambda vec: (lambda m: (m.shift, m.scale))(block_mod(vec)[0])
+
+    naive = _hunyuan_naive(dm, t_tokens, t_images, guidance, seen["img"], parts(double.img_mod),
+                           double.img_norm1, n_img)
+    assert _rel(seen["q_in"], naive) <= 1e-5, _rel(seen["q_in"], naive)
+    text = _hunyuan_naive(dm, t_tokens, t_images, guidance, seen["txt"], parts(double.txt_mod),
+                          double.txt_norm1, 0)  # every text token on the background
+    assert _rel(seen["q_t_in"], text) <= 1e-5, _rel(seen["q_t_in"], text)
+    assert seen["stream"].shape[1] == n_img + pos[0][0].shape[1] + pos[0][1]["conditioning_byt5small"].shape[1]
+    naive = _hunyuan_naive(dm, t_tokens, t_images, guidance, seen["stream"], parts(single.modulation),
+                           single.pre_norm, n_img)
+    got = seen["single_in"][..., :naive.shape[-1]]  # linear1's input is the modulated stream itself
+    assert _rel(got, naive) <= 1e-5, _rel(got, naive)
+
+    def final_mod(vec):
+        return dm.final_layer.adaLN_modulation(vec).chunk(2, dim=-1)
+
+    naive = _hunyuan_naive(dm, t_tokens, t_images, guidance, seen["final"], final_mod, dm.final_layer.norm_final, n_img)
+    assert _rel(seen["final_in"], naive) <= 1e-5, _rel(seen["final_in"], naive)
+    # masks: the model's own joint attention (after RoPE) of image queries to the targets' Qwen2.5
+    # tokens, [image | text | glyph] keys; txt_in's two refiner attentions come first in the log
+    ref = []
+    for i in sorted(backend.capture_blocks):
+        q, k, heads, skip = log[2 + i]
+        assert skip and q.shape[2] == seen["stream"].shape[1]
+        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
+        ref.append(torch.stack([probs[:, :n_img, [n_img + j for j in p]].mean(-1)
+                                for p in TARGETS["positions"]], dim=1))
+    ref = torch.stack(ref).mean(dim=0)
+    assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
+
+
+def test_hunyuan_image_refuses_video_refiner_and_meanflow_with_what_is_supported(comfy_env, tiny_models):
+    """HunyuanVideo-type models other than HunyuanImage 2.1 get a clear refusal, not a wrong run."""
+    from asyndm_fpdm.samplers.backends import backend_for
+    from asyndm_fpdm.samplers.backends.pixel_math import UnsupportedModelError
+
+    for name, value, words in (("patch_size", [1, 2, 2], "HunyuanVideo"), ("time_r_in", torch.nn.Identity(), "meanflow")):
+        model = tiny_models.tiny_dit("hunyuan_image")  # a fresh one: its diffusion model is changed here
+        setattr(model.model.diffusion_model, name, value)
+        with pytest.raises(UnsupportedModelError, match=words):
+            backend_for(model)
+
+
+def test_hunyuan_image_targets_follow_the_context_after_its_chat_template(comfy_env, monkeypatch):
+    """ComfyUI's HunyuanImage tokenizer (Qwen2.5 with its own template, byT5 tokens for quoted text) and
+    its encoder's template trimming (a stand-in whose hidden state is each token's id): the positions
+    index the Qwen2.5 context the model receives, whatever the glyph tokens. Caught: positions left
+    on the templated token list."""
+    from comfy import sd1_clip
+    from comfy.text_encoders import hunyuan_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    def ids_as_states(self, token_weight_pairs):
+        ids = torch.tensor([[float(t[0]) for c in token_weight_pairs["qwen25_7b"] for t in c]])
+        return ids[..., None], None, {"attention_mask": torch.ones_like(ids)}
+
+    monkeypatch.setattr(sd1_clip.SD1ClipModel, "encode_token_weights", ids_as_states)
+    encoder = object.__new__(hunyuan_image.HunyuanImageTEModel)
+    encoder.byt5_small = None
+    tokenizer = hunyuan_image.HunyuanImageTokenizer()
+
+    class Clip:
+        cond_stage_model = None
+
+        def __init__(self):
+            self.tokenizer = tokenizer
+
+        def tokenize(self, text):
+            return tokenizer.tokenize_with_weights(text)
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [[encoder.encode_token_weights(tokens)[0], {}]]
+
+    prompt = 'a rabbit holding a sign that says "hello" beside a rabbit'
+    assert "byt5" in Clip().tokenize(prompt)  # quoted text: glyph tokens beside the Qwen2.5 ones
+    cond = AsynDMTextEncode().encode(Clip(), prompt, "rabbit#2:0.6, sign")[0]
+    info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0]
+    rabbit = tokenizer.qwen25_7b.tokenizer(" rabbit", add_special_tokens=False)["input_ids"]  # "Ġrabbit"
+    assert info["context_len"] == context.shape[0] < len(Clip().tokenize(prompt)["qwen25_7b"][0])
+    assert [int(context[p]) for p in info["positions"][0]] == rabbit
+    assert info["positions"][0][0] > info["positions"][1][-1]

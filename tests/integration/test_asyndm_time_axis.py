@@ -198,6 +198,11 @@ class _Probe:
             self._on(blk.norm1_i, "n")
             self._pre(blk.attn1.to_q, "m")
             self._on(dm.p_embedder, "y")
+        elif family == "hunyuan_image":  # as Flux, without a pooled vector
+            blk = dm.double_blocks[0]
+            self._on(blk.img_norm1, "n")
+            self._pre(blk.img_attn.qkv, "m")
+            self._on(dm.guidance_in, "guidance")
         elif family.startswith("flux"):
             blk = dm.double_blocks[0]  # img_attn.qkv(norm1(img)·(1 + scale) + shift)
             self._on(blk.img_norm1, "n")
@@ -269,6 +274,11 @@ def _decode_dit(family, dm, ms, rec, extra_sigmas):
         if family == "hidream":  # adaLN input t_embedder(t) + p_embedder(pooled); image parts first of 12
             mods = dm.double_stream_blocks[0].block.adaLN_modulation(dm.t_embedder(cand_t, torch.float32) + rec["y"][r])
             parts = 12
+        elif family == "hunyuan_image":  # time_in embeds the timestep with time_factor 1
+            from comfy.ldm.flux.layers import timestep_embedding
+
+            vec = dm.time_in(timestep_embedding(cand_t, 256, time_factor=1.0)) + rec["guidance"][r]
+            mods, parts = dm.double_blocks[0].img_mod.lin(torch.nn.functional.silu(vec)), 6
         elif family.startswith("flux"):
             from comfy.ldm.flux.layers import timestep_embedding
 
@@ -297,6 +307,7 @@ def _decode_dit(family, dm, ms, rec, extra_sigmas):
 
 BACKENDS.update({"hidream": ("hidream", None, "simple"),  # HiDream-I1 as loaded (shift 1); dev runs at 6.0
                  "hidream + ModelSamplingSD3 6.0": ("hidream", ("SD3", 6.0), "simple")})
+BACKENDS["hunyuan_image"] = ("hunyuan_image", None, "simple")  # HunyuanImage 2.1 as loaded (shift 5)
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
@@ -312,7 +323,7 @@ def test_every_token_receives_the_plans_sigma_and_the_run_reports_it(comfy_env, 
         pos = tiny_models.dit_conditioning(family)
         pos[0][1]["asyndm_targets"] = dict(DIT_TARGETS)
         neg = tiny_models.dit_conditioning(family, length=7, seed=99)
-        lat, cfg = empty_latent(1, 8, 16), (1.0 if family == "flux" else 2.0)
+        lat, cfg = empty_latent(1, 8, 64 if family == "hunyuan_image" else 16), (1.0 if family == "flux" else 2.0)
     else:
         clip = tiny_models.tiny_clip(family)
         pos, neg = encode(clip, PROMPT, UNET_TARGETS), encode(clip, "")
@@ -365,3 +376,4 @@ def test_every_token_receives_the_plans_sigma_and_the_run_reports_it(comfy_env, 
             assert lagged, f"{mode}: some pixels lag (the check would be empty otherwise)"
     finally:
         probe.remove()
+
