@@ -11,7 +11,7 @@ run itself added at its highest (activations, attention, the per-token maps); "t
 weights. Ratios are AsynDM / core of each.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_comfy_asyndm_memory.py \
-        [--size 1024] [--unet-size 512] [--steps 2] [--hidden 256] [--depth 4] [--families sd15,flux,sd3,chroma,wan,qwen_image,hidream,lumina2]
+        [--size 1024] [--unet-size 512] [--steps 2] [--hidden 256] [--depth 4] [--families sd15,flux,sd3,chroma,wan,qwen_image,hidream,lumina2,hunyuan_image]
 
 At the default 1024 px a patch-2 transformer sees 4096 image tokens (Flux / Qwen-Image at 1024²):
 the attention read for masks must stay blockwise there (a full image × text attention matrix per
@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=256, help="transformer width")
     ap.add_argument("--depth", type=int, default=4, help="transformer blocks (Flux/Chroma: double; 2× single)")
     ap.add_argument("--channels", type=int, default=320, help="SD1.5 UNet base channels")
-    ap.add_argument("--families", default="sd15,flux,sd3,chroma,wan,qwen_image,hidream,lumina2")
+    ap.add_argument("--families", default="sd15,flux,sd3,chroma,wan,qwen_image,hidream,lumina2,hunyuan_image")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)

@@ -56,6 +56,11 @@ def build(family, hidden, depth):
 
     if family == "hidream":
         return patcher(hidream_config(hidden, depth))
+    if family == "hunyuan_image":  # HunyuanImage 2.1: 64-channel latents (32× VAE), 1×1 patches, head 64
+        return patcher(sm.HunyuanImage21(dict(
+            sm.HunyuanImage21.unet_config, in_channels=64, out_channels=64, context_in_dim=512, hidden_size=hidden,
+            mlp_ratio=4.0, num_heads=hidden // 64, depth=depth, depth_single_blocks=2 * depth, axes_dim=[32, 32],
+            theta=256, patch_size=[1, 1], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False)))
     if family == "flux":
         unet = dict(sm.Flux.unet_config, in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=512,
                     hidden_size=hidden, mlp_ratio=4.0, num_heads=4, depth=depth, depth_single_blocks=2 * depth,
@@ -91,7 +96,8 @@ def build(family, hidden, depth):
     return patcher(config)
 
 
-CFGS = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0, "hidream": 5.0, "lumina2": 4.0}
+CFGS = {"flux": 1.0, "sd3": 4.5, "chroma": 4.0, "wan": 6.0, "qwen_image": 4.0, "hidream": 5.0, "lumina2": 4.0,
+        "hunyuan_image": 3.5}
 
 
 def inputs(family, size, gen):
@@ -115,6 +121,8 @@ def inputs(family, size, gen):
     neg = [[torch.randn(1, 64, 512, generator=gen), dict(extra)]]
     latent = {"samples": torch.zeros(1, 16, 1, lat, lat) if family in ("wan", "qwen_image") else
               torch.zeros(1, 16, lat, lat)}
+    if family == "hunyuan_image":  # its 32× latent with 1×1 patches: as many tokens as the others' 8× with 2×2
+        latent = {"samples": torch.zeros(1, 64, lat // 2, lat // 2)}
     return CFGS[family], pos, neg, latent
 
 
@@ -128,8 +136,8 @@ def main():
     ap.add_argument("--flux-depth", type=int, default=19,
                     help="Flux double blocks (2× as many single blocks): 19 is Flux dev's 19 + 38")
     ap.add_argument("--sd3-depth", type=int, default=4, help="SD3 joint blocks (MMDiT's hidden is 64·blocks)")
-    ap.add_argument("--families", default="flux,sd3,chroma,wan,qwen_image",
-                    help="comma-separated: flux, sd3, chroma, wan, qwen_image (Flux's depth: double blocks, "
+    ap.add_argument("--families", default="flux,sd3,chroma,wan,qwen_image,hidream,lumina2,hunyuan_image",
+                    help="comma-separated: flux, sd3, chroma, wan, qwen_image, hidream, lumina2, hunyuan_image (Flux's depth: double blocks, "
                          "or all blocks for Wan / Qwen-Image)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--denormals", choices=("keep", "flush", "both"), default="both",
@@ -185,6 +193,7 @@ def main():
              "chroma": f"Chroma-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden}, cfg 4)",
              "wan": f"Wan-shaped ({args.flux_depth} blocks, h{args.hidden}, 1 frame, cfg 6)",
              "qwen_image": f"Qwen-Image-shaped ({args.flux_depth} blocks, h{args.hidden}, cfg 4)"}
+    names["hunyuan_image"] = f"HunyuanImage-2.1-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, h{args.hidden})"
     names["hidream"] = f"HiDream-shaped ({args.flux_depth}+{2 * args.flux_depth} blocks, MoE, h{args.hidden}, cfg 5)"
     names["lumina2"] = f"Lumina-2-shaped ({args.flux_depth} blocks, h{args.hidden}, cfg 4)"
     for family, flush, c, a, r, r_tokens, rounds in rows:
