@@ -323,23 +323,19 @@ def test_wan_targets_read_umt5_positions_of_the_padded_context(comfy_env, tiny_m
     assert [ids[p] for p in info["positions"][0]] == [rabbit] and info["positions"][0][0] > info["positions"][1][-1]
 
 
-def test_qwen_image_targets_follow_the_context_after_the_chat_template(comfy_env, monkeypatch):
-    """ComfyUI's Qwen-Image tokenizer (its Qwen2.5 files ship with ComfyUI) and the text encoder's
-    own template trimming (QwenImageTEModel.encode_token_weights, a 7B model replaced by a stand-in
-    whose hidden state is each token's id): the positions index the context the model receives.
-    Caught: positions left on the templated token list."""
+def _qwen_ids_clip(monkeypatch, encoder_class, tokenizer, **encoder_attrs):
+    """A CLIP of ComfyUI's ``tokenizer`` and ``encoder_class``'s own template trimming, its Qwen2.5
+    model replaced by one whose hidden state is each token's id: the context names its tokens."""
     from comfy import sd1_clip
-    from comfy.text_encoders import qwen_image
-
-    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
 
     def ids_as_states(self, token_weight_pairs):
         ids = torch.tensor([[float(t[0]) for c in token_weight_pairs["qwen25_7b"] for t in c]])
         return ids[..., None], None, {"attention_mask": torch.ones_like(ids)}
 
     monkeypatch.setattr(sd1_clip.SD1ClipModel, "encode_token_weights", ids_as_states)
-    encoder = object.__new__(qwen_image.QwenImageTEModel)
-    tokenizer = qwen_image.QwenImageTokenizer()
+    encoder = object.__new__(encoder_class)
+    for k, v in encoder_attrs.items():
+        setattr(encoder, k, v)
 
     class Clip:
         cond_stage_model = None
@@ -353,11 +349,26 @@ def test_qwen_image_targets_follow_the_context_after_the_chat_template(comfy_env
         def encode_from_tokens_scheduled(self, tokens):
             return [[encoder.encode_token_weights(tokens)[0], {}]]
 
+    return Clip()
+
+
+def test_qwen_image_targets_follow_the_context_after_the_chat_template(comfy_env, monkeypatch):
+    """ComfyUI's Qwen-Image tokenizer (its Qwen2.5 files ship with ComfyUI) and the text encoder's
+    own template trimming (QwenImageTEModel.encode_token_weights, a 7B model replaced by a stand-in
+    whose hidden state is each token's id): the positions index the context the model receives.
+    Caught: positions left on the templated token list."""
+    from comfy.text_encoders import qwen_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    tokenizer = qwen_image.QwenImageTokenizer()
+    clip = _qwen_ids_clip(monkeypatch, qwen_image.QwenImageTEModel, tokenizer)
+
     prompt = "a rabbit playing basketball beside a rabbit"
-    cond = AsynDMTextEncode().encode(Clip(), prompt, "rabbit#2:0.6, basketball")[0]
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, basketball")[0]
     info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0]
     rabbit = tokenizer.qwen25_7b.tokenizer(" rabbit", add_special_tokens=False)["input_ids"]  # "Ġrabbit"
-    assert info["context_len"] == context.shape[0] < len(Clip().tokenize(prompt)["qwen25_7b"][0])
+    assert info["context_len"] == context.shape[0] < len(clip.tokenize(prompt)["qwen25_7b"][0])
     assert [int(context[p]) for p in info["positions"][0]] == rabbit
     assert info["positions"][0][0] > info["positions"][1][-1]
 
@@ -692,37 +703,18 @@ def test_hunyuan_image_targets_follow_the_context_after_its_chat_template(comfy_
     its encoder's template trimming (a stand-in whose hidden state is each token's id): the positions
     index the Qwen2.5 context the model receives, whatever the glyph tokens. Caught: positions left
     on the templated token list."""
-    from comfy import sd1_clip
     from comfy.text_encoders import hunyuan_image
 
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
 
-    def ids_as_states(self, token_weight_pairs):
-        ids = torch.tensor([[float(t[0]) for c in token_weight_pairs["qwen25_7b"] for t in c]])
-        return ids[..., None], None, {"attention_mask": torch.ones_like(ids)}
-
-    monkeypatch.setattr(sd1_clip.SD1ClipModel, "encode_token_weights", ids_as_states)
-    encoder = object.__new__(hunyuan_image.HunyuanImageTEModel)
-    encoder.byt5_small = None
     tokenizer = hunyuan_image.HunyuanImageTokenizer()
-
-    class Clip:
-        cond_stage_model = None
-
-        def __init__(self):
-            self.tokenizer = tokenizer
-
-        def tokenize(self, text):
-            return tokenizer.tokenize_with_weights(text)
-
-        def encode_from_tokens_scheduled(self, tokens):
-            return [[encoder.encode_token_weights(tokens)[0], {}]]
+    clip = _qwen_ids_clip(monkeypatch, hunyuan_image.HunyuanImageTEModel, tokenizer, byt5_small=None)
 
     prompt = 'a rabbit holding a sign that says "hello" beside a rabbit'
-    assert "byt5" in Clip().tokenize(prompt)  # quoted text: glyph tokens beside the Qwen2.5 ones
-    cond = AsynDMTextEncode().encode(Clip(), prompt, "rabbit#2:0.6, sign")[0]
+    assert "byt5" in clip.tokenize(prompt)  # quoted text: glyph tokens beside the Qwen2.5 ones
+    cond = AsynDMTextEncode().encode(clip, prompt, "rabbit#2:0.6, sign")[0]
     info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0]
     rabbit = tokenizer.qwen25_7b.tokenizer(" rabbit", add_special_tokens=False)["input_ids"]  # "Ġrabbit"
-    assert info["context_len"] == context.shape[0] < len(Clip().tokenize(prompt)["qwen25_7b"][0])
+    assert info["context_len"] == context.shape[0] < len(clip.tokenize(prompt)["qwen25_7b"][0])
     assert [int(context[p]) for p in info["positions"][0]] == rabbit
     assert info["positions"][0][0] > info["positions"][1][-1]
