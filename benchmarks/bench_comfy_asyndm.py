@@ -57,14 +57,17 @@ def build_model(channels, seed=0, light=False):
     return model_patcher
 
 
-def patcher(config, seed=0):
-    """A ModelPatcher of ``config``'s model with seeded random weights (fan-in scaled, norms at 1)."""
+def patcher(config, seed=0, dtype=None):
+    """A ModelPatcher of ``config``'s model with seeded random weights (fan-in scaled, norms at 1),
+    in float32 unless ``dtype``; ``config.prune(model)``, where set, drops blocks before the fill."""
     import comfy.model_management
     import comfy.model_patcher
     import torch
 
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype or torch.float32, None)
     model = config.get_model({}, "", device="cpu")
+    if getattr(config, "prune", None):
+        config.prune(model.diffusion_model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.diffusion_model.named_parameters():

@@ -10,9 +10,11 @@ import time
 from typing import Callable, Dict, List
 
 
-def interleaved(runs: Dict[str, Callable[[], object]], rounds: int, per: float = 1.0) -> Dict[str, List[float]]:
-    """{name: [seconds / per for each round]} after one untimed warm-up call of every run."""
-    for fn in runs.values():
+def interleaved(runs: Dict[str, Callable[[], object]], rounds: int, per: float = 1.0,
+                warm: bool = True) -> Dict[str, List[float]]:
+    """{name: [seconds / per for each round]} after one untimed warm-up call of every run (unless the
+    caller warmed them more cheaply: ``warm=False``)."""
+    for fn in runs.values() if warm else ():
         fn()
     times = {name: [] for name in runs}
     for _ in range(rounds):

@@ -6,22 +6,42 @@ from asyndm_fpdm.samplers.backends.comfy_dit import joint_item_attention
 from numeric import assert_close
 
 
-def test_joint_item_attention_blockwise_equals_the_full_softmax():
-    """Blocks of queries, one head at a time, image keys only through a logsumexp = the full joint
-    softmax's text columns, head-averaged and weighted per item (naive oracle).
-    Caught: a block's result overwriting the previous heads' (``=`` for ``+=``)."""
+def test_joint_item_attention_equals_the_full_softmax():
+    """The fused read (attention whose values are the items' token weights) = the full joint
+    softmax's text columns, head-averaged and weighted per item (naive oracle), for query blocks
+    of any size and more items than the head size (items in groups of d).
+    Caught: value weights left on the image keys too (probabilities summed over image keys), and
+    a second item group overwriting the first."""
     gen = torch.Generator().manual_seed(0)
     b, heads, nq, lt, d = 2, 3, 10, 5, 4
     q = torch.randn(b, heads, nq, d, generator=gen)
     k_txt = torch.randn(b, heads, lt, d, generator=gen)
     k_img = torch.randn(b, heads, nq, d, generator=gen)
-    weights = torch.zeros(lt, 2)
+    weights = torch.rand(lt, 6, generator=gen)
     weights[1, 0] = 1.0
-    weights[[2, 4], 1] = 0.5
     probs = torch.softmax(q @ torch.cat([k_txt, k_img], dim=2).transpose(-1, -2) * d ** -0.5, dim=-1)
     naive = probs[..., :lt].mean(dim=1) @ weights
-    for block in (3, 1024):
+    for block in (3, None):
         assert_close(joint_item_attention(q, k_txt, k_img, weights, block=block), naive, 1e-5, f"block {block}")
+
+
+def test_joint_item_attention_builds_no_attention_matrix():
+    """At Flux's 1024² size (24 heads of 128, 4096 image + 256 text tokens) the read allocates far
+    less than one head's (4096 × 4352) float32 logits (71 MB), let alone all heads' (1.7 GB):
+    measured with the CPU allocator's peak through the profiler.
+    Caught: a plain softmax over all keys (the full matrix)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(0)
+    q, k_img = torch.randn(2, 1, 24, 4096, 128, generator=gen)
+    k_txt = torch.randn(1, 24, 256, 128, generator=gen)
+    weights = torch.zeros(256, 2)
+    weights[3, 0] = weights[7, 1] = 1.0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = joint_item_attention(q, k_txt, k_img, weights)
+    peak = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert out.shape == (1, 4096, 2)
+    assert peak < 71e6, f"the read allocated {peak / 1e6:.0f} MB in one op"
 
 
 def test_fold_stacks_frames_along_the_height_in_wan_token_order():

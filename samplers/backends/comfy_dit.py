@@ -38,24 +38,33 @@ def middle_blocks(depth: int, count: int = 3) -> List[int]:
     return list(range(start, start + count))
 
 
-def joint_item_attention(q, k_txt, k_img, weights, block: int = 1024):
+def joint_item_attention(q, k_txt, k_img, weights, block=None):
     """q (b, H, Nq, d), k_txt (b, H, Lt, d), k_img (b, H, Li, d), weights (Lt, N) → (b, Nq, N):
     the head-averaged probability each image query gives each item's text tokens in the *joint*
-    softmax over [text | image] keys, as the model attends. No attention matrix is built: one
-    head and ``block`` queries at a time (float32), the image keys only through the softmax's
-    normaliser (a logsumexp), the probabilities read for the text keys — at 4096 image tokens a
-    block's logits are 16 MB, where all heads' (Nq, Lt + Li) logits would be GBs."""
-    scale = q.shape[-1] ** -0.5
+    softmax over [text | image] keys, as the model attends (float32).
+
+    One fused attention (``scaled_dot_product_attention``) whose values are the items' token
+    weights, zero on the image keys: its output is exactly that probability mass, normaliser
+    included, and the flash / memory-efficient kernels never build the attention matrix. The values
+    are padded to the head size (CPU flash wants v as wide as q), items in groups of d. Queries go
+    ``block`` at a time, sized so that even a kernel that does materialise (math fallback) holds
+    at most 64 MB of logits; one read then costs about one attention of the block (3-4× less than
+    a per-head logsumexp at 4096 image tokens, benchmarks/bench_comfy_asyndm_real_width.py)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    b, heads, nq, d = q.shape
+    k = torch.cat([k_txt, k_img], dim=2).float()
     w = weights.to(q.device, torch.float32)
-    out = torch.zeros(q.shape[0], q.shape[2], w.shape[1], device=q.device)
-    for h in range(q.shape[1]):
-        kt, ki = k_txt[:, h].float().transpose(-1, -2), k_img[:, h].float().transpose(-1, -2)
-        for s in range(0, q.shape[2], block):
-            qh = q[:, h, s:s + block].float() * scale
-            txt = qh @ kt
-            lse = torch.logaddexp(txt.logsumexp(dim=-1), (qh @ ki).logsumexp(dim=-1))
-            out[:, s:s + block] += (txt - lse[..., None]).exp() @ w
-    return out / q.shape[1]
+    block = block or max(64, (1 << 24) // max(1, b * heads * k.shape[2]))
+    groups = []
+    for i in range(0, w.shape[1], d):
+        n = min(d, w.shape[1] - i)
+        v = k.new_zeros(1, 1, k.shape[2], d)
+        v[..., :w.shape[0], :n] = w[:, i:i + n]
+        v = v.expand(b, heads, -1, -1)
+        groups.append(torch.cat([sdpa(q[:, :, s:s + block].float(), k, v)[..., :n].mean(dim=1)
+                                 for s in range(0, nq, block)], dim=1))
+    return torch.cat(groups, dim=-1)
 
 
 def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before: int = 0, after: int = 0,
