@@ -1,17 +1,29 @@
 """Backend math without ComfyUI: the joint-attention read for masks against a naive full softmax."""
 
+import pytest
 import torch
 
 from asyndm_fpdm.samplers.backends.comfy_dit import joint_item_attention
 from numeric import assert_close
 
 
-def test_joint_item_attention_equals_the_full_softmax():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused kernel", "math kernel fallback"])
+def test_joint_item_attention_equals_the_full_softmax(fused, monkeypatch):
     """The fused read (attention whose values are the items' token weights) = the full joint
     softmax's text columns, head-averaged and weighted per item (naive oracle), for query blocks
-    of any size and more items than the head size (items in groups of d).
+    of any size and more items than the head size (items in groups of d); also where no fused
+    kernel takes the call (the bounded math fallback).
     Caught: value weights left on the image keys too (probabilities summed over image keys), and
     a second item group overwriting the first."""
+    if not fused:
+        import contextlib
+
+        @contextlib.contextmanager
+        def no_fused_kernel(backends):
+            raise RuntimeError("No available kernel.")
+            yield
+
+        monkeypatch.setattr("torch.nn.attention.sdpa_kernel", no_fused_kernel)
     gen = torch.Generator().manual_seed(0)
     b, heads, nq, lt, d = 2, 3, 10, 5, 4
     q = torch.randn(b, heads, nq, d, generator=gen)
@@ -21,7 +33,7 @@ def test_joint_item_attention_equals_the_full_softmax():
     weights[1, 0] = 1.0
     probs = torch.softmax(q @ torch.cat([k_txt, k_img], dim=2).transpose(-1, -2) * d ** -0.5, dim=-1)
     naive = probs[..., :lt].mean(dim=1) @ weights
-    for block in (3, None):
+    for block in (3, 1024):
         assert_close(joint_item_attention(q, k_txt, k_img, weights, block=block), naive, 1e-5, f"block {block}")
 
 

@@ -38,7 +38,7 @@ def middle_blocks(depth: int, count: int = 3) -> List[int]:
     return list(range(start, start + count))
 
 
-def joint_item_attention(q, k_txt, k_img, weights, block=None):
+def joint_item_attention(q, k_txt, k_img, weights, block=1024):
     """q (b, H, Nq, d), k_txt (b, H, Lt, d), k_img (b, H, Li, d), weights (Lt, N) → (b, Nq, N):
     the head-averaged probability each image query gives each item's text tokens in the *joint*
     softmax over [text | image] keys, as the model attends (float32).
@@ -46,24 +46,33 @@ def joint_item_attention(q, k_txt, k_img, weights, block=None):
     One fused attention (``scaled_dot_product_attention``) whose values are the items' token
     weights, zero on the image keys: its output is exactly that probability mass, normaliser
     included, and the flash / memory-efficient kernels never build the attention matrix. The values
-    are padded to the head size (CPU flash wants v as wide as q), items in groups of d. Queries go
-    ``block`` at a time, sized so that even a kernel that does materialise (math fallback) holds
-    at most 64 MB of logits; one read then costs about one attention of the block (3-4× less than
-    a per-head logsumexp at 4096 image tokens, benchmarks/bench_comfy_asyndm_real_width.py)."""
+    are padded to the head size (CPU flash wants v as wide as q), items in groups of d; ``block``
+    queries at a time. Where no fused kernel takes the call, the math kernel runs on query blocks
+    sized to hold at most 64 MB of logits. One read costs about one attention of the block (3-4×
+    less than a per-head logsumexp at 4096 image tokens)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     b, heads, nq, d = q.shape
     k = torch.cat([k_txt, k_img], dim=2).float()
     w = weights.to(q.device, torch.float32)
-    block = block or max(64, (1 << 24) // max(1, b * heads * k.shape[2]))
+
+    def read(v, n, size):
+        return torch.cat([sdpa(q[:, :, s:s + size].float(), k, v)[..., :n].mean(dim=1)
+                          for s in range(0, nq, size)], dim=1)
+
     groups = []
     for i in range(0, w.shape[1], d):
         n = min(d, w.shape[1] - i)
         v = k.new_zeros(1, 1, k.shape[2], d)
         v[..., :w.shape[0], :n] = w[:, i:i + n]
         v = v.expand(b, heads, -1, -1)
-        groups.append(torch.cat([sdpa(q[:, :, s:s + block].float(), k, v)[..., :n].mean(dim=1)
-                                 for s in range(0, nq, block)], dim=1))
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                              SDPBackend.CUDNN_ATTENTION]):
+                groups.append(read(v, n, block))
+        except RuntimeError:  # no fused kernel for these inputs: bounded blocks of the math kernel
+            groups.append(read(v, n, max(1, min(block, (1 << 24) // max(1, b * heads * k.shape[2])))))
     return torch.cat(groups, dim=-1)
 
 
