@@ -103,8 +103,15 @@ class AsynDMMaskStepsPreview:
         return True
 
     def preview(self, run, at_steps=None, image_index=0, steps=None):
+        import torch
+
         from ..samplers.comfyui.previews import mark_frames, pick_steps, region_images, timestep_images
 
+        scale = getattr(run, "image_scale", 8)  # latent → image pixels: the preview has the image's size
+        if not run.timestep_maps:  # a pass that ran no step: nothing to show, and a preview never fails a run
+            log.warning("AsynDM Masks at Steps: the run has no steps to show (a pass with start >= end)")
+            blank = torch.zeros(1, 64, 64, 3)
+            return blank, blank.clone()
         chosen, clamped, notes = pick_steps(_step_list(at_steps, steps), len(run.timestep_maps))
         batch = run.timestep_maps[0].shape[0]
         if image_index >= batch:
@@ -113,11 +120,11 @@ class AsynDMMaskStepsPreview:
         for note in notes:
             log.warning("AsynDM Masks at Steps: %s", note)
         if all(m is None for m in run.masks):
-            regions = timestep_images([t * 0 for t in run.timestep_maps], chosen, image_index)
+            regions = timestep_images([t * 0 for t in run.timestep_maps], chosen, image_index, scale=scale)
         else:
-            regions = region_images(run.masks, chosen, image_index)
+            regions = region_images(run.masks, chosen, image_index, scale=scale)
         frames = [chosen.index(i) for i in clamped]
-        times = timestep_images(run.timestep_maps, chosen, image_index, max_t=run.max_timestep)
+        times = timestep_images(run.timestep_maps, chosen, image_index, max_t=run.max_timestep, scale=scale)
         return mark_frames(regions, frames), mark_frames(times, frames)
 
 

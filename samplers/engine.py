@@ -72,10 +72,13 @@ class RunRecord:
     """What one asynchronous run leaves: the latents (None where the caller keeps them) and, per
     step, every pixel's timestep, the masks that set the step's next state and the attention read.
     ``max_timestep`` tops the model's timestep scale, what previews draw as white: 1001 on the
-    paper's (table) models, the timestep of σ = 1 on flow models (Flux 1, SD3 1000)."""
+    paper's (table) models, the timestep of σ = 1 on flow models (Flux 1, SD3 1000). ``image_scale``:
+    image pixels per latent pixel along a side, what previews enlarge the maps by to the image's size
+    (8 for an 8× VAE, 32 for HunyuanImage 2.1's, 1 in pixel space)."""
 
     latents: Optional[torch.Tensor] = None
     max_timestep: float = 1001.0
+    image_scale: int = 8
     ks: List[float] = field(default_factory=list)
     words: List[str] = field(default_factory=list)
     timestep_maps: List[torch.Tensor] = field(default_factory=list)  # (B, H, W) per step

@@ -151,6 +151,35 @@ def test_asyndm_mask_steps_preview_never_fails_on_a_short_run(caplog):
     assert node.preview(run, steps="0, -1")[1].shape[0] == 2 and node.VALIDATE_INPUTS(steps="0, x") is not True
 
 
+def test_asyndm_previews_take_the_image_scale_of_the_latent_format():
+    """Previews enlarge a run's maps by the image pixels per latent pixel: what a latent format
+    declares (later ComfyUI: ``spacial_downscale_ratio``), ComfyUI 0.3.64's pixel-space and 32×
+    formats by name (also through a subclass), 8 otherwise; never an error. A run that ran no step
+    previews as a blank frame with a warning (a cosmetic node must not fail the run)."""
+    from asyndm_fpdm.samplers.comfyui.sampler import image_scale
+
+    def fmt(name, **attrs):
+        return type(name, (), attrs)()
+
+    class HunyuanImage21:
+        pass
+
+    assert image_scale(fmt("ChromaRadiance")) == 1 and image_scale(HunyuanImage21()) == 32
+    assert image_scale(type("Tuned", (HunyuanImage21,), {})()) == 32
+    assert image_scale(fmt("SDXL")) == 8 and image_scale(None) == 8
+    assert image_scale(fmt("ChromaRadiance", spacial_downscale_ratio=16)) == 16
+    assert image_scale(fmt("Odd", spacial_downscale_ratio="x")) == 8
+    maps = [torch.full((1, 3, 2), 500.0)]
+    masks = [torch.zeros(1, 1, 3, 2)]
+    masks[0][0, 0, 1] = 1
+    run = RunRecord(ks=[0.7], timestep_maps=maps, masks=masks, image_scale=1)
+    regions, times = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]().preview(run, "0", 0)
+    assert regions.shape == times.shape == (1, 3, 2, 3)
+    assert_mask_steps_preview_shows(regions, times, run, [0], 0, previews.PALETTE)
+    regions, times = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]().preview(RunRecord(), "0, -1", 0)
+    assert regions.shape == times.shape == (1, 64, 64, 3)
+
+
 def test_asyndm_previews_show_the_run():
     """The "Masks at Steps" frames show the run's masks and timestep maps of the chosen image at the
     chosen steps, and "Timestep Curves" draws the mean timestep of the background and of each item.

@@ -40,6 +40,7 @@ PREFERRED = {
 }
 PREFERRED.update({"ModelSamplingAuraFlow": (315, 58), "ModelSamplingSD3": (315, 58),  # Qwen-Image, Wan 2.2
                   "AsynDMKSamplerAdvanced": (344, 426)})
+PREFERRED.update({"EmptyChromaRadianceLatentImage": (315, 106), "EmptyHunyuanImageLatent": (315, 106)})
 # Free space kept below a node type that is about to gain widgets (rows of ~25 px).
 ROOM_BELOW = {}
 
@@ -149,6 +150,23 @@ SPECS = {
              FIRST_X, 0, [[1, 2, 3], [4, 5, 6, 7]]),
             ("AsynDM on Qwen-Image (per-token timesteps)", GREEN, FIRST_X, "below", [[8], [9], [10]]),
             ("What the AsynDM run did", PURPLE, FIRST_X, "below", [[11], [12], [13]]),
+        ]},
+    "asyndm_chroma_radiance.json": {
+        "note_height": 500, "titles": {},
+        "groups": [
+            ("Inputs: Chroma Radiance (UNET, T5, pixel-space VAE), prompt with targets, negative, size", BLUE,
+             FIRST_X, 0, [[1, 2, 3], [4, 5, 6]]),
+            ("AsynDM on Chroma Radiance (per-token timesteps in pixel space)", GREEN, FIRST_X, "below",
+             [[7], [8], [9]]),
+            ("What the AsynDM run did (at the image's size)", PURPLE, FIRST_X, "below", [[10], [11], [12]]),
+        ]},
+    "asyndm_hunyuan_image.json": {
+        "note_height": 560, "titles": {},
+        "groups": [
+            ("Inputs: HunyuanImage 2.1 (UNET, Qwen2.5-VL + byT5, VAE), prompt with targets, negative, size", BLUE,
+             FIRST_X, 0, [[1, 2, 3], [4, 5, 6]]),
+            ("AsynDM on HunyuanImage 2.1 (per-token timesteps)", GREEN, FIRST_X, "below", [[7], [8], [9]]),
+            ("What the AsynDM run did (at the image's size)", PURPLE, FIRST_X, "below", [[10], [11], [12]]),
         ]},
     "asyndm_wan22_t2v.json": {
         "note_height": 760, "titles": {},

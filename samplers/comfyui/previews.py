@@ -2,7 +2,7 @@
 
 - ``curves_image``: timestep against step for the background and each item.
 - ``region_images`` / ``timestep_images``: which item owns each latent pixel, and each pixel's
-  timestep, at chosen steps.
+  timestep, at chosen steps, enlarged ×scale (the caller's image pixels per latent pixel).
 """
 
 import math

@@ -123,6 +123,22 @@ def max_timestep(model_sampling) -> float:
     return top if top > 0 else 1001.0
 
 
+# Image pixels per latent pixel of the latent formats of ComfyUI 0.3.64 that are not an 8× VAE's
+# (later ComfyUI versions declare it on the format as ``spacial_downscale_ratio``, read first).
+IMAGE_SCALES = {"ChromaRadiance": 1, "HunyuanImage21": 32, "HunyuanImage21Refiner": 16, "Wan22": 16}
+
+
+def image_scale(latent_format) -> int:
+    """Image pixels per latent pixel along a side (the VAE's spatial downscale) of a model's latent
+    format: what the previews enlarge a run's maps by, so that they have the image's size. 8 where
+    the format says nothing (a preview is cosmetic: never an error)."""
+    ratio = getattr(latent_format, "spacial_downscale_ratio", None)
+    if ratio is None:
+        names = [c.__name__ for c in type(latent_format).__mro__]
+        ratio = next((IMAGE_SCALES[n] for n in names if n in IMAGE_SCALES), 8)
+    return int(ratio) if isinstance(ratio, (int, float)) and ratio >= 1 else 8
+
+
 class ComfyModelSampling:
     """ComfyUI's model_sampling seen as the plan's model sampling: the time ``axis`` (σ ↔ position),
     what the model is fed (``timestep``: the model's own), noise scaling."""
@@ -452,8 +468,9 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
         def cpu(maps):
             return [m.cpu() if m is not None else None for m in maps]
 
-        sampler.records.append(dataclasses.replace(record, latents=None, timestep_maps=cpu(record.timestep_maps),
-                                                   masks=cpu(record.masks), item_maps=cpu(record.item_maps)))
+        sampler.records.append(dataclasses.replace(
+            record, latents=None, timestep_maps=cpu(record.timestep_maps), masks=cpu(record.masks),
+            item_maps=cpu(record.item_maps), image_scale=image_scale(getattr(model_wrap.inner_model, "latent_format", None))))
     samples = ms.inverse_noise_scaling(sigmas[-1], record.latents)
     return unfold(samples, frames) if frames else samples
 

@@ -52,7 +52,7 @@ def sample_range(model, positive, negative, latent: dict, *, seed: int, steps: i
     here also carries the run's plan). Returns (latent dict with the plan's state, RunRecord of the
     run up to ``end``)."""
     from ..engine import RunRecord
-    from .sampler import LAST_STEPS, asyndm_sample, node_sigmas
+    from .sampler import LAST_STEPS, asyndm_sample, image_scale, max_timestep, node_sigmas
 
     sigmas = node_sigmas(model, scheduler, steps, 1.0, sampler_name, LAST_STEPS[1])
     total = len(sigmas) - 1
@@ -63,11 +63,13 @@ def sample_range(model, positive, negative, latent: dict, *, seed: int, steps: i
     state = latent.get(STATE_KEY) if start > 0 else None
     out = {k: v for k, v in latent.items() if k != STATE_KEY}
     if start >= end:  # nothing to run: the latent as it came, as KSamplerAdvanced returns it
+        shown = dict(max_timestep=max_timestep(model.get_model_object("model_sampling")),
+                     image_scale=image_scale(model.get_model_object("latent_format")))
         if state is not None:
             out[STATE_KEY] = state
             return out, RunRecord(ks=list(state.ks), timestep_maps=list(state.timestep_maps),
-                                  masks=list(state.mask_history), item_maps=list(state.item_maps))
-        return out, RunRecord()
+                                  masks=list(state.mask_history), item_maps=list(state.item_maps), **shown)
+        return out, RunRecord(**shown)
     window = StepWindow(sigmas, start, end, state)
     result, record = asyndm_sample(model, positive, negative, out, seed=seed, steps=end - start,
                                    sampler_name=sampler_name, scheduler=scheduler, options=options,

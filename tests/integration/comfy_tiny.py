@@ -154,6 +154,10 @@ def _cached(kind, family):
         return tiny_dit_clip(family) if dit else tiny_clip(family)
     if family in ("wan", "qwen_image"):  # Qwen-Image decodes with a Wan 2.1-style VAE
         return wan_vae()
+    if family == "chroma_radiance":  # pixel space: ComfyUI's own weightless VAE (VAELoader "pixel_space")
+        return pixel_space_vae()
+    if family == "hunyuan_image":
+        return hunyuan_image_vae()
     return tiny_vae(channels=16) if dit else tiny_vae()
 
 
@@ -165,6 +169,42 @@ def wan_vae(seed=SEED + 4):
                                    temperal_downsample=[False, True, True])
     _randomize_(net, seed)
     return comfy.sd.VAE(sd={k: v.clone() for k, v in net.state_dict().items()})
+
+
+def pixel_space_vae():
+    """The VAE that VAELoader's "pixel_space" gives (no weights: the latent is the image)."""
+    import comfy.sd
+    return comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+
+
+def hunyuan_image_vae(seed=SEED + 6):
+    """HunyuanImage 2.1's VAE — ComfyUI's own ``hunyuan_video.vae`` encoder/decoder, 64 latent
+    channels, ×32 — at narrow widths with random weights. ComfyUI's detection fixes the real widths
+    (128…1024, far too large for a test), so the VAE is made as ComfyUI makes one and its network
+    swapped for the narrow one (widths multiples of 32 for the group norms; the encoder's last a
+    multiple of 128 = 2 × 64 channels for its mean/log-variance skip)."""
+    import comfy.model_patcher
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    ddconfig = {"block_out_channels": [32, 32, 32, 32, 128, 128], "in_channels": 3, "out_channels": 3,
+                "num_res_blocks": 1, "ffactor_spatial": 32, "downsample_match_channel": True,
+                "upsample_match_channel": True, "z_channels": 64}
+    net = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.hunyuan_video.vae.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.hunyuan_video.vae.Decoder", "params": ddconfig})
+    _randomize_(net, seed)
+    vae = pixel_space_vae()
+    vae.first_stage_model = net.eval().to(torch.float32)
+    vae.vae_dtype = torch.float32
+    vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio = 64, 32, 32
+    vae.memory_used_encode = lambda shape, dtype: 700 * shape[2] * shape[3] * 4
+    vae.memory_used_decode = lambda shape, dtype: 700 * shape[2] * shape[3] * 32 * 32 * 4
+    vae.process_input = lambda image: image * 2.0 - 1.0
+    vae.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+    vae.patcher = comfy.model_patcher.ModelPatcher(net, load_device=vae.device,
+                                                   offload_device=vae.patcher.offload_device)
+    return vae
 
 
 def tiny_checkpoint(family="sd15", cached=True):
@@ -179,8 +219,12 @@ def family_for_filename(name: str, default="sd15") -> str:
     low = (name or "").lower().replace("\\", "/").rsplit("/", 1)[-1]
     if "hidream" in low or "llama" in low:
         return "hidream"
+    if "radiance" in low:
+        return "chroma_radiance"
     if "chroma" in low:
         return "chroma"
+    if low.startswith(("hunyuanimage", "hunyuan_image")) or "byt5" in low:
+        return "hunyuan_image"
     if low.startswith("qwen"):  # qwen_image_*, qwen_2.5_vl_7b* (its text encoder)
         return "qwen_image"
     if low.startswith("wan") or "umt5" in low:
@@ -300,12 +344,12 @@ def stand_ins(family=None):
         return (model.clone(),)
 
     def load_vae(self, vae_name):
-        fam = family_for_filename(vae_name)
+        fam = "chroma_radiance" if vae_name == "pixel_space" else family_for_filename(vae_name)
         reg.loads.append(("vae", vae_name, fam if fam in DIT_FAMILIES else None))
         return (_cached("vae", fam if fam in DIT_FAMILIES else None),)
 
     def load_dual_clip(self, clip_name1, clip_name2, type, *args, **kwargs):
-        fam = {"flux": "flux", "sd3": "sd3"}.get(type, "sdxl")
+        fam = {"flux": "flux", "sd3": "sd3", "hunyuan_image": "hunyuan_image"}.get(type, "sdxl")
         reg.loads.append(("clip", f"{clip_name1}+{clip_name2}", fam))
         return (_cached("clip", fam).clone(),)
 

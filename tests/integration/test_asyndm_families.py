@@ -718,3 +718,61 @@ def test_hunyuan_image_targets_follow_the_context_after_its_chat_template(comfy_
     assert info["context_len"] == context.shape[0] < len(clip.tokenize(prompt)["qwen25_7b"][0])
     assert [int(context[p]) for p in info["positions"][0]] == rabbit
     assert info["positions"][0][0] > info["positions"][1][-1]
+
+
+# ---------------------------------------------------------------------------------------- previews
+STAND_IN_PATCH = 2  # the stand-ins' patch (comfy_tiny): a token is 2 × 2 latent pixels
+
+
+@pytest.mark.parametrize("fam, size", [("chroma_radiance", 16), ("hunyuan_image", 8)])
+def test_mask_steps_preview_has_the_images_size_each_tokens_region_and_timestep(fams, tiny_models, fam, size):
+    """"Masks at Steps" frames have the size of the image the family's VAE decodes from the latent
+    (ComfyUI's pixel-space VAE: the latent itself; HunyuanImage 2.1's: 32× it), and every token
+    is a block of patch × that many image pixels showing the region of a painted MASK and the
+    timestep the model received for that token: its sigma (read in a model wrapper) through the
+    model's own timestep(σ), white at σ = 1. Broken variant caught: the ×8 of an 8× VAE for every
+    model (Radiance 128 px for its 16 px image, HunyuanImage 64 px for 256)."""
+    from asyndm_fpdm.nodes.asyndm_preview_nodes import AsynDMMaskStepsPreview
+    from asyndm_fpdm.samplers.backends.comfy_call import KEY
+    from asyndm_fpdm.samplers.comfyui.previews import PALETTE
+
+    model, pos, neg = fams[fam]
+    lat = _latent(fam, size=size)
+    image = tiny_models._cached("vae", fam).decode(lat["samples"])  # (B, H, W, 3)
+    height, width = image.shape[1:3]
+    seen = []
+
+    def record(apply, args):  # the per-pixel sigmas of each model call
+        seen.append(args["c"]["transformer_options"][KEY].sigma_map[0, 0].clone())
+        return apply(args["input"], args["timestep"], **args["c"])
+
+    patched = model.clone()
+    patched.set_model_unet_function_wrapper(record)
+    mask = torch.zeros(1, height, width)
+    mask[:, :height // 2, :width // 4] = 1  # whole tokens of the image's top-left
+    _, info = sampler_node(patched, pos, neg, lat, mask_source="mask input", mask=mask, sampler_name="euler",
+                           scheduler="simple", steps=4, cfg=2.0, strengths="0.7")
+    regions, times = AsynDMMaskStepsPreview().preview(info, "0, 1, 2, 3", 0)
+    assert regions.shape == times.shape == (4, height, width, 3)
+
+    calls = [s for i, s in enumerate(seen) if i == 0 or not torch.equal(s, seen[i - 1])]  # cond and uncond
+    assert len(calls) == 4
+    ms = model.get_model_object("model_sampling")
+    top = float(ms.timestep(torch.ones(1))[0])
+    tokens = size // STAND_IN_PATCH
+    block = height // tokens  # image pixels per token side
+    painted = torch.tensor(PALETTE[1]).expand(height, width, 3).clone()
+    painted[mask[0] < 0.5] = torch.tensor(PALETTE[0])
+    lagged = False
+    for f, sig in enumerate(calls):
+        expected = torch.empty(height, width, 3)
+        for ty in range(tokens):
+            for tx in range(tokens):
+                cell = sig[ty * STAND_IN_PATCH:(ty + 1) * STAND_IN_PATCH, tx * STAND_IN_PATCH:(tx + 1) * STAND_IN_PATCH]
+                assert bool((cell == cell[0, 0]).all()), "a token with more than one sigma"
+                gray = float(ms.timestep(cell[0, 0].reshape(1))[0]) / top
+                expected[ty * block:(ty + 1) * block, tx * block:(tx + 1) * block] = min(max(gray, 0.0), 1.0)
+        assert torch.allclose(times[f], expected, atol=1e-6, rtol=0), f"step {f}: not the timesteps the model got"
+        assert torch.equal(regions[f], painted), f"step {f}: not the painted region"
+        lagged |= bool(times[f][mask[0] > 0.5].amin() > times[f][mask[0] < 0.5].amax())
+    assert lagged, "the painted tokens never lag: nothing to see"

@@ -62,8 +62,10 @@ def test_asyndm_workflow_executes(comfy_env, pack_nodes, stand_ins, path, steps)
         assert lat["samples"].shape[:2] == (1, 16) and torch.isfinite(lat["samples"]).all()
     latents = {k: v[0]["samples"] for k, v in samplers.items()}
     for lat in list(latents.values()) + [v[0]["samples"] for v in custom.values()]:
-        # 16 channels: Flux / SD3; 12x12: the hires-fix pass (the 8x8 latent upscaled 1.5x)
-        assert lat.shape[0] == 1 and lat.shape[1] in (4, 16) and lat.shape[-2:] in ((8, 8), (12, 12))
+        # 16 channels: Flux / SD3; 12x12: the hires-fix pass (the 8x8 latent upscaled 1.5x); the
+        # 64 px image itself: Chroma Radiance (pixel space); 64 channels at 1/32: HunyuanImage 2.1
+        assert lat.shape[0] == 1 and ((lat.shape[1] in (4, 16) and lat.shape[-2:] in ((8, 8), (12, 12)))
+                                      or (lat.shape[1], *lat.shape[-2:]) in ((3, 64, 64), (64, 2, 2)))
         assert torch.isfinite(lat).all()
     modes = {k: result.prompt[k]["inputs"]["mode"] for k in latents}
     # AsynDM beside vanilla with the same seed: different images (one step takes every pixel from
