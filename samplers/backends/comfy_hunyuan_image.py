@@ -16,7 +16,7 @@ Masks: as Flux (comfy_flux.FluxLike, the ``dit`` replace patch on the three midd
 reading the block's own q/k after its QK norm and RoPE), with the image first: the joint
 attention of image queries to the target words' Qwen2.5 tokens after ``txt_in``, softmax over all
 [image | text | glyph] keys. The text encoder drops its chat template as Qwen-Image's does
-(comfyui/tokens.fit_to_context). A text attention mask (padding) is never passed for one prompt
+(comfyui/tokens.locate_targets). A text attention mask (padding) is never passed for one prompt
 (ComfyUI drops an all-ones mask); were one passed, padded keys would enter the maps' normaliser.
 
 Refused: HunyuanVideo (3-D patches: its I2V token-replace modulation and a second text encoder's

@@ -718,3 +718,56 @@ def test_hunyuan_image_targets_follow_the_context_after_its_chat_template(comfy_
     assert info["context_len"] == context.shape[0] < len(clip.tokenize(prompt)["qwen25_7b"][0])
     assert [int(context[p]) for p in info["positions"][0]] == rabbit
     assert info["positions"][0][0] > info["positions"][1][-1]
+
+
+def test_hunyuan_image_quoted_words_resolve_to_their_qwen_tokens_in_the_context(comfy_env, monkeypatch):
+    """Text to render, in quotes (HunyuanImage 2.1 prompts): ComfyUI's HunyuanImage tokenizer sends the
+    quoted text to byT5 glyph tokens as well, but the masks read the Qwen2.5 context, where a quoted
+    word is spelled without its leading space ('"', 'OPEN') or merged with the quote ('"The',
+    '“The'). Oracle: the Qwen2.5 tokenizer's own decode of the context tokens at the positions (the
+    stand-in encoder's hidden state is each token's id, after the encoder's own template trimming).
+    Caught: the word's ids alone (the lookup before: ' OPEN' → 'ĠOPEN' is not in the quoted prompt,
+    an UnknownWordError); words searched in the template too ('background' was refused because the
+    system prompt has it)."""
+    from comfy.text_encoders import hunyuan_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+    from asyndm_fpdm.samplers.tokens import UnknownWordError
+
+    tokenizer = hunyuan_image.HunyuanImageTokenizer()
+    hf = tokenizer.qwen25_7b.tokenizer
+    clip = _qwen_ids_clip(monkeypatch, hunyuan_image.HunyuanImageTEModel, tokenizer, byt5_small=None)
+    prompt = '“The End” on a poster, a rabbit holding a sign that says "OPEN" and a "rabbit" on the background'
+    assert "byt5" in clip.tokenize(prompt)
+    cond = AsynDMTextEncode().encode(clip, prompt, "OPEN, The, rabbit#2, background, End")[0]
+    info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0].long().tolist()
+    assert info["context_len"] == len(context)
+
+    def said(ps):
+        return hf.decode([context[p] for p in ps]).strip(' "“”')
+
+    assert [said(ps) for ps in info["positions"]] == ["OPEN", "The", "rabbit", "background", "End"]
+    assert hf.convert_ids_to_tokens(context[info["positions"][1][0]]) == "\u00e2\u0122\u013eThe"  # '“The', one token
+    assert info["positions"][2][0] > info["positions"][0][0]  # the second rabbit: the quoted one
+    every = AsynDMTextEncode().encode(clip, prompt, "rabbit")[0][0][1]["asyndm_targets"]["positions"][0]
+    assert [said([p]) for p in every] == ["rabbit", "rabbit"]
+    with pytest.raises(UnknownWordError, match="template.*your own prompt"):  # only in the system prompt
+        AsynDMTextEncode().encode(clip, prompt, "texture")
+
+
+def test_qwen_image_quoted_words_are_ordinary_text(comfy_env, monkeypatch):
+    """Qwen-Image keeps quotes as ordinary text (no glyph tokens): a quoted word resolves to its
+    Qwen2.5 tokens in the context the model receives, by the tokenizer's own decode. Caught: the
+    word's ids alone ('"I' is one token, 'ĠI' is not in the prompt)."""
+    from comfy.text_encoders import qwen_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    tokenizer = qwen_image.QwenImageTokenizer()
+    hf = tokenizer.qwen25_7b.tokenizer
+    clip = _qwen_ids_clip(monkeypatch, qwen_image.QwenImageTEModel, tokenizer)
+    prompt = '"I love rabbits" written above a rabbit'
+    assert "byt5" not in clip.tokenize(prompt)
+    cond = AsynDMTextEncode().encode(clip, prompt, "I, rabbit")[0]
+    info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0].long().tolist()
+    assert [hf.decode([context[p] for p in ps]).strip(' "') for ps in info["positions"]] == ["I", "rabbit"]
