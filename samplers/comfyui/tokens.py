@@ -195,11 +195,11 @@ def split_occurrence(word: str):
     return word.strip(), -1
 
 
-def _find(clip, key, sub, ids, drop, word, occurrence):
-    """Positions of ``word`` in ``ids[drop:]`` (the part the model receives)."""
-    shown = _token_names(sub, ids[drop:])
-    pieces = _spelled(sub, ids)
+def _find(clip, key, sub, ids, pieces, drop, word, occurrence):
+    """Positions of ``word`` in ``ids[drop:]`` (the part the model receives); ``pieces``: the
+    tokens spelled out (``_spelled``)."""
     if pieces is None:
+        shown = _token_names(sub, ids[drop:])
         return [p - drop for p in _locate_by_ids(clip, key, sub, ids[drop:], shown, word, occurrence)]
 
     def missing():
@@ -207,7 +207,7 @@ def _find(clip, key, sub, ids, drop, word, occurrence):
             return UnknownWordError(
                 f"the word {word!r} is only in the text encoder's template, which it drops before the model: "
                 "name a word of your own prompt (write it in the prompt if it is not there)")
-        return _not_in_prompt(word, shown)
+        return _not_in_prompt(word, _token_names(sub, ids[drop:]))
     return _pick(_word_hits(pieces[drop:], word), word, occurrence, missing)
 
 
@@ -235,10 +235,11 @@ def locate_targets(clip, prompt: str, targets_text: str, context_len: Optional[i
     sub = _sub_tokenizer(clip, key)
     prompt_ids = _ids(tokens[key])
     drop = max(len(prompt_ids) - int(context_len), 0) if context_len is not None else 0
+    pieces = _spelled(sub, prompt_ids)
     words, ks, positions = [], [], []
     for raw, k in targets:
         word, occurrence = split_occurrence(raw)
-        positions.append(_find(clip, key, sub, prompt_ids, drop, word, occurrence))
+        positions.append(_find(clip, key, sub, prompt_ids, pieces, drop, word, occurrence))
         words.append(raw)
         ks.append(k)
     length = int(context_len) if context_len is not None else len(prompt_ids)
