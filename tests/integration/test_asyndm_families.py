@@ -771,3 +771,62 @@ def test_qwen_image_quoted_words_are_ordinary_text(comfy_env, monkeypatch):
     cond = AsynDMTextEncode().encode(clip, prompt, "I, rabbit")[0]
     info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0].long().tolist()
     assert [hf.decode([context[p] for p in ps]).strip(' "') for ps in info["positions"]] == ["I", "rabbit"]
+
+
+def test_lumina2_padded_positive_and_a_shorter_negative_read_the_caption_columns_end_to_end(fams):
+    """A positive whose Gemma context carries padding (16 columns, attention mask of 12 ones, as a
+    padding text encoder gives it) and a 7-token negative, through the Asynchronous KSampler on the
+    tiny Lumina 2. ComfyUI never batches the two (``c_crossattn`` is a CONDRegular and ``num_tokens``
+    a CONDConstant: different lengths do not concatenate), passes the positive's mask, and NextDiT
+    drops the padding: its image tokens start at the mask's 12 ones. Oracle: every positive call's
+    joint attention recomputed from the q/k the model computed in that run (logged through
+    ComfyUI's attention override; softmax with the mask the model passes), read at the target
+    columns — the last, column 11, right before the padding. Caught: image tokens taken to start
+    at the context's 16 columns (the padding counted as caption: the run fails)."""
+    from asyndm_fpdm.samplers.backends import backend_for
+
+    model, pos, neg = fams["lumina2"]
+    ctx, extra = pos[0][0], pos[0][1]
+    pad = 4
+    targets = {"words": ["rabbit", "ball", "last"], "ks": [0.7, 0.5, 0.6], "positions": [[2], [5], [11]],
+               "context_len": ctx.shape[1] + pad}
+    padded = [[torch.cat([ctx, torch.zeros(1, pad, ctx.shape[2])], dim=1),
+               dict(extra, attention_mask=torch.cat([extra["attention_mask"], torch.zeros(1, pad, dtype=torch.long)],
+                                                    dim=1), asyndm_targets=targets)]]
+    assert neg[0][0].shape[1] == 7 and padded[0][0].shape[1] == 16
+    log, seen = [], []
+
+    def override(func, *args, **kwargs):
+        log.append((args[0].detach().clone(), args[1].detach().clone(), kwargs.get("mask", args[4] if len(args) > 4
+                                                                                   else None)))
+        return func(*args, **kwargs)
+
+    logged = model.clone()
+    logged.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    dm = model.model.diffusion_model
+    handle = dm.register_forward_pre_hook(  # what ComfyUI passes the model per call: context, mask, length
+        lambda m, a, kw: seen.append((kw.get("context", a[2] if len(a) > 2 else None).shape[1],
+                                      kw.get("attention_mask"), kw.get("num_tokens"))), with_kwargs=True)
+    try:
+        _, info = sampler_node(logged, padded, neg, _latent("lumina2"), sampler_name="euler", scheduler="simple",
+                               steps=3, cfg=2.0)
+    finally:
+        handle.remove()
+    assert sorted({s[0] for s in seen}) == [7, 16]  # never batched together
+    assert all((m is not None and int(m.sum()) == 12 and n == 12) for c, m, n in seen if c == 16)
+    n_img, n_cap = 16, 12
+    joint = [(q, k, m) for q, k, m in log if k.shape[2] == n_cap + n_img]  # the positive's joint layers
+    per_call, blocks = len(dm.layers), backend_for(model).capture_blocks
+    maps = [m for m in info.item_maps if m is not None]
+    assert len(joint) == per_call * len(maps) and maps
+    for step, got in enumerate(maps):
+        ref = []
+        for i in blocks:
+            q, k, mask = joint[step * per_call + i]
+            logits = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5  # (1, H, L, L)
+            if mask is not None:
+                logits = logits + mask.float().view(1, 1, 1, -1)
+            probs = torch.softmax(logits, dim=-1).mean(dim=1)[:, n_cap:]
+            ref.append(torch.stack([probs[..., ps].mean(-1) for ps in targets["positions"]], dim=1))
+        ref = torch.stack(ref).mean(0).view(1, 3, 4, 4)
+        assert got.shape == ref.shape and _rel(got, ref) <= 1e-4, (step, _rel(got, ref))
