@@ -830,3 +830,28 @@ def test_lumina2_padded_positive_and_a_shorter_negative_read_the_caption_columns
             ref.append(torch.stack([probs[..., ps].mean(-1) for ps in targets["positions"]], dim=1))
         ref = torch.stack(ref).mean(0).view(1, 3, 4, 4)
         assert got.shape == ref.shape and _rel(got, ref) <= 1e-4, (step, _rel(got, ref))
+
+
+def test_hunyuan_image_masks_never_read_glyph_columns_however_long_the_quoted_text(fams):
+    """Quoted text makes byT5 glyph tokens that follow the prompt's Qwen2.5 tokens in the text
+    stream; a long quote gives more glyph tokens than the prompt has Qwen2.5 tokens (a 12-token
+    context, 30 glyphs). The masks read the Qwen2.5 columns only, the glyph keys in the softmax's
+    normaliser as the model attends. Oracle: the model's own q/k (logged), probabilities at the
+    Qwen2.5 target columns. Caught: the glyph tokens counted as the context repeated (ComfyUI's
+    padding of a short cross-attention context), which read columns 12 + p and 24 + p among the glyphs."""
+    model, pos, _ = fams["hunyuan_image"]
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(1))
+    glyphs = torch.randn(1, 30, pos[0][1]["conditioning_byt5small"].shape[2], generator=torch.Generator().manual_seed(2))
+    kw = {"c_crossattn": pos[0][0].expand(2, -1, -1), "guidance": torch.full((2,), 6.0),
+          "txt_byt5": glyphs.expand(2, -1, -1)}
+    assert pos[0][0].shape[1] == TARGETS["context_len"] == 12
+    r = _forwards(model, x, kw, [], [])
+    maps, backend, log = r["maps"], r["backend"], r["log"]
+    n_img, ref = 16, []
+    for i in sorted(backend.capture_blocks):
+        q, k, heads, skip = log[2 + i]  # txt_in's two refiner attentions come first
+        assert q.shape[2] == n_img + 12 + 30
+        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
+        ref.append(torch.stack([probs[:, :n_img, [n_img + j for j in p]].mean(-1) for p in TARGETS["positions"]], 1))
+    ref = torch.stack(ref).mean(dim=0)
+    assert _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
