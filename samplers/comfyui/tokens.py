@@ -23,7 +23,7 @@ are listed without the sentencepiece marks when a word is not found.
 import re
 from typing import List, Optional
 
-from ..tokens import UnknownWordError, locate_word, parse_targets
+from ..tokens import UnknownWordError, parse_targets
 
 KEY_ORDER = ("l", "g", "h")
 
@@ -69,12 +69,13 @@ def _word_ids(clip, key, sub, word) -> List[int]:
     return ids
 
 
-def _locate_by_ids(clip, key, sub, prompt_ids, shown, word, occurrence):
-    """Without a vocabulary to spell tokens by: the word's own ids as a run in the prompt's."""
+def _id_hits(clip, key, sub, ids, word) -> List[List[int]]:
+    """Each appearance of the word's own ids as a run in ``ids``: for a tokenizer without a
+    vocabulary to spell by, and for words the vocabulary cannot spell (a sentencepiece model
+    without byte fallback gives <unk> for a character it lacks; the word's own <unk> matches)."""
     wids = _word_ids(clip, key, sub, word)
-    if not wids:
-        raise UnknownWordError(f"the target {word!r} has no tokens; name a word of the prompt")
-    return locate_word(prompt_ids, wids, shown, word=word, occurrence=occurrence)
+    n = len(wids)
+    return [list(range(i, i + n)) for i in range(len(ids) - n + 1) if n and list(ids[i:i + n]) == wids]
 
 
 # -- words by their spelling ------------------------------------------------------------------
@@ -197,18 +198,16 @@ def split_occurrence(word: str):
 
 def _find(clip, key, sub, ids, pieces, drop, word, occurrence):
     """Positions of ``word`` in ``ids[drop:]`` (the part the model receives); ``pieces``: the
-    tokens spelled out (``_spelled``)."""
-    if pieces is None:
-        shown = _token_names(sub, ids[drop:])
-        return [p - drop for p in _locate_by_ids(clip, key, sub, ids[drop:], shown, word, occurrence)]
+    tokens spelled out (``_spelled``), None without a vocabulary."""
+    hits = (_word_hits(pieces[drop:], word) if pieces is not None else []) or _id_hits(clip, key, sub, ids[drop:], word)
 
     def missing():
-        if _word_hits(pieces, word):  # only in the prefix the encoder drops (Qwen-Image's chat template)
+        if pieces is not None and _word_hits(pieces, word):  # only in the prefix the encoder drops (a template)
             return UnknownWordError(
                 f"the word {word!r} is only in the text encoder's template, which it drops before the model: "
                 "name a word of your own prompt (write it in the prompt if it is not there)")
-        return _not_in_prompt(word, _token_names(sub, ids[drop:]))
-    return _pick(_word_hits(pieces[drop:], word), word, occurrence, missing)
+        return _not_in_prompt(word, _token_names(sub, ids[drop:]) or [str(i) for i in ids[drop:]])
+    return _pick(hits, word, occurrence, missing)
 
 
 def _not_in_prompt(word, shown):
