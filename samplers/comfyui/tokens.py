@@ -21,6 +21,7 @@ are listed without the sentencepiece marks when a word is not found.
 """
 
 import re
+from bisect import bisect_left, bisect_right
 from typing import List, Optional
 
 from ..tokens import UnknownWordError, parse_targets
@@ -155,9 +156,7 @@ def _word_hits(pieces: List[bytes], word: str) -> List[List[int]]:
             left = at == 0 or not (_is_word_byte(needle[0]) and _is_word_byte(hay[at - 1]))
             right = stop == len(hay) or not (_is_word_byte(needle[-1]) and _is_word_byte(hay[stop]))
             if left and right:
-                first = next(i for i, e in enumerate(ends) if e > at)
-                last = next(i for i, e in enumerate(ends) if e >= stop)
-                hits.append(list(range(first, last + 1)))
+                hits.append(list(range(bisect_right(ends, at), bisect_left(ends, stop) + 1)))
             at = hay.find(needle, at + 1)
         if hits:
             return hits
