@@ -98,15 +98,17 @@ class AsynDMTextEncode:
 
     def encode(self, clip, text, targets):
         from ..samplers.comfyui.conditioning import TARGETS_KEY
-        from ..samplers.comfyui.tokens import context_length, fit_to_context, locate_targets
+        from ..samplers.comfyui.tokens import context_length, locate_targets
+        from ..samplers.tokens import parse_targets
 
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader node "
                                "your checkpoint does not contain a valid clip or text encoder model.")
-        info = locate_targets(clip, text, targets)
+        parse_targets(targets)  # a malformed strength is refused before the encoder runs
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        if cond:  # the encoded context: SD3's is CLIP's 77·k plus T5's tokens, Qwen-Image's drops its template
-            info = fit_to_context(info, context_length(cond))
+        # words are found in the context the model receives: SD3's is CLIP's 77·k plus T5's tokens,
+        # Qwen-Image's and HunyuanImage's drop their chat template
+        info = locate_targets(clip, text, targets, context_length(cond) if cond else None)
         return ([[c, dict(d, **{TARGETS_KEY: info})] for c, d in cond],)
 
 

@@ -111,6 +111,34 @@ def test_asyndm_locate_targets_with_stand_in_tokenizer():
     assert comfy_tokens.split_occurrence("C#") == ("C#", -1)
 
 
+class _PieceClip:
+    """Stand-in for a sentencepiece CLIP (T5-like: '▁' marks a space, no start token): a fixed
+    segmentation of one prompt, as T5 splits quoted text ('▁"', 'O', 'PEN', '"')."""
+
+    pieces = {"a": [1], "sign": [2], '"OPEN"': [3, 4, 5, 6], "OPEN": [7], "rabbit": [8], '"rabbit"': [3, 9, 10, 6],
+              "jackrabbit": [11, 9, 10], "\u4e2d": [12]}
+
+    def __init__(self):
+        inv = {1: "\u2581a", 2: "\u2581sign", 3: '\u2581"', 4: "O", 5: "PEN", 6: '"', 7: "\u2581OPEN",
+               8: "\u2581rabbit", 9: "rab", 10: "bit", 11: "\u2581jack", 12: "<unk>", 0: "</s>"}
+        self.tokenizer = type("T", (), {"t5xxl": type("S", (), {"inv_vocab": inv, "end_token": 0})()})()
+
+    def tokenize(self, text):
+        return {"t5xxl": [[(i, 1.0) for w in text.split() for i in self.pieces[w]] + [(0, 1.0)]]}
+
+
+def test_asyndm_locate_targets_by_spelling_finds_quoted_words_and_whole_words_only():
+    """Positions by hand for a sentencepiece-style stand-in. Caught: the word's own ids alone
+    ('▁OPEN' is not in the quoted prompt); no word boundary ('rabbit' inside 'jackrabbit')."""
+    clip = _PieceClip()
+    info = comfy_tokens.locate_targets(clip, 'a sign "OPEN" jackrabbit "rabbit" \u4e2d', "OPEN, rabbit, \u4e2d")
+    # a(0) sign(1) ▁"(2) O(3) PEN(4) "(5) ▁jack rab bit(6-8) ▁" rab bit "(9-12) <unk>(13) </s>(14)
+    assert info["positions"] == [[3, 4], [10, 11], [13]]  # '<unk>': its own id, as the word tokenizes
+    assert info["context_len"] == 15
+    with pytest.raises(UnknownWordError, match="not in the prompt"):
+        comfy_tokens.locate_targets(clip, "a jackrabbit", "rabbit")
+
+
 def test_asyndm_preview_steps_follow_the_run():
     pick = previews.pick_steps
     assert pick("", 10) == ([0, 3, 6, 9], [], []) and pick("", 3) == ([0, 1, 2], [], []) and pick("", 1)[0] == [0]

@@ -50,6 +50,7 @@ class Forward:
     capture_rows: List[int]
     place: Tuple[int, int]  # (y, x) of the captured chunk in the latent (an area crop), else (0, 0)
     frames: int = 1  # a video's frames, stacked along the height (fold)
+    text_tail: int = 0  # text-stream tokens after the prompt's (HunyuanImage's byT5 glyphs): never a target
     t_image: Optional[torch.Tensor] = None  # (Bm,) each row's own model timestep, the one ComfyUI passes
     raw: Optional[torch.Tensor] = None  # the diffusion model's output
     time: Optional[torch.Tensor] = None  # (R, D) time embedding of the rows

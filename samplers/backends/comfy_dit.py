@@ -102,6 +102,9 @@ def record_maps(fwd: Forward, q_img, k_txt, k_img, context_len_offset: int = 0):
     as (b, N, h/p, w/p) maps on the token grid, placed in the full grid for an area crop."""
     sel = torch.tensor(fwd.capture_rows, device=q_img.device)
     q_img, k_txt, k_img = (t.index_select(0, sel) for t in (q_img, k_txt, k_img))
+    if fwd.text_tail:  # tokens after the prompt's enter the softmax's normaliser only, as image keys do
+        cut = k_txt.shape[2] - fwd.text_tail
+        k_txt, k_img = k_txt[:, :, :cut], torch.cat([k_img, k_txt[:, :, cut:]], dim=2)
     h, w = fwd.grid
     maps = joint_item_attention(q_img[:, :, :h * w], k_txt, k_img, fwd.weights(k_txt.shape[2], context_len_offset))
     maps = maps.view(len(fwd.capture_rows), h, w, -1).permute(0, 3, 1, 2)

@@ -16,8 +16,11 @@ Masks: as Flux (comfy_flux.FluxLike, the ``dit`` replace patch on the three midd
 reading the block's own q/k after its QK norm and RoPE), with the image first: the joint
 attention of image queries to the target words' Qwen2.5 tokens after ``txt_in``, softmax over all
 [image | text | glyph] keys. The text encoder drops its chat template as Qwen-Image's does
-(comfyui/tokens.fit_to_context). A text attention mask (padding) is never passed for one prompt
-(ComfyUI drops an all-ones mask); were one passed, padded keys would enter the maps' normaliser.
+(comfyui/tokens.locate_targets). The glyph tokens (quoted text, byT5) follow the Qwen2.5 ones in
+the text stream: they enter the maps' softmax normaliser as the model attends, never a target's
+columns (``Forward.text_tail``), however many there are. A text attention mask (padding) is never
+passed for one prompt (ComfyUI drops an all-ones mask); were one passed, padded keys would enter
+the maps' normaliser.
 
 Refused: HunyuanVideo (3-D patches: its I2V token-replace modulation and a second text encoder's
 word positions are not covered), the HunyuanImage 2.1 refiner (3-D patches, a concatenated image
@@ -107,4 +110,7 @@ class ComfyHunyuanImageBackend(FluxLike):
         handles += [b.register_forward_pre_hook(seq_len) for b in dm.single_blocks]
         handles += [b.modulation.register_forward_hook(single) for b in dm.single_blocks]
         handles.append(dm.final_layer.adaLN_modulation.register_forward_hook(final))
+        if dm.byt5_in is not None:  # glyph tokens follow the prompt's: the masks never read them
+            handles.append(dm.byt5_in.register_forward_hook(
+                lambda m, a, out: setattr(fwd, "text_tail", out.shape[1])))
         return handles

@@ -10,7 +10,7 @@ per token by a forward hook. The latent is a one-frame video (B, C, 1, H, W): th
 Masks: joint attention (softmax over [text | image] keys, after RoPE, as the model attends) of the
 image queries to the target words' tokens in the three middle blocks. The text encoder drops the
 chat template before the prompt, so the text-encode node shifts the positions onto the context the
-model receives (comfyui/tokens.fit_to_context).
+model receives (comfyui/tokens.locate_targets).
 """
 
 import torch

@@ -370,6 +370,23 @@ def _backend(model_patcher, per_pixel: bool):
         return None
 
 
+SPLIT_REFUSED = (
+    "AsynDM cannot continue a run in this SAMPLER: these SIGMAS start below the model's highest noise and no noise is "
+    "added (DisableNoise), so the latent is the rest of a run, e.g. the second half of SplitSigmas. An AsynDM plan "
+    "is built over the whole schedule and its lagging tokens' progress does not ride on SamplerCustomAdvanced's "
+    "LATENT, so this half would start a new plan at its first sigma. Use two 'Asynchronous KSampler (Advanced, step "
+    "range)' nodes (start_at_step / end_at_step; the second continues the first's per-token plan), or run this half "
+    "with mode vanilla or a plain SAMPLER, or add noise (img2img).")
+
+
+def continues_a_run(noise, sigmas, model_sampling) -> bool:
+    """A latent carried on from an earlier run's leftover noise: no noise added and the schedule
+    starting below the model's highest sigma (a denoise < 1 run adds noise; a run from step 0
+    starts at the top)."""
+    top = float(getattr(model_sampling, "sigma_max", sigmas[0]))
+    return not bool(noise.any()) and float(sigmas[0]) < top * (1 - 1e-3)
+
+
 def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar=False):
     import comfy.model_management
 
@@ -409,6 +426,8 @@ def _sample(sampler, model_wrap, sigmas, extra_args, callback, noise, latent_ima
     batch_index = sampler.batch_index
     total = len(sigmas) - 1
     window = getattr(sampler, "window", None)  # split.StepWindow: this pass runs part of the schedule
+    if window is None and mode != "vanilla" and continues_a_run(noise, sigmas, ms):
+        raise ValueError(SPLIT_REFUSED)
 
     def model_fn(x, sigma, capture, model_options=None, seed=None, denoise_mask=None, **_):
         call = PixelCall(sigma, capture, targets.positions if targets else (), targets.context_len if targets else 77,

@@ -285,6 +285,36 @@ def test_asyndm_sampler_node_in_samplercustom_and_every_guider(setup):
     assert float((outs["basic"] - outs["cfg"]).abs().max()) > 1e-4
 
 
+def test_asyndm_sampler_refuses_the_second_half_of_split_sigmas_and_names_the_step_range_node(setup):
+    """SamplerCustomAdvanced over SplitSigmas (first half with RandomNoise, second with DisableNoise).
+    Before: the second half ran a new AsynDM plan from the split sigma (6 karras steps split at 3:
+    2.3% from the unsplit run), the lag lost; neither half sees the whole schedule and no plan
+    rides on the node's LATENT, so AsynDM refuses it, naming the step-range node. Vanilla still
+    equals the unsplit run (ComfyUI's own split), and the low half with added noise (img2img) runs.
+    Caught: the check removed (the second half runs)."""
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMSampler
+
+    cs = custom_nodes()
+    model, clip, pos, neg = setup["sd15"]
+    lat = empty_latent(1)
+    sigmas = unwrap(cs.BasicScheduler().get_sigmas(model, "karras", 6, 1.0))[0]
+    hi, lo = unwrap(cs.SplitSigmas().get_sigmas(sigmas, 3))
+    guider = unwrap(cs.CFGGuider().get_guider(model, pos, neg, 2.0))[0]
+    noise, off = unwrap(cs.RandomNoise().get_noise(3))[0], unwrap(cs.DisableNoise().get_noise())[0]
+
+    def run(sampler, n, sig, latent):
+        return unwrap(cs.SamplerCustomAdvanced().sample(n, guider, sampler, sig, latent))[0]
+
+    plain = AsynDMSampler().get_sampler("euler", 1.0, 1.0, "vanilla", "dynamic", "bin", "", 1.0)[0]
+    whole = run(plain, noise, sigmas, lat)["samples"]
+    assert _rel(run(plain, off, lo, run(plain, noise, hi, lat))["samples"], whole) <= 1e-6
+    asyn = AsynDMSampler().get_sampler("euler", 1.0, 1.0, "AsynDM", "dynamic", "bin", "", 1.0)[0]
+    first = run(asyn, noise, hi, lat)
+    with pytest.raises(ValueError, match=r"second half of SplitSigmas.*Asynchronous KSampler \(Advanced, step range\)"):
+        run(asyn, off, lo, first)
+    assert torch.isfinite(run(asyn, noise, lo, first)["samples"]).all()  # noise added: img2img from the split
+
+
 def test_asyndm_bad_input_names_the_fix(setup):
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMSampler
 

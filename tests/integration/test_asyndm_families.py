@@ -776,3 +776,140 @@ def test_mask_steps_preview_has_the_images_size_each_tokens_region_and_timestep(
         assert torch.equal(regions[f], painted), f"step {f}: not the painted region"
         lagged |= bool(times[f][mask[0] > 0.5].amin() > times[f][mask[0] < 0.5].amax())
     assert lagged, "the painted tokens never lag: nothing to see"
+
+
+def test_hunyuan_image_quoted_words_resolve_to_their_qwen_tokens_in_the_context(comfy_env, monkeypatch):
+    """Text to render, in quotes (HunyuanImage 2.1 prompts): ComfyUI's HunyuanImage tokenizer sends the
+    quoted text to byT5 glyph tokens as well, but the masks read the Qwen2.5 context, where a quoted
+    word is spelled without its leading space ('"', 'OPEN') or merged with the quote ('"The',
+    '“The'). Oracle: the Qwen2.5 tokenizer's own decode of the context tokens at the positions (the
+    stand-in encoder's hidden state is each token's id, after the encoder's own template trimming).
+    Caught: the word's ids alone (the lookup before: ' OPEN' → 'ĠOPEN' is not in the quoted prompt,
+    an UnknownWordError); words searched in the template too ('background' was refused because the
+    system prompt has it)."""
+    from comfy.text_encoders import hunyuan_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+    from asyndm_fpdm.samplers.tokens import UnknownWordError
+
+    tokenizer = hunyuan_image.HunyuanImageTokenizer()
+    hf = tokenizer.qwen25_7b.tokenizer
+    clip = _qwen_ids_clip(monkeypatch, hunyuan_image.HunyuanImageTEModel, tokenizer, byt5_small=None)
+    prompt = '“The End” on a poster, a rabbit holding a sign that says "OPEN" and a "rabbit" on the background'
+    assert "byt5" in clip.tokenize(prompt)
+    cond = AsynDMTextEncode().encode(clip, prompt, "OPEN, The, rabbit#2, background, End")[0]
+    info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0].long().tolist()
+    assert info["context_len"] == len(context)
+
+    def said(ps):
+        return hf.decode([context[p] for p in ps]).strip(' "“”')
+
+    assert [said(ps) for ps in info["positions"]] == ["OPEN", "The", "rabbit", "background", "End"]
+    assert hf.convert_ids_to_tokens(context[info["positions"][1][0]]) == "\u00e2\u0122\u013eThe"  # '“The', one token
+    assert info["positions"][2][0] > info["positions"][0][0]  # the second rabbit: the quoted one
+    every = AsynDMTextEncode().encode(clip, prompt, "rabbit")[0][0][1]["asyndm_targets"]["positions"][0]
+    assert [said([p]) for p in every] == ["rabbit", "rabbit"]
+    with pytest.raises(UnknownWordError, match="template.*your own prompt"):  # only in the system prompt
+        AsynDMTextEncode().encode(clip, prompt, "texture")
+
+
+def test_qwen_image_quoted_words_are_ordinary_text(comfy_env, monkeypatch):
+    """Qwen-Image keeps quotes as ordinary text (no glyph tokens): a quoted word resolves to its
+    Qwen2.5 tokens in the context the model receives, by the tokenizer's own decode. Caught: the
+    word's ids alone ('"I' is one token, 'ĠI' is not in the prompt)."""
+    from comfy.text_encoders import qwen_image
+
+    from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
+
+    tokenizer = qwen_image.QwenImageTokenizer()
+    hf = tokenizer.qwen25_7b.tokenizer
+    clip = _qwen_ids_clip(monkeypatch, qwen_image.QwenImageTEModel, tokenizer)
+    prompt = '"I love rabbits" written above a rabbit'
+    assert "byt5" not in clip.tokenize(prompt)
+    cond = AsynDMTextEncode().encode(clip, prompt, "I, rabbit")[0]
+    info, context = cond[0][1]["asyndm_targets"], cond[0][0][0, :, 0].long().tolist()
+    assert [hf.decode([context[p] for p in ps]).strip(' "') for ps in info["positions"]] == ["I", "rabbit"]
+
+
+def test_lumina2_padded_positive_and_a_shorter_negative_read_the_caption_columns_end_to_end(fams):
+    """A positive whose Gemma context carries padding (16 columns, attention mask of 12 ones, as a
+    padding text encoder gives it) and a 7-token negative, through the Asynchronous KSampler on the
+    tiny Lumina 2. ComfyUI never batches the two (``c_crossattn`` is a CONDRegular and ``num_tokens``
+    a CONDConstant: different lengths do not concatenate), passes the positive's mask, and NextDiT
+    drops the padding: its image tokens start at the mask's 12 ones. Oracle: every positive call's
+    joint attention recomputed from the q/k the model computed in that run (logged through
+    ComfyUI's attention override; softmax with the mask the model passes), read at the target
+    columns — the last, column 11, right before the padding. Caught: image tokens taken to start
+    at the context's 16 columns (the padding counted as caption: the run fails)."""
+    from asyndm_fpdm.samplers.backends import backend_for
+
+    model, pos, neg = fams["lumina2"]
+    ctx, extra = pos[0][0], pos[0][1]
+    pad = 4
+    targets = {"words": ["rabbit", "ball", "last"], "ks": [0.7, 0.5, 0.6], "positions": [[2], [5], [11]],
+               "context_len": ctx.shape[1] + pad}
+    padded = [[torch.cat([ctx, torch.zeros(1, pad, ctx.shape[2])], dim=1),
+               dict(extra, attention_mask=torch.cat([extra["attention_mask"], torch.zeros(1, pad, dtype=torch.long)],
+                                                    dim=1), asyndm_targets=targets)]]
+    assert neg[0][0].shape[1] == 7 and padded[0][0].shape[1] == 16
+    log, seen = [], []
+
+    def override(func, *args, **kwargs):
+        log.append((args[0].detach().clone(), args[1].detach().clone(), kwargs.get("mask", args[4] if len(args) > 4
+                                                                                   else None)))
+        return func(*args, **kwargs)
+
+    logged = model.clone()
+    logged.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    dm = model.model.diffusion_model
+    handle = dm.register_forward_pre_hook(  # what ComfyUI passes the model per call: context, mask, length
+        lambda m, a, kw: seen.append((kw.get("context", a[2] if len(a) > 2 else None).shape[1],
+                                      kw.get("attention_mask"), kw.get("num_tokens"))), with_kwargs=True)
+    try:
+        _, info = sampler_node(logged, padded, neg, _latent("lumina2"), sampler_name="euler", scheduler="simple",
+                               steps=3, cfg=2.0)
+    finally:
+        handle.remove()
+    assert sorted({s[0] for s in seen}) == [7, 16]  # never batched together
+    assert all((m is not None and int(m.sum()) == 12 and n == 12) for c, m, n in seen if c == 16)
+    n_img, n_cap = 16, 12
+    joint = [(q, k, m) for q, k, m in log if k.shape[2] == n_cap + n_img]  # the positive's joint layers
+    per_call, blocks = len(dm.layers), backend_for(model).capture_blocks
+    maps = [m for m in info.item_maps if m is not None]
+    assert len(joint) == per_call * len(maps) and maps
+    for step, got in enumerate(maps):
+        ref = []
+        for i in blocks:
+            q, k, mask = joint[step * per_call + i]
+            logits = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5  # (1, H, L, L)
+            if mask is not None:
+                logits = logits + mask.float().view(1, 1, 1, -1)
+            probs = torch.softmax(logits, dim=-1).mean(dim=1)[:, n_cap:]
+            ref.append(torch.stack([probs[..., ps].mean(-1) for ps in targets["positions"]], dim=1))
+        ref = torch.stack(ref).mean(0).view(1, 3, 4, 4)
+        assert got.shape == ref.shape and _rel(got, ref) <= 1e-4, (step, _rel(got, ref))
+
+
+def test_hunyuan_image_masks_never_read_glyph_columns_however_long_the_quoted_text(fams):
+    """Quoted text makes byT5 glyph tokens that follow the prompt's Qwen2.5 tokens in the text
+    stream; a long quote gives more glyph tokens than the prompt has Qwen2.5 tokens (a 12-token
+    context, 30 glyphs). The masks read the Qwen2.5 columns only, the glyph keys in the softmax's
+    normaliser as the model attends. Oracle: the model's own q/k (logged), probabilities at the
+    Qwen2.5 target columns. Caught: the glyph tokens counted as the context repeated (ComfyUI's
+    padding of a short cross-attention context), which read columns 12 + p and 24 + p among the glyphs."""
+    model, pos, _ = fams["hunyuan_image"]
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(1))
+    glyphs = torch.randn(1, 30, pos[0][1]["conditioning_byt5small"].shape[2], generator=torch.Generator().manual_seed(2))
+    kw = {"c_crossattn": pos[0][0].expand(2, -1, -1), "guidance": torch.full((2,), 6.0),
+          "txt_byt5": glyphs.expand(2, -1, -1)}
+    assert pos[0][0].shape[1] == TARGETS["context_len"] == 12
+    r = _forwards(model, x, kw, [], [])
+    maps, backend, log = r["maps"], r["backend"], r["log"]
+    n_img, ref = 16, []
+    for i in sorted(backend.capture_blocks):
+        q, k, heads, skip = log[2 + i]  # txt_in's two refiner attentions come first
+        assert q.shape[2] == n_img + 12 + 30
+        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
+        ref.append(torch.stack([probs[:, :n_img, [n_img + j for j in p]].mean(-1) for p in TARGETS["positions"]], 1))
+    ref = torch.stack(ref).mean(dim=0)
+    assert _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)

@@ -300,6 +300,24 @@ def test_dit_targets_flux_read_t5_positions(comfy_env):
     assert "'dog'" in msg and "rabbit" in msg and "basketball" in msg and "\u2581" not in msg and "<pad>" not in msg
 
 
+def test_dit_targets_quoted_words_are_ordinary_text_for_t5_and_clip(comfy_env):
+    """Flux and SD3 keep quotes as ordinary text: a quoted word is T5's pieces without the
+    sentencepiece space ('▁"', 'O', 'PEN', '"'; '"rabbit"' → 'rab', 'bit'), CLIP's the same word
+    as unquoted. Oracle: each tokenizer's own decode of the prompt's tokens at the positions.
+    Caught: the word's ids alone (the lookup before: '▁OPEN' is not in the quoted T5 prompt)."""
+    from asyndm_fpdm.samplers.comfyui.tokens import locate_targets
+
+    prompt = 'a sign that says "OPEN" beside a "rabbit" and a rabbit'
+    for family, key in (("flux", "t5xxl"), ("sd3", "g")):
+        clip = _TokenizerClip(family)
+        sub = getattr(clip.tokenizer, "clip_g" if key == "g" else key)
+        info = locate_targets(clip, prompt, "OPEN, rabbit#1, rabbit")
+        ids = [t[0] for c in clip.tokenize(prompt)[key] for t in c]
+        said = [sub.tokenizer.decode([ids[p] for p in ps]).strip(' "') for ps in info["positions"]]
+        assert said[:2] == ["OPEN" if key == "t5xxl" else "open", "rabbit"], family
+        assert sub.tokenizer.decode([ids[p] for p in info["positions"][2]]).split() == ["rabbit", "rabbit"]
+
+
 def test_dit_targets_sd3_read_clip_positions_and_the_joint_length(comfy_env):
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMTextEncode
     from asyndm_fpdm.samplers.comfyui.tokens import locate_targets
