@@ -58,14 +58,16 @@ def test_forward_image_rows_find_or_append_each_images_own_timestep():
 def test_lumina2_token_index_places_image_tokens_after_each_caption():
     """NextDiT's joint sequence is [caption | image | padding] per image, the caption as long as its
     attention mask's ones (else num_tokens): image tokens read their rows, every other position
-    its image's stock row R + b. Caught: image tokens placed after the whole (masked) context."""
-    from types import SimpleNamespace
-
-    from asyndm_fpdm.samplers.backends.comfy_lumina2 import caption_lengths, token_index
+    its image's stock row R + b (Forward.token_index, which comfy_dit.per_token gathers with).
+    Caught: image tokens placed after the whole (masked) context."""
+    from asyndm_fpdm.samplers.backends.comfy_call import Forward, PixelCall
+    from asyndm_fpdm.samplers.backends.comfy_lumina2 import caption_lengths
 
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     assert caption_lengths({"attention_mask": mask}, 2) == [2, 3]
     assert caption_lengths({"num_tokens": 5, "attention_mask": None}, 2) == [5, 5]
-    fwd = SimpleNamespace(tokens=torch.tensor([[0, 1], [1, 0]]), uniq_t=torch.tensor([0.1, 0.5]))
+    index = torch.tensor([[[0, 1]], [[1, 0]]])  # 2 images of one 1×2 token row, cell 1
+    fwd = Forward(PixelCall(torch.zeros(2, 1, 1, 2)), None, torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 2),
+                  torch.tensor([0.1, 0.5]), torch.zeros(2, dtype=torch.long), index, 1, [], (0, 0))
     # rows 0, 1 are the timesteps; 2 is image 0's stock row, 3 image 1's
-    assert token_index(fwd, [2, 3], 6).tolist() == [[2, 2, 0, 1, 2, 2], [3, 3, 3, 1, 0, 3]]
+    assert fwd.token_index([2, 3], 6).tolist() == [[2, 2, 0, 1, 2, 2], [3, 3, 3, 1, 0, 3]]

@@ -18,54 +18,39 @@ and CLIP-G place every word identically, so one set of positions (tokens.py) rea
 import torch
 
 from .comfy_call import FORWARD_KEY
-from .comfy_dit import middle_blocks, per_token, record_maps
-from .protocol import PixelBackend, chain, register, unsupported
+from .comfy_dit import per_token, record_maps, time_rows
+from .protocol import PixelBackend, chain_blocks, register, unsupported
 
 
 @register
 class ComfyMMDiTBackend(PixelBackend):
     FAMILY = "SD3/SD3.5 (MMDiT)"
+    MODEL = "comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper"
     TEXT = "l / g (CLIP part of the joint context)"
+    BLOCKS = "joint_blocks"
 
-    def __init__(self, model_patcher, capture_blocks=None):
-        super().__init__(model_patcher)
-        self.cell = self.dm.x_embedder.patch_size[0]
-        # the last block's context stream is pre-only: it still attends, but keep to full blocks
-        self.capture_blocks = set(capture_blocks if capture_blocks is not None else middle_blocks(
-            max(len(self.dm.joint_blocks) - 1, 1)))
-
-    @classmethod
-    def accepts(cls, dm):
-        from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
-
-        return type(dm) is OpenAISignatureMMDITWrapper
+    def capture_depth(self):  # the last block's context stream is pre-only: it still attends, but keep to full blocks
+        return max(len(self.dm.joint_blocks) - 1, 1)
 
     def validate(self, model_patcher, dm):
         if dm.context_processor is not None or not hasattr(dm, "final_layer"):
             raise unsupported("this MMDiT variant (context processor / no final layer) is not covered")
 
     def hooks(self, dm, fwd, transformer_options):
-        def time_rows(module, args, output):
-            fwd.time = module.forward(fwd.uniq_t.to(output.device), dtype=output.dtype)
-
-        def keep_y(module, args, output):
-            fwd.per_image.append(output)
-
         def final(module, args, output):
             x = args[0]
             shift, scale = per_token(fwd, module.adaLN_modulation.forward(fwd.rows()), x).chunk(2, dim=-1)
             return module.linear(torch.addcmul(shift, module.norm_final(x), 1 + scale))
 
-        handles = [dm.t_embedder.register_forward_hook(time_rows), dm.final_layer.register_forward_hook(final)]
+        handles = [dm.t_embedder.register_forward_hook(time_rows(fwd), with_kwargs=True),
+                   dm.final_layer.register_forward_hook(final)]
         if dm.y_embedder is not None:
-            handles.append(dm.y_embedder.register_forward_hook(keep_y))
+            handles.append(dm.y_embedder.register_forward_hook(fwd.keep_per_image))
         return handles
 
     def patch_replace(self, call, replace):
-        dit = replace.setdefault("dit", {})
-        for i in range(len(self.dm.joint_blocks)):
-            fn = _joint_block(self.dm, i, i in self.capture_blocks and call.capture)
-            dit[("double_block", i)] = chain(fn, dit.get(("double_block", i)))
+        chain_blocks(replace, "double_block", range(len(self.dm.joint_blocks)),
+                     lambda i: _joint_block(self.dm, i, i in self.capture_blocks and call.capture))
 
 
 def _mod(x, shift, scale):

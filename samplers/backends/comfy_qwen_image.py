@@ -16,8 +16,8 @@ model receives (comfyui/tokens.fit_to_context).
 import torch
 
 from .comfy_call import FORWARD_KEY
-from .comfy_dit import middle_blocks, per_token, record_maps
-from .protocol import PixelBackend, chain, register, unsupported
+from .comfy_dit import per_token, record_maps, time_rows
+from .protocol import PixelBackend, chain_blocks, register, unsupported
 
 
 def _modulate(x, mod):  # per-token (B, L, 3·D) → modulated x, gate
@@ -78,34 +78,20 @@ def _record(fwd, seen, pe):
 @register
 class ComfyQwenImageBackend(PixelBackend):
     FAMILY = "Qwen-Image"
+    MODEL = "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel"
     TEXT = "qwen25_7b (the prompt after the chat template)"
-
-    def __init__(self, model_patcher, capture_blocks=None):
-        super().__init__(model_patcher)
-        self.cell = self.dm.patch_size
-        self.capture_blocks = set(capture_blocks if capture_blocks is not None else middle_blocks(
-            len(self.dm.transformer_blocks)))
-
-    @classmethod
-    def accepts(cls, dm):
-        from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-
-        return type(dm) is QwenImageTransformer2DModel
+    BLOCKS = "transformer_blocks"
 
     def hooks(self, dm, fwd, transformer_options):
-        def time_rows(module, args, output):
-            fwd.time = module.forward(fwd.uniq_t.to(output.device), args[-1])
-
         def final(module, args, output):
             x = args[0]
             emb = per_token(fwd, module.linear(module.silu(fwd.time)), x[:, :1, :1].new_zeros(x.shape[0], 1, 2 * x.shape[-1]))
             scale, shift = emb.chunk(2, dim=-1)
             return torch.addcmul(shift, module.norm(x), 1 + scale)
 
-        return [dm.time_text_embed.register_forward_hook(time_rows), dm.norm_out.register_forward_hook(final)]
+        return [dm.time_text_embed.register_forward_hook(time_rows(fwd), with_kwargs=True),
+                dm.norm_out.register_forward_hook(final)]
 
     def patch_replace(self, call, replace):
-        dit = replace.setdefault("dit", {})
-        for i in range(len(self.dm.transformer_blocks)):
-            fn = _block(self.dm, i, i in self.capture_blocks and call.capture)
-            dit[("double_block", i)] = chain(fn, dit.get(("double_block", i)))
+        chain_blocks(replace, "double_block", range(len(self.dm.transformer_blocks)),
+                     lambda i: _block(self.dm, i, i in self.capture_blocks and call.capture))
