@@ -16,8 +16,8 @@ strided feature maps (pixel_math.strided_index).
 
 The families (comfy_flux.py, comfy_mmdit.py, ...) implement the backend protocol (protocol.py)
 with these helpers: the time embedder on the rows (``time_rows``), modulation rows gathered per
-token (``per_token``; ``Modulation`` hands them to a stock block that has no replace patch) and the
-joint attention read for masks (``record_maps``, ``keep_token_maps``). Text tokens keep the stock per-image vector, whose timestep is the
+token (``per_token``; ``Modulation`` and ``Gathered`` hand them to a stock block that has no replace
+patch) and the joint attention read for masks (``record_maps``, ``keep_token_maps``). Text tokens keep the stock per-image vector, whose timestep is the
 image's passed sigma: the background's.
 """
 
@@ -27,8 +27,8 @@ import torch
 
 from .comfy_call import Forward
 
-__all__ = ["Modulation", "joint_item_attention", "keep_outputs", "keep_token_maps", "middle_blocks", "per_token",
-           "record_maps", "time_rows"]
+__all__ = ["Gathered", "Modulation", "joint_item_attention", "keep_outputs", "keep_token_maps", "middle_blocks", "per_token",
+           "record_maps", "time_rows", "token_rows"]
 
 
 def middle_blocks(depth: int, count: int = 3) -> List[int]:
@@ -60,23 +60,28 @@ def joint_item_attention(q, k_txt, k_img, weights, block: int = 1024):
     return out / q.shape[1]
 
 
-def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=0, after: int = 0,
-              parts: int = 1):
-    """Modulation rows (R, K) → (Bm, before + n_img + after, K): image tokens gathered from their
-    (image, timestep) row; the ``before`` (text) and ``after`` (reference-image) tokens keep the
-    stock per-image value ``stock`` (Bm, K), the background's. ``before`` may differ per image (a
-    list: captions of their own lengths, the shorter sequences padded at the end). With ``parts`` > 1
-    the K channels come back as that many contiguous (Bm, L, K/parts) tensors (shift, scale, gate...),
-    so the block's elementwise modulation reads dense memory rather than strided chunk views.
-    One gather per part: the per-token path costs one pass over the modulation tensor."""
+def token_rows(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=0, after: int = 0):
+    """Modulation rows (R, K) → (table, index): the rows, and the (Bm, before + n_img + after) row of
+    every token. Image tokens read their (image, timestep) row; the ``before`` (text) and ``after``
+    (reference-image) tokens keep the stock per-image value ``stock`` (Bm, K), the background's,
+    appended as row R + b. ``before`` may differ per image (a list: captions of their own lengths,
+    the shorter sequences padded at the end)."""
     bm, n = fwd.tokens.shape
     starts = [before] * bm if isinstance(before, int) else list(before)
     length = max(starts) + n + after
     table = rows_out.to(stock.dtype)
-    index = fwd.tokens
-    if length != n:  # image b's other tokens read row R + b: its stock vector
-        index = fwd.token_index(starts, length)
-        table = torch.cat([table, stock.reshape(bm, -1)])
+    if length == n:
+        return table, fwd.tokens
+    return torch.cat([table, stock.reshape(bm, -1)]), fwd.token_index(starts, length)
+
+
+def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=0, after: int = 0,
+              parts: int = 1):
+    """Modulation rows (R, K) gathered per token (``token_rows``) → (Bm, L, K). With ``parts`` > 1
+    the K channels come back as that many contiguous (Bm, L, K/parts) tensors (shift, scale, gate...),
+    so the block's elementwise modulation reads dense memory rather than strided chunk views.
+    One gather per part: the per-token path costs one pass over the modulation tensor."""
+    table, index = token_rows(fwd, rows_out, stock, before, after)
     if parts == 1:
         return table[index]
     return [t[index] for t in table.view(table.shape[0], parts, -1).unbind(dim=1)]
@@ -85,8 +90,7 @@ def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=
 class Modulation:
     """What a block reads from its modulation module, standing in for the per-image output (Bm, k·D)
     where the stock block code runs unchanged (no replace patch: HiDream, Lumina 2): its per-image
-    broadcast (HiDream's ``out[:, None]``, Lumina's ``.unsqueeze(1)``) is the identity on the given
-    per-token (Bm, L, D) parts, and ``chunk(k)`` returns them."""
+    broadcast ``out[:, None]`` (HiDream) is the identity, and ``chunk(k)`` returns the given parts."""
 
     def __init__(self, *parts):
         self.parts = parts
@@ -94,13 +98,36 @@ class Modulation:
     def __getitem__(self, index):
         return self
 
-    def unsqueeze(self, dim):
-        return self.parts[0] if len(self.parts) == 1 else self
-
     def chunk(self, chunks, dim=-1):
         if chunks != len(self.parts):
             raise RuntimeError(f"AsynDM: a block read {chunks} modulation parts, expected {len(self.parts)}")
         return self.parts
+
+
+class Gathered:
+    """One modulation part where a stock block broadcasts it per image (Lumina's ``.unsqueeze(1)``):
+    the rows' values (R + Bm, D) and every token's row (Bm, L). The elementwise maps the block applies
+    (``1 + scale``, ``gate.tanh()``) run on the rows, the gather happens in the block's product: no
+    per-token work beyond the stock broadcast's one pass, and no (Bm, L, D) part outlives its use."""
+
+    def __init__(self, rows, index):
+        self.rows, self.index = rows, index
+
+    def unsqueeze(self, dim):
+        return self
+
+    def tanh(self):
+        return Gathered(self.rows.tanh(), self.index)
+
+    def __radd__(self, other):  # 1 + scale on the rows
+        if isinstance(other, torch.Tensor):
+            return other + self.rows[self.index]
+        return Gathered(other + self.rows, self.index)
+
+    def __mul__(self, other):
+        return self.rows[self.index] * other
+
+    __rmul__ = __mul__
 
 
 def time_rows(fwd: Forward, of=None):

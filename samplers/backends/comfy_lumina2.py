@@ -5,10 +5,12 @@ Time: NextDiT embeds ``1 − timesteps`` (its flow time runs the other way; Comf
 ``noise_refiner`` blocks, the joint ``layers`` over [caption | image] tokens — and the final layer
 turn into scales and tanh gates; ``context_refiner`` (caption only) has none. The embedder runs
 on the distinct timesteps of a call beside ComfyUI's own call; each block's ``adaLN_modulation``
-on those rows, its output handed back as per-token parts (comfy_dit.Modulation: the block's
-``chunk(4, dim=1)`` and per-image ``unsqueeze(1)`` yield the (B, L, D) parts gathered per token),
-so NextDiT's own block and final-layer code does the rest (LoRA patches on the same modules):
-caption tokens, and the padding after shorter captions, read their image's stock (background) row.
+on those rows, its output handed back as the parts the block reads (comfy_dit.Modulation: its
+``chunk(4, dim=1)``; comfy_dit.Gathered: each part's per-image ``unsqueeze(1)``): ``1 + scale`` and
+``tanh(gate)`` run on the rows, the per-token gather happens in the block's own product, so
+NextDiT's own block and final-layer code does the rest (LoRA patches on the same modules) at the
+stock cost of one pass per part. Caption tokens, and the padding after shorter captions, read their
+image's stock (background) row.
 
 Masks: joint self-attention (after the q/k norms and RoPE, as the model attends) of the image
 queries to the target words' Gemma tokens, softmax over [caption | image] keys, in the three
@@ -19,7 +21,7 @@ alive inside one forward.
 
 import torch
 
-from .comfy_dit import Modulation, joint_item_attention, keep_token_maps, per_token, time_rows
+from .comfy_dit import Gathered, Modulation, joint_item_attention, keep_token_maps, time_rows, token_rows
 from .protocol import PixelBackend, register
 
 
@@ -46,10 +48,11 @@ class ComfyLumina2Backend(PixelBackend):
         def inputs(module, args, kwargs):  # ComfyUI passes x positionally, the text inputs by name
             starts[:] = caption_lengths(kwargs, args[0].shape[0])
 
-        def modulation(joint, parts):
+        def modulation(joint, parts):  # the block's chunk(parts) of it, each part gathered where it is used
             def hook(module, args, output):
-                mod = per_token(fwd, module.forward(fwd.rows()), output, before=starts if joint else 0, parts=parts)
-                return Modulation(*map(Modulation, mod)) if parts > 1 else Modulation(mod)
+                table, index = token_rows(fwd, module.forward(fwd.rows()), output, before=starts if joint else 0)
+                mod = [Gathered(t, index) for t in table.unflatten(1, (parts, -1)).unbind(1)]
+                return Modulation(*mod) if parts > 1 else mod[0]
             return hook
 
         handles = [dm.register_forward_pre_hook(inputs, with_kwargs=True),
@@ -63,15 +66,23 @@ class ComfyLumina2Backend(PixelBackend):
 
 
 def _capture(attn, fwd, starts):
-    """Hooks on one joint block's attention that record the items' maps from its own q / k."""
+    """Hooks on one joint block's attention that record the items' maps from its own q / k, read as
+    soon as k is normed (no q / k kept through the attention)."""
     from comfy.ldm.lumina.model import JointAttention
 
     seen = []
 
-    def record(module, args, output):  # the captured rows; RoPE and grouped-query heads as the model applies them
-        (q, k), rope, n = seen, args[2], fwd.tokens.shape[1]
-        seen.clear()
-        maps = []
+    def inputs(module, args):  # the RoPE table, the attention's third input
+        seen[:] = [args[2]]
+
+    def qk(module, args, output):  # q, then k (B, L, H, d) after the norms: one shared Identity without qk_norm
+        seen.append(output)
+        if len(seen) == 3:
+            record(*seen)
+            seen.clear()
+
+    def record(rope, q, k):  # the captured rows; RoPE and grouped-query heads as the model applies them
+        maps, n = [], fwd.tokens.shape[1]
         for b in fwd.capture_rows:
             s, r = starts[b], rope[b:b + 1]
             qb = JointAttention.apply_rotary_emb(q[b:b + 1, s:s + n], r[:, s:s + n]).transpose(1, 2)
@@ -79,6 +90,4 @@ def _capture(attn, fwd, starts):
             maps.append(joint_item_attention(qb, kb[:, :, :s], kb[:, :, s:], fwd.weights(s)))
         keep_token_maps(fwd, torch.cat(maps))
 
-    # q, then k (B, L, H, d) after the norms: one shared Identity without qk_norm
-    return [n.register_forward_hook(lambda m, a, out: seen.append(out)) for n in {attn.q_norm, attn.k_norm}] + [
-        attn.register_forward_hook(record)]
+    return [attn.register_forward_pre_hook(inputs)] + [n.register_forward_hook(qk) for n in {attn.q_norm, attn.k_norm}]
