@@ -88,9 +88,10 @@ def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=
 
 
 class Modulation:
-    """What a block reads from its modulation module, standing in for the per-image output (Bm, k·D)
-    where the stock block code runs unchanged (no replace patch: HiDream, Lumina 2): its per-image
-    broadcast ``out[:, None]`` (HiDream) is the identity, and ``chunk(k)`` returns the given parts."""
+    """What a stock block reads from its modulation module, in place of the per-image output, where
+    its parts differ in kind (HiDream's double blocks: the image's per token, ``Gathered``, the
+    text's per image): the per-image broadcast ``out[:, None]`` is the identity, ``chunk(k)`` returns
+    the given parts."""
 
     def __init__(self, *parts):
         self.parts = parts
@@ -105,29 +106,40 @@ class Modulation:
 
 
 class Gathered:
-    """One modulation part where a stock block broadcasts it per image (Lumina's ``.unsqueeze(1)``):
-    the rows' values (R + Bm, D) and every token's row (Bm, L). The elementwise maps the block applies
-    (``1 + scale``, ``gate.tanh()``) run on the rows, the gather happens in the block's product: no
-    per-token work beyond the stock broadcast's one pass, and no (Bm, L, D) part outlives its use."""
+    """A per-token modulation (Bm, L, K) held as its rows (R + Bm, K) and every token's row (Bm, L)
+    (``token_rows``), for stock block code that reads the per-image modulation (Bm, K): its per-image
+    broadcasts (``out[:, None]``, ``.unsqueeze(1)``) are the identity, its splits (``chunk``) and the
+    maps a block applies to a modulation alone (``1 + scale``, ``tanh``) run on the rows, and any
+    other torch operation (a product, ``addcmul``) gathers it first. So a part costs one gather
+    where it is used, like the stock broadcast, and no (Bm, L, K) modulation outlives its use."""
 
     def __init__(self, rows, index):
         self.rows, self.index = rows, index
 
+    def __getitem__(self, item):
+        return self
+
     def unsqueeze(self, dim):
         return self
+
+    def chunk(self, chunks, dim=-1):  # the channels: the last axis of the rows
+        return [Gathered(r, self.index) for r in self.rows.chunk(chunks, dim=-1)]
 
     def tanh(self):
         return Gathered(self.rows.tanh(), self.index)
 
-    def __radd__(self, other):  # 1 + scale on the rows
-        if isinstance(other, torch.Tensor):
-            return other + self.rows[self.index]
-        return Gathered(other + self.rows, self.index)
+    def __radd__(self, number):  # 1 + scale (a tensor on the left is torch's: __torch_function__)
+        return Gathered(number + self.rows, self.index)
 
-    def __mul__(self, other):
-        return self.rows[self.index] * other
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.chunk:
+            return args[0].chunk(*args[1:], **(kwargs or {}))
 
-    __rmul__ = __mul__
+        def real(a):
+            return a.rows[a.index] if isinstance(a, Gathered) else a
+
+        return func(*map(real, args), **{k: real(v) for k, v in (kwargs or {}).items()})
 
 
 def time_rows(fwd: Forward, of=None):

@@ -6,8 +6,8 @@ input. A hook on ``t_embedder`` runs it beside ComfyUI's call on the distinct (i
 rows; the pooled embedding is added per image (Forward.rows, the stock order). HiDream offers no
 ``patches_replace`` for its blocks, so module hooks do the rest, alive inside one forward: each
 block's ``adaLN_modulation`` is applied to the rows and its output replaced by the parts the block
-reads (``mod(x)[:, None].chunk(k, dim=-1)``, comfy_dit.Modulation): the image tokens' shift / scale /
-gate gathered per token, the text tokens' (double blocks: their own chunks; single blocks: the tokens after the
+reads (``mod(x)[:, None].chunk(k, dim=-1)``, comfy_dit.Modulation / Gathered): the image tokens'
+shift / scale / gate gathered per token where the block uses them, the text tokens' (double blocks: their own chunks; single blocks: the tokens after the
 image's) the stock per-image values, the background's. The final layer's modulation likewise. The
 stock block code runs unchanged (attention, MoE routing, LoRA patches on the same modules).
 
@@ -23,7 +23,7 @@ encode node resolves words on the Llama tokenizer (comfyui/tokens.py).
 
 import torch
 
-from .comfy_dit import Modulation, keep_outputs, per_token, record_maps, time_rows
+from .comfy_dit import Gathered, Modulation, keep_outputs, record_maps, time_rows, token_rows
 from .protocol import PixelBackend, register, unsupported
 
 
@@ -56,15 +56,15 @@ class ComfyHiDreamBackend(PixelBackend):
 
         def double(module, args, output):  # (Bm, 12·D): 6 image parts, then the text's 6 (stock)
             d = output.shape[-1] // 12
-            img = per_token(fwd, module.forward(fwd.rows())[:, :6 * d], output[:, :6 * d], parts=6)
+            img = Gathered(*token_rows(fwd, module.forward(fwd.rows())[:, :6 * d], output[:, :6 * d])).chunk(6)
             return Modulation(*img, *output[:, None, 6 * d:].chunk(6, dim=-1))
 
         def single(module, args, output):  # (Bm, 6·D) for the [image | text] stream
             after = seen["length"] - fwd.tokens.shape[1]
-            return Modulation(*per_token(fwd, module.forward(fwd.rows()), output, after=after, parts=6))
+            return Gathered(*token_rows(fwd, module.forward(fwd.rows()), output, after=after))
 
         def final(module, args, output):  # (Bm, 1, 2·D) → per image token
-            return per_token(fwd, module.forward(fwd.rows()), output)
+            return Gathered(*token_rows(fwd, module.forward(fwd.rows()), output))
 
         handles = [dm.t_embedder.register_forward_hook(time_rows(fwd), with_kwargs=True),
                    dm.p_embedder.register_forward_hook(fwd.keep_per_image),

@@ -5,9 +5,9 @@ Time: NextDiT embeds ``1 − timesteps`` (its flow time runs the other way; Comf
 ``noise_refiner`` blocks, the joint ``layers`` over [caption | image] tokens — and the final layer
 turn into scales and tanh gates; ``context_refiner`` (caption only) has none. The embedder runs
 on the distinct timesteps of a call beside ComfyUI's own call; each block's ``adaLN_modulation``
-on those rows, its output handed back as the parts the block reads (comfy_dit.Modulation: its
-``chunk(4, dim=1)``; comfy_dit.Gathered: each part's per-image ``unsqueeze(1)``): ``1 + scale`` and
-``tanh(gate)`` run on the rows, the per-token gather happens in the block's own product, so
+on those rows, its output handed back as a comfy_dit.Gathered: the block's ``chunk(4, dim=1)``, each
+part's per-image ``unsqueeze(1)``, ``1 + scale`` and ``tanh(gate)`` run on the rows, the per-token
+gather happens in the block's own product, so
 NextDiT's own block and final-layer code does the rest (LoRA patches on the same modules) at the
 stock cost of one pass per part. Caption tokens, and the padding after shorter captions, read their
 image's stock (background) row.
@@ -21,7 +21,7 @@ alive inside one forward.
 
 import torch
 
-from .comfy_dit import Gathered, Modulation, joint_item_attention, keep_token_maps, time_rows, token_rows
+from .comfy_dit import Gathered, joint_item_attention, keep_token_maps, time_rows, token_rows
 from .protocol import PixelBackend, register
 
 
@@ -48,18 +48,16 @@ class ComfyLumina2Backend(PixelBackend):
         def inputs(module, args, kwargs):  # ComfyUI passes x positionally, the text inputs by name
             starts[:] = caption_lengths(kwargs, args[0].shape[0])
 
-        def modulation(joint, parts):  # the block's chunk(parts) of it, each part gathered where it is used
+        def modulation(joint):
             def hook(module, args, output):
-                table, index = token_rows(fwd, module.forward(fwd.rows()), output, before=starts if joint else 0)
-                mod = [Gathered(t, index) for t in table.unflatten(1, (parts, -1)).unbind(1)]
-                return Modulation(*mod) if parts > 1 else mod[0]
+                return Gathered(*token_rows(fwd, module.forward(fwd.rows()), output, before=starts if joint else 0))
             return hook
 
         handles = [dm.register_forward_pre_hook(inputs, with_kwargs=True),
                    dm.t_embedder.register_forward_hook(time_rows(fwd, lambda t: 1.0 - t), with_kwargs=True),
-                   dm.final_layer.adaLN_modulation.register_forward_hook(modulation(True, 1))]
+                   dm.final_layer.adaLN_modulation.register_forward_hook(modulation(True))]
         for joint, blocks in ((False, dm.noise_refiner), (True, dm.layers)):
-            handles += [b.adaLN_modulation.register_forward_hook(modulation(joint, 4)) for b in blocks]
+            handles += [b.adaLN_modulation.register_forward_hook(modulation(joint)) for b in blocks]
         if fwd.call.capture and fwd.capture_rows:
             handles += [h for i in self.capture_blocks for h in _capture(dm.layers[i].attention, fwd, starts)]
         return handles
