@@ -90,14 +90,44 @@ def test_forward_image_rows_find_or_append_each_images_own_timestep():
 def test_lumina2_token_index_places_image_tokens_after_each_caption():
     """NextDiT's joint sequence is [caption | image | padding] per image, the caption as long as its
     attention mask's ones (else num_tokens): image tokens read their rows, every other position
-    its image's stock row R + b. Caught: image tokens placed after the whole (masked) context."""
-    from types import SimpleNamespace
-
-    from asyndm_fpdm.samplers.backends.comfy_lumina2 import caption_lengths, token_index
+    its image's stock row R + b (Forward.token_index, which comfy_dit.per_token gathers with).
+    Caught: image tokens placed after the whole (masked) context."""
+    from asyndm_fpdm.samplers.backends.comfy_call import Forward, PixelCall
+    from asyndm_fpdm.samplers.backends.comfy_lumina2 import caption_lengths
 
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     assert caption_lengths({"attention_mask": mask}, 2) == [2, 3]
     assert caption_lengths({"num_tokens": 5, "attention_mask": None}, 2) == [5, 5]
-    fwd = SimpleNamespace(tokens=torch.tensor([[0, 1], [1, 0]]), uniq_t=torch.tensor([0.1, 0.5]))
+    index = torch.tensor([[[0, 1]], [[1, 0]]])  # 2 images of one 1×2 token row, cell 1
+    fwd = Forward(PixelCall(torch.zeros(2, 1, 1, 2)), None, torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 2),
+                  torch.tensor([0.1, 0.5]), torch.zeros(2, dtype=torch.long), index, 1, [], (0, 0))
     # rows 0, 1 are the timesteps; 2 is image 0's stock row, 3 image 1's
-    assert token_index(fwd, [2, 3], 6).tolist() == [[2, 2, 0, 1, 2, 2], [3, 3, 3, 1, 0, 3]]
+    assert fwd.token_index([2, 3], 6).tolist() == [[2, 2, 0, 1, 2, 2], [3, 3, 3, 1, 0, 3]]
+
+
+def test_gathered_reads_like_the_per_token_modulation_it_stands_for():
+    """comfy_dit.Gathered (rows + every token's row) read the ways stock block code reads a per-image
+    modulation — ``[:, None]`` / ``unsqueeze(1)``, ``chunk`` and ``torch.chunk``, ``1 + scale``,
+    ``tanh``, products on either side, ``addcmul`` — equals the same arithmetic on the (Bm, L, K)
+    tensor built token by token (naive oracle; two text tokens first, on their image's stock value).
+    Caught: ``1 + scale`` dropping the 1 (``__radd__`` returning the rows unchanged)."""
+    from asyndm_fpdm.samplers.backends.comfy_call import Forward, PixelCall
+    from asyndm_fpdm.samplers.backends.comfy_dit import Gathered, token_rows
+
+    gen = torch.Generator().manual_seed(0)
+    rows, stock = torch.randn(3, 6, generator=gen), torch.randn(2, 6, generator=gen)  # R = 3, Bm = 2, K = 6
+    index = torch.tensor([[[0, 2, 1]], [[1, 1, 0]]])  # 2 images of one 1×3 token row, cell 1
+    fwd = Forward(PixelCall(torch.zeros(2, 1, 1, 3)), None, torch.zeros(2, 1, 1, 3), torch.zeros(2, 1, 3),
+                  torch.zeros(3), torch.zeros(3, dtype=torch.long), index, 1, [], (0, 0))
+    g = Gathered(*token_rows(fwd, rows, stock, before=2))
+    naive = torch.stack([torch.stack([stock[b]] * 2 + [rows[int(r)] for r in index[b, 0]]) for b in range(2)])
+    x = torch.randn(2, 5, 2, generator=gen)
+
+    shift, scale, gate = torch.chunk(g[:, None], 3, dim=-1)  # as the stock blocks read their modulation
+    got = (x + gate.unsqueeze(1).tanh() * torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1)),
+           x * (1 + scale), gate * x + shift)
+    shift, scale, gate = naive.chunk(3, dim=-1)
+    want = (x + gate.tanh() * torch.addcmul(shift, x, 1 + scale), x * (1 + scale), gate * x + shift)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, 1e-6, f"read {k}")
+    assert all(isinstance(p, Gathered) for p in g.chunk(3, dim=1))  # Lumina's chunk(4, dim=1) of (Bm, K)

@@ -58,6 +58,7 @@ class Forward:
     _rows: Optional[torch.Tensor] = None
     _strided: Dict[int, torch.Tensor] = field(default_factory=dict)
     _weights: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _index: Dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -74,6 +75,25 @@ class Forward:
     def tokens(self) -> torch.Tensor:
         """Row of every token (Bm, n), row-major like a patchify."""
         return self.strided(self.cell).flatten(1)
+
+    def token_index(self, starts: Sequence[int], length: int) -> torch.Tensor:
+        """(Bm, length) row of every position of a token sequence in which image b's tokens start
+        at ``starts[b]``; every other position (text, padding, reference tokens) reads row R + b:
+        image b's stock per-image row, appended after the R rows."""
+        key = (tuple(starts), length)
+        if key not in self._index:
+            tokens = self.tokens
+            bm, n = tokens.shape
+            index = (len(self.uniq_t) + torch.arange(bm, device=tokens.device)).view(bm, 1).repeat(1, length)
+            for b, s in enumerate(starts):
+                index[b, s:s + n] = tokens[b]
+            self._index[key] = index
+        return self._index[key]
+
+    def keep_per_image(self, module, args, output):
+        """A forward hook for an embedder whose per-image output joins the time embedding (pooled
+        text, guidance): kept in the stock sum's order (``rows``)."""
+        self.per_image.append(output)
 
     def rows(self) -> torch.Tensor:
         """(R, D) conditioning vector of each row: its time embedding plus its image's per-image

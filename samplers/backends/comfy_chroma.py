@@ -18,7 +18,7 @@ import torch
 from .comfy_call import FORWARD_KEY
 from .comfy_dit import per_token
 from .comfy_flux import FluxLike
-from .protocol import chain, register
+from .protocol import chain_blocks, register
 
 
 def _rows_of(fwd, mod, stock, before=0):
@@ -57,12 +57,7 @@ def _single(dm, index):
 @register
 class ComfyChromaBackend(FluxLike):
     FAMILY = "Chroma"
-
-    @classmethod
-    def accepts(cls, dm):
-        from comfy.ldm.chroma.model import Chroma
-
-        return type(dm) is Chroma
+    MODEL = "comfy.ldm.chroma.model.Chroma"
 
     def hooks(self, dm, fwd, transformer_options):
         from comfy.ldm.flux.layers import timestep_embedding
@@ -96,9 +91,6 @@ class ComfyChromaBackend(FluxLike):
         return handles
 
     def patch_replace(self, call, replace):
-        dit = replace.setdefault("dit", {})
-        for i in range(len(self.dm.double_blocks)):
-            dit[("double_block", i)] = chain(_double(self.dm, i), dit.get(("double_block", i)))
-        for i in range(len(self.dm.single_blocks)):
-            dit[("single_block", i)] = chain(_single(self.dm, i), dit.get(("single_block", i)))
+        chain_blocks(replace, "double_block", range(len(self.dm.double_blocks)), lambda i: _double(self.dm, i))
+        chain_blocks(replace, "single_block", range(len(self.dm.single_blocks)), lambda i: _single(self.dm, i))
         super().patch_replace(call, replace)

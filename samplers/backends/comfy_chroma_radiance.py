@@ -16,12 +16,7 @@ from .protocol import register, unsupported
 @register
 class ComfyChromaRadianceBackend(ComfyChromaBackend):
     FAMILY = "Chroma Radiance (pixel space)"
-
-    @classmethod
-    def accepts(cls, dm):
-        from comfy.ldm.chroma_radiance.model import ChromaRadiance
-
-        return type(dm) is ChromaRadiance
+    MODEL = "comfy.ldm.chroma_radiance.model.ChromaRadiance"
 
     def validate(self, model_patcher, dm):
         if not len(dm.double_blocks) or hasattr(dm, "final_layer"):

@@ -15,8 +15,9 @@ its own plan), the token takes its top-left pixel's timestep, the convention of 
 strided feature maps (pixel_math.strided_index).
 
 The families (comfy_flux.py, comfy_mmdit.py, ...) implement the backend protocol (protocol.py)
-with these helpers: modulation rows gathered per token (``per_token``) and the joint attention read
-for masks (``record_maps``). Text tokens keep the stock per-image vector, whose timestep is the
+with these helpers: the time embedder on the rows (``time_rows``), modulation rows gathered per
+token (``per_token``; ``Modulation`` and ``Gathered`` hand them to a stock block that has no replace
+patch) and the joint attention read for masks (``record_maps``, ``keep_token_maps``). Text tokens keep the stock per-image vector, whose timestep is the
 image's passed sigma: the background's.
 """
 
@@ -26,7 +27,8 @@ import torch
 
 from .comfy_call import Forward
 
-__all__ = ["joint_item_attention", "middle_blocks", "per_token", "record_maps"]
+__all__ = ["Gathered", "Modulation", "joint_item_attention", "keep_outputs", "keep_token_maps", "middle_blocks", "per_token",
+           "record_maps", "time_rows", "token_rows"]
 
 
 def middle_blocks(depth: int, count: int = 3) -> List[int]:
@@ -76,25 +78,111 @@ def joint_item_attention(q, k_txt, k_img, weights, block=1024):
     return torch.cat(groups, dim=-1)
 
 
-def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before: int = 0, after: int = 0,
+def token_rows(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=0, after: int = 0):
+    """Modulation rows (R, K) → (table, index): the rows, and the (Bm, before + n_img + after) row of
+    every token. Image tokens read their (image, timestep) row; the ``before`` (text) and ``after``
+    (reference-image) tokens keep the stock per-image value ``stock`` (Bm, K), the background's,
+    appended as row R + b. ``before`` may differ per image (a list: captions of their own lengths,
+    the shorter sequences padded at the end)."""
+    bm, n = fwd.tokens.shape
+    starts = [before] * bm if isinstance(before, int) else list(before)
+    length = max(starts) + n + after
+    table = rows_out.to(stock.dtype)
+    if length == n:
+        return table, fwd.tokens
+    return torch.cat([table, stock.reshape(bm, -1)]), fwd.token_index(starts, length)
+
+
+def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=0, after: int = 0,
               parts: int = 1):
-    """Modulation rows (R, K) → (Bm, before + n_img + after, K): image tokens gathered from their
-    (image, timestep) row; the ``before`` (text) and ``after`` (reference-image) tokens keep the
-    stock per-image value ``stock`` (Bm, 1, K), the background's. With ``parts`` > 1 the K
-    channels come back as that many contiguous (Bm, L, K/parts) tensors (shift, scale, gate...),
+    """Modulation rows (R, K) gathered per token (``token_rows``) → (Bm, L, K). With ``parts`` > 1
+    the K channels come back as that many contiguous (Bm, L, K/parts) tensors (shift, scale, gate...),
     so the block's elementwise modulation reads dense memory rather than strided chunk views.
     One gather per part: the per-token path costs one pass over the modulation tensor."""
-    tokens = fwd.tokens
-    bm, k = tokens.shape[0], rows_out.shape[-1]
-    index = tokens
-    table = rows_out.to(stock.dtype)
-    if before or after:  # image b's text and reference tokens read row R + b: its stock vector
-        own = (rows_out.shape[0] + torch.arange(bm, device=tokens.device)).view(bm, 1)
-        index = torch.cat([own.expand(bm, before), tokens, own.expand(bm, after)], dim=1)
-        table = torch.cat([table, stock.reshape(bm, k)])
+    table, index = token_rows(fwd, rows_out, stock, before, after)
     if parts == 1:
         return table[index]
     return [t[index] for t in table.view(table.shape[0], parts, -1).unbind(dim=1)]
+
+
+class Modulation:
+    """What a stock block reads from its modulation module, in place of the per-image output, where
+    its parts differ in kind (HiDream's double blocks: the image's per token, ``Gathered``, the
+    text's per image): the per-image broadcast ``out[:, None]`` is the identity, ``chunk(k)`` returns
+    the given parts."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def __getitem__(self, index):
+        return self
+
+    def chunk(self, chunks, dim=-1):
+        if chunks != len(self.parts):
+            raise RuntimeError(f"AsynDM: a block read {chunks} modulation parts, expected {len(self.parts)}")
+        return self.parts
+
+
+class Gathered:
+    """A per-token modulation (Bm, L, K) held as its rows (R + Bm, K) and every token's row (Bm, L)
+    (``token_rows``), for stock block code that reads the per-image modulation (Bm, K): its per-image
+    broadcasts (``out[:, None]``, ``.unsqueeze(1)``) are the identity, its splits (``chunk``) and the
+    maps a block applies to a modulation alone (``1 + scale``, ``tanh``) run on the rows, and any
+    other torch operation (a product, ``addcmul``) gathers it first. So a part costs one gather
+    where it is used, like the stock broadcast, and no (Bm, L, K) modulation outlives its use."""
+
+    def __init__(self, rows, index):
+        self.rows, self.index = rows, index
+
+    def __getitem__(self, item):
+        return self
+
+    def unsqueeze(self, dim):
+        return self
+
+    def chunk(self, chunks, dim=-1):  # the channels: the last axis of the rows
+        return [Gathered(r, self.index) for r in self.rows.chunk(chunks, dim=-1)]
+
+    def tanh(self):
+        return Gathered(self.rows.tanh(), self.index)
+
+    def __radd__(self, number):  # 1 + scale (a tensor on the left is torch's: __torch_function__)
+        return Gathered(number + self.rows, self.index)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.chunk:
+            return args[0].chunk(*args[1:], **(kwargs or {}))
+
+        def real(a):
+            return a.rows[a.index] if isinstance(a, Gathered) else a
+
+        return func(*map(real, args), **{k: real(v) for k, v in (kwargs or {}).items()})
+
+
+def time_rows(fwd: Forward, of=None):
+    """A forward hook (``with_kwargs=True``) for a time embedder: beside its stock call, the same
+    module on the distinct rows' timesteps (``of``: the model's map of ComfyUI's timestep, e.g.
+    NextDiT's 1 − t), its other arguments and dtype as the stock call's, kept as ``fwd.time``."""
+    def hook(module, args, kwargs, output):
+        t = fwd.uniq_t if of is None else of(fwd.uniq_t)
+        fwd.time = module.forward(t.to(args[0].device, args[0].dtype), *args[1:], **kwargs)
+
+    return hook
+
+
+def keep_outputs(seen: dict, **modules) -> list:
+    """Forward hooks that keep each named module's latest output in ``seen`` (a block's q / k)."""
+    return [m.register_forward_hook(lambda mod, a, out, name=name: seen.__setitem__(name, out))
+            for name, m in modules.items()]
+
+
+def keep_token_maps(fwd: Forward, maps: torch.Tensor) -> None:
+    """The captured rows' (b, h·w, N) item probabilities on the token grid → the call's maps
+    (b, N, h, w), placed in the full grid for an area crop."""
+    h, w = fwd.grid
+    maps = maps.view(len(fwd.capture_rows), h, w, -1).permute(0, 3, 1, 2)
+    fwd.call.maps.append(fwd.place_maps(maps, fwd.cell))
 
 
 def record_maps(fwd: Forward, q_img, k_txt, k_img, context_len_offset: int = 0):
@@ -106,6 +194,5 @@ def record_maps(fwd: Forward, q_img, k_txt, k_img, context_len_offset: int = 0):
         cut = k_txt.shape[2] - fwd.text_tail
         k_txt, k_img = k_txt[:, :, :cut], torch.cat([k_img, k_txt[:, :, cut:]], dim=2)
     h, w = fwd.grid
-    maps = joint_item_attention(q_img[:, :, :h * w], k_txt, k_img, fwd.weights(k_txt.shape[2], context_len_offset))
-    maps = maps.view(len(fwd.capture_rows), h, w, -1).permute(0, 3, 1, 2)
-    fwd.call.maps.append(fwd.place_maps(maps, fwd.cell))
+    keep_token_maps(fwd, joint_item_attention(q_img[:, :, :h * w], k_txt, k_img,
+                                              fwd.weights(k_txt.shape[2], context_len_offset)))

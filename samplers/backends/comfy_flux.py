@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 
 from .comfy_call import FORWARD_KEY
-from .comfy_dit import middle_blocks, per_token, record_maps
-from .protocol import PixelBackend, chain, register, unsupported
+from .comfy_dit import per_token, record_maps
+from .protocol import PixelBackend, chain_blocks, register, unsupported
 
 
 @dataclass
@@ -40,13 +40,8 @@ class FluxLike(PixelBackend):
     """Flux's stream layout and capture, shared by the Flux-derived families."""
 
     TEXT = "t5xxl"
+    BLOCKS = "double_blocks"
     IMG_FIRST = False  # the joint sequence's order: Flux [text | image], HunyuanVideo's blocks [image | text]
-
-    def __init__(self, model_patcher, capture_blocks=None):
-        super().__init__(model_patcher)
-        self.cell = self.dm.patch_size
-        self.capture_blocks = list(capture_blocks) if capture_blocks is not None else middle_blocks(
-            len(self.dm.double_blocks))
 
     def validate(self, model_patcher, dm):
         if not len(dm.double_blocks) or not hasattr(dm, "final_layer"):
@@ -54,20 +49,13 @@ class FluxLike(PixelBackend):
 
     def patch_replace(self, call, replace):
         if call.capture:
-            dit = replace.setdefault("dit", {})
-            for i in self.capture_blocks:
-                dit[("double_block", i)] = chain(_capture(self.dm, i, self.IMG_FIRST), dit.get(("double_block", i)))
+            chain_blocks(replace, "double_block", self.capture_blocks, lambda i: _capture(self.dm, i, self.IMG_FIRST))
 
 
 @register
 class ComfyFluxBackend(FluxLike):
     FAMILY = "Flux (dev, schnell and fine-tunes)"
-
-    @classmethod
-    def accepts(cls, dm):
-        from comfy.ldm.flux.model import Flux
-
-        return type(dm) is Flux
+    MODEL = "comfy.ldm.flux.model.Flux"
 
     def hooks(self, dm, fwd, transformer_options):
         from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
@@ -76,9 +64,6 @@ class ComfyFluxBackend(FluxLike):
 
         def time_rows(module, args, output):
             fwd.time = module.forward(timestep_embedding(fwd.uniq_t.to(output.device), 256).to(output.dtype))
-
-        def per_image(module, args, output):  # guidance, then pooled text: the stock sum's order
-            fwd.per_image.append(output)
 
         def keep(name):
             def hook(module, args, output):
@@ -106,8 +91,8 @@ class ComfyFluxBackend(FluxLike):
         handles = [dm.time_in.register_forward_hook(time_rows), dm.img_in.register_forward_hook(keep("img")),
                    dm.txt_in.register_forward_hook(keep("txt"))]
         if dm.params.guidance_embed:  # called only when the conditioning has a guidance value
-            handles.append(dm.guidance_in.register_forward_hook(per_image))
-        handles.append(dm.vector_in.register_forward_hook(per_image))
+            handles.append(dm.guidance_in.register_forward_hook(fwd.keep_per_image))
+        handles.append(dm.vector_in.register_forward_hook(fwd.keep_per_image))  # after guidance: the stock order
         handles += [b.img_mod.register_forward_hook(double) for b in dm.double_blocks]
         handles += [b.modulation.register_forward_hook(single) for b in dm.single_blocks]
         handles.append(dm.final_layer.adaLN_modulation.register_forward_hook(final))

@@ -39,17 +39,8 @@ from .protocol import register, unsupported
 class ComfyHunyuanImageBackend(FluxLike):
     FAMILY = "HunyuanImage 2.1"
     TEXT = "qwen25_7b (the prompt after the chat template)"
-    IMG_FIRST = True
-
-    def __init__(self, model_patcher, capture_blocks=None):
-        super().__init__(model_patcher, capture_blocks)
-        self.cell = self.dm.patch_size[-1]  # (p, p): square patches on the latent
-
-    @classmethod
-    def accepts(cls, dm):
-        from comfy.ldm.hunyuan_video.model import HunyuanVideo
-
-        return type(dm) is HunyuanVideo
+    MODEL = "comfy.ldm.hunyuan_video.model.HunyuanVideo"
+    IMG_FIRST = True  # cell: the last of its (p, p) square patches on the latent
 
     def validate(self, model_patcher, dm):
         if len(dm.patch_size) != 2:
@@ -74,9 +65,6 @@ class ComfyHunyuanImageBackend(FluxLike):
         def time_rows(module, args, output):  # the stock embedding: time_factor 1 (guidance uses 1000)
             fwd.time = module.forward(timestep_embedding(fwd.uniq_t.to(output.device), 256, time_factor=1.0)
                                       .to(output.dtype))
-
-        def per_image(module, args, output):
-            fwd.per_image.append(output)
 
         def image_only(n):
             if n != fwd.tokens.shape[1]:
@@ -103,7 +91,7 @@ class ComfyHunyuanImageBackend(FluxLike):
 
         handles = [dm.time_in.register_forward_hook(time_rows)]
         if dm.params.guidance_embed:  # called only when the conditioning has a guidance value
-            handles.append(dm.guidance_in.register_forward_hook(per_image))
+            handles.append(dm.guidance_in.register_forward_hook(fwd.keep_per_image))
         handles += [b.img_mod.register_forward_hook(double) for b in dm.double_blocks]
         handles.append(dm.double_blocks[0].register_forward_pre_hook(  # its image stream's length: the layout
             lambda m, a, kw: image_only(kw["img"].shape[1]), with_kwargs=True))

@@ -20,26 +20,16 @@ rows of the tall token grid.
 
 import torch
 
-from .comfy_dit import joint_item_attention, middle_blocks, per_token
+from .comfy_dit import joint_item_attention, keep_token_maps, per_token
 from .protocol import PixelBackend, register, unsupported
 
 
 @register
 class ComfyWanBackend(PixelBackend):
     FAMILY = "Wan 2.1 / 2.2 A14B text-to-video (and one-frame text-to-image)"
+    MODEL = "comfy.ldm.wan.model.WanModel"
     TEXT = "umt5xxl"
-
-    def __init__(self, model_patcher, capture_blocks=None):
-        super().__init__(model_patcher)
-        self.cell = self.dm.patch_size[1]
-        self.capture_blocks = list(capture_blocks) if capture_blocks is not None else middle_blocks(
-            len(self.dm.blocks))
-
-    @classmethod
-    def accepts(cls, dm):
-        from comfy.ldm.wan.model import WanModel
-
-        return type(dm) is WanModel
+    BLOCKS = "blocks"
 
     def validate(self, model_patcher, dm):
         from comfy.ldm.wan.model import WanT2VCrossAttention
@@ -91,9 +81,6 @@ def _capture(attn, fwd):
             return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
         q, k = split(q.index_select(0, sel)), split(k.index_select(0, sel))
-        h, w = fwd.grid
-        maps = joint_item_attention(q, k, k[:, :, :0], fwd.weights(k.shape[2]))
-        maps = maps.view(len(fwd.capture_rows), h, w, -1).permute(0, 3, 1, 2)
-        fwd.call.maps.append(fwd.place_maps(maps, fwd.cell))
+        keep_token_maps(fwd, joint_item_attention(q, k, k[:, :, :0], fwd.weights(k.shape[2])))
 
     return [attn.norm_q.register_forward_hook(q_hook), attn.norm_k.register_forward_hook(k_hook)]

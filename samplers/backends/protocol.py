@@ -3,10 +3,13 @@
 
 A family backend (a ``PixelBackend`` subclass) declares
 
-- ``accepts(dm)``: whether a diffusion model is of its family; ``FAMILY``: its words in the one
-  supported-models message (``supported()``);
-- ``cell``: latent pixels per token side (1 for a UNet, the patch size for a transformer); the
-  sampler's plan snaps masks to it;
+- ``accepts(dm)``: whether a diffusion model is of its family (by default: its class is ``MODEL``,
+  a dotted path imported only then); ``FAMILY``: its words in the one supported-models message
+  (``supported()``);
+- ``cell``: latent pixels per token side (1 for a UNet, the patch size for a transformer: by
+  default the model's ``patch_size``, its last entry for a tuple); the sampler's plan snaps masks to it;
+- ``BLOCKS`` (transformers): the block stack whose middle blocks the masks are read from
+  (``capture_blocks``, comfy_dit.middle_blocks of ``capture_depth()`` unless given);
 - ``per_image_rows``: whether a row of time conditioning is an (image, timestep) pair (per-image
   vectors are added to it) or one timestep;
 - ``hooks(dm, fwd, transformer_options)``: how a token's timestep reaches the blocks, as module
@@ -28,6 +31,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar, List
 
 from .comfy_call import FORWARD_KEY, KEY, WRAPPER_KEY, PixelCall, begin_forward, denoised_per_pixel, fold, unfold
+from .comfy_dit import middle_blocks
 from .pixel_math import UnsupportedModelError
 
 FAMILIES: List[type] = []  # registered family backends, in the order backend_for tries them
@@ -50,19 +54,32 @@ def unsupported(what: str) -> UnsupportedModelError:
 
 class PixelBackend(ABC):
     FAMILY: ClassVar[str] = ""
+    MODEL: ClassVar[str] = ""  # dotted path of the diffusion model's class
     TEXT: ClassVar[str] = ""  # the tokenizer key whose context the masks read
+    BLOCKS: ClassVar[str] = ""  # a transformer's block stack the masks read (its middle blocks)
     per_image_rows: ClassVar[bool] = True
     flow_only: ClassVar[bool] = True  # needs flow-matching (CONST) model sampling
     cell: int = 1
 
-    def __init__(self, model_patcher):
+    def __init__(self, model_patcher, capture_blocks=None):
         self.dm = self.check_supported(model_patcher)
+        if self.BLOCKS:  # a transformer: a token is one patch
+            p = self.dm.patch_size
+            self.cell = p if isinstance(p, int) else p[-1]
+            self.capture_blocks = list(capture_blocks if capture_blocks is not None else middle_blocks(
+                self.capture_depth()))
 
     # --- what a family implements ---------------------------------------------------------
     @classmethod
-    @abstractmethod
     def accepts(cls, dm) -> bool:
-        ...
+        import importlib
+
+        module, name = cls.MODEL.rsplit(".", 1)
+        return type(dm) is getattr(importlib.import_module(module), name)
+
+    def capture_depth(self) -> int:
+        """How many blocks of ``BLOCKS`` the masks may be read from."""
+        return len(getattr(self.dm, self.BLOCKS))
 
     def validate(self, model_patcher, dm):
         """Family-specific refusals (raise ``unsupported(...)``)."""
@@ -145,4 +162,11 @@ def chain(fn, previous):
     return chained
 
 
-__all__ = ["FAMILIES", "PixelBackend", "PixelCall", "chain", "register", "supported", "unsupported"]
+def chain_blocks(replace: dict, kind: str, indices, make) -> None:
+    """Our ``dit`` patch ``make(i)`` on each block ``(kind, i)``, inside any earlier patch of it."""
+    dit = replace.setdefault("dit", {})
+    for i in indices:
+        dit[(kind, i)] = chain(make(i), dit.get((kind, i)))
+
+
+__all__ = ["FAMILIES", "PixelBackend", "PixelCall", "chain", "chain_blocks", "register", "supported", "unsupported"]

@@ -208,6 +208,23 @@ def test_qwen_image_constant_map_is_stock_forward_per_token_modulation_and_its_o
     assert maps.shape == (2, 2, 4, 4) and _rel(maps.flatten(2), ref) <= 1e-4, _rel(maps.flatten(2), ref)
 
 
+def test_qwen_image_edit_reference_latents_are_refused_with_what_is_supported(fams):
+    """Qwen-Image Edit widens the image stream with reference-latent tokens: a clear refusal. Caught:
+    without the check, a tensor-size error deep inside the first block."""
+    from asyndm_fpdm.samplers.backends import backend_for
+    from asyndm_fpdm.samplers.backends.comfy_call import PixelCall
+    from asyndm_fpdm.samplers.backends.pixel_math import UnsupportedModelError
+
+    model, pos, neg = fams["qwen_image"]
+    x = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = _sigma(model, 0.6)
+    opts = backend_for(model).model_options({"transformer_options": {"cond_or_uncond": [0]}},
+                                            PixelCall(s.expand(1, 1, 8, 8)))
+    with pytest.raises(UnsupportedModelError, match="Qwen-Image Edit"):
+        model.model.apply_model(x, s.expand(1), transformer_options=opts["transformer_options"],
+                                c_crossattn=pos[0][0], ref_latents=[torch.zeros_like(x)])
+
+
 def test_wan_video_plan_on_the_frame_patch_grid_with_masks_per_frame(fams):
     """A 2-frame video: maps, masks and timesteps per frame, frames stacked along the height; frame
     1 of a video is not frame 0 (each frame reads its own attention)."""
