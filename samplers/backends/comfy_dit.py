@@ -26,6 +26,7 @@ from typing import List
 import torch
 
 from .comfy_call import Forward
+from .pixel_math import take_rows
 
 __all__ = ["Gathered", "Modulation", "joint_item_attention", "keep_outputs", "keep_token_maps", "middle_blocks", "per_token",
            "record_maps", "time_rows", "token_rows"]
@@ -101,8 +102,8 @@ def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=
     One gather per part: the per-token path costs one pass over the modulation tensor."""
     table, index = token_rows(fwd, rows_out, stock, before, after)
     if parts == 1:
-        return table[index]
-    return [t[index] for t in table.view(table.shape[0], parts, -1).unbind(dim=1)]
+        return take_rows(table, index)
+    return [take_rows(t, index) for t in table.view(table.shape[0], parts, -1).unbind(dim=1)]
 
 
 class Modulation:
@@ -155,7 +156,7 @@ class Gathered:
             return args[0].chunk(*args[1:], **(kwargs or {}))
 
         def real(a):
-            return a.rows[a.index] if isinstance(a, Gathered) else a
+            return take_rows(a.rows, a.index) if isinstance(a, Gathered) else a
 
         return func(*map(real, args), **{k: real(v) for k, v in (kwargs or {}).items()})
 
