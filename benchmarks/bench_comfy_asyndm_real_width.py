@@ -8,8 +8,9 @@ patch and RoPE axes, in bfloat16 as the checkpoints ship, with random weights, 4
 one block; Flux-like families one double + two single blocks, as their 19 + 38) that holds the
 three blocks whose attention AsynDM reads for masks and some it does not read. Each block is timed
 inside the run (the wall time from its start to the next block's, whatever patch or hook runs it),
-so a step splits into the measured whole and the time of one unread unit, t; each side extrapolates
-to the published depth D:
+so a step splits into the measured whole and the time of one unread unit, t (the mean of the
+unread blocks after each list's first, which also carries a forward's one-off work); each side
+extrapolates to the published depth D:
 
     T(D) = T(n) + (D − n) · t
 
@@ -58,9 +59,11 @@ def config(family, units):
     flux_axes = [16, 56, 56]
     if family in ("flux", "chroma"):
         unet = dict(sm.Flux.unet_config if family == "flux" else sm.Chroma.unet_config, in_channels=16 if family == "flux" else 64,
-                    out_channels=16 if family == "flux" else 64, vec_in_dim=768, context_in_dim=512, hidden_size=3072,
+                    out_channels=16 if family == "flux" else 64, context_in_dim=512, hidden_size=3072,
                     mlp_ratio=4.0, num_heads=24, depth=units, depth_single_blocks=2 * units, axes_dim=flux_axes,
                     theta=10000, patch_size=2, qkv_bias=True)
+        if family == "flux":
+            unet["vec_in_dim"] = 768
         if family == "chroma":  # Chroma's distilled approximator: 64 → 5120 → 3072, 5 layers
             unet.update(in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5)
             return sm.Chroma(unet)
@@ -74,7 +77,7 @@ def config(family, units):
         return sm.HiDream(dict(sm.HiDream.unet_config, patch_size=2, in_channels=16, out_channels=16, num_layers=units,
                                num_single_layers=2 * units, attention_head_dim=128, num_attention_heads=20,
                                caption_channels=[512, 512], text_emb_dim=2048, num_routed_experts=4,
-                               num_activated_experts=2, axes_dims_rope=(64, 32, 32), llama_layers=[0] * 48))
+                               num_activated_experts=2, axes_dims_rope=(64, 32, 32), llama_layers=[0] * (3 * units)))
     if family == "wan":
         return sm.WAN21_T2V(dict(sm.WAN21_T2V.unet_config, patch_size=(1, 2, 2), in_dim=16, out_dim=16, dim=5120,
                                  ffn_dim=13824, freq_dim=256, text_dim=512, num_heads=40, num_layers=units))
@@ -149,7 +152,9 @@ def unread_unit(lists, family):
     for (name, per), blocks in zip(LISTS[family], lists):
         n = len(blocks)
         read = middle_blocks(n) if name == LISTS[family][0][0] else []
-        unread = [i for i in range(n - (family == "sd3")) if i not in read]  # SD3: its pre-only last is fixed
+        # not the first block of a list: it carries the forward's lazy per-call work (token index,
+        # rows) that the full model pays once too; SD3's pre-only last is fixed
+        unread = [i for i in range(1, n - (family == "sd3")) if i not in read]
         per_block = [t for i in unread for t in blocks.times.get(i, [])]
         total += per * sum(per_block) / len(per_block) * calls
     return total
@@ -164,6 +169,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
+    ap.add_argument("--blocks", action="store_true", help="also print every block's median seconds per side")
     args = ap.parse_args()
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
@@ -196,7 +202,7 @@ def main():
         _, pos, neg, latent = inputs(family, args.size, gen)
         _, _, _, small = inputs(family, 256, gen)
 
-        def run(asyn, lat):
+        def run(asyn, lat, model=model):
             if asyn:
                 return AsynDMKSampler().sample(
                     model, 7, args.steps, 1.0, 0.0, "AsynDM", "dynamic", "bin", "", 1.0,
@@ -215,6 +221,10 @@ def main():
                     t0 = time.perf_counter()
                     run(side == "asyn", latent)
                     rows[side].append(((time.perf_counter() - t0) / args.steps, unread_unit(lists, family) / args.steps))
+                    if args.blocks:
+                        print(f"    {side}: " + "; ".join(
+                            f"{attr} " + " ".join(f"{median(t.times.get(i, [0])):.2f}" for i in range(len(t)))
+                            for (attr, _), t in zip(LISTS[family], lists)), flush=True)
         at_d = {side: [t + (depth - args.depth) * u for t, u in r] for side, r in rows.items()}
         ratio_n = median([a[0] / c[0] for a, c in zip(rows["asyn"], rows["core"])])
         ratio_d = [a / c for a, c in zip(at_d["asyn"], at_d["core"])]
