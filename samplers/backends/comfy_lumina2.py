@@ -14,7 +14,7 @@ image's stock (background) row.
 
 Masks: joint self-attention (after the q/k norms and RoPE, as the model attends) of the image
 queries to the target words' Gemma tokens, softmax over [caption | image] keys, in the three
-middle joint blocks, read blockwise (comfy_dit.joint_item_attention) from the block's own q / k
+middle joint blocks, read by one fused attention (comfy_dit.joint_item_attention) from the block's own q / k
 (its norms' outputs). No patches_replace exist for NextDiT's blocks: everything is module hooks
 alive inside one forward.
 """
