@@ -103,7 +103,7 @@ def per_token(fwd: Forward, rows_out: torch.Tensor, stock: torch.Tensor, before=
     table, index = token_rows(fwd, rows_out, stock, before, after)
     if parts == 1:
         return take_rows(table, index)
-    return [take_rows(t, index) for t in table.view(table.shape[0], parts, -1).unbind(dim=1)]
+    return Gathered(table, index).chunk(parts)
 
 
 class Modulation:
