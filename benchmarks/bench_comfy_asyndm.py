@@ -26,6 +26,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def comfy_parser(doc):
+    """An argument parser with the options every ComfyUI benchmark takes: --comfyui, --threads."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout ($COMFYUI_PATH)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
+    return ap
+
+
+def comfy_args(ap):
+    """Parsed arguments; exits with the fix when no ComfyUI checkout is given."""
+    args = ap.parse_args()
+    if not args.comfyui:
+        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    return args
+
+
 def bootstrap(comfy_path, prefix="bench_asyndm_", threads=0):
     """ComfyUI imported as the integration harness does, but at ComfyUI's own thread count (torch's
     default) unless ``threads`` > 0."""
@@ -85,19 +101,15 @@ def patcher(config, seed=0, dtype=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    ap = comfy_parser(__doc__)
     ap.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--channels", type=int, default=320, help="UNet base channels (SD1.5: 320)")
     ap.add_argument("--light", action="store_true", help="three levels, one ResBlock each (quick look)")
     ap.add_argument("--scheduler", default="karras")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--samplers", default="all", help="comma-separated names, or all (comfy's KSampler.SAMPLERS)")
-    args = ap.parse_args()
-    if not args.comfyui:
-        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    args = comfy_args(ap)
     bootstrap(args.comfyui, threads=args.threads)
 
     import comfy.utils

@@ -87,8 +87,9 @@ def one(args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    from bench_comfy_asyndm import comfy_args, comfy_parser
+
+    ap = comfy_parser(__doc__)
     ap.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size/8)")
     ap.add_argument("--unet-size", type=int, default=512, help="SD1.5's image size (its native 512)")
     ap.add_argument("--steps", type=int, default=2)
@@ -96,12 +97,9 @@ def main():
     ap.add_argument("--depth", type=int, default=4, help="transformer blocks (Flux/Chroma: double; 2× single)")
     ap.add_argument("--channels", type=int, default=320, help="SD1.5 UNet base channels")
     ap.add_argument("--families", default="sd15,flux,sd3,chroma,wan,qwen_image,hidream,lumina2,hunyuan_image")
-    ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if not args.comfyui:
-        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    args = comfy_args(ap)
     if args.one:
         return one(args)
     if not os.path.exists("/proc/self/clear_refs"):

@@ -25,9 +25,7 @@ be), the text as the transformer benchmark's (64 tokens, 512 wide). Rounds inter
         [--families flux,sd3,...] [--size 1024] [--depth 5] [--repeats 2]
 """
 
-import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -161,18 +159,16 @@ def unread_unit(lists, family):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    from bench_comfy_asyndm import comfy_args, comfy_parser
+
+    ap = comfy_parser(__doc__)
     ap.add_argument("--families", default=",".join(PUBLISHED))
     ap.add_argument("--size", type=int, default=1024, help="image size in pixels (8× latent; HunyuanImage: 2×)")
     ap.add_argument("--depth", type=int, default=5, help="stand-in depth in units (≥ 4: three read, one not)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--blocks", action="store_true", help="also print every block's median seconds per side")
-    args = ap.parse_args()
-    if not args.comfyui:
-        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    args = comfy_args(ap)
     from bench_comfy_asyndm_transformers import bootstrap, inputs
 
     bootstrap(args.comfyui, threads=args.threads)

@@ -22,7 +22,6 @@ blocks (MMDiT fixes hidden = 64·blocks: 4 → 256); 512 px is a
 64×64 latent, 1024 tokens — large enough that the transformer, not Python, dominates a step.
 """
 
-import argparse
 import os
 import pathlib
 import sys
@@ -127,8 +126,9 @@ def inputs(family, size, gen):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    from bench_comfy_asyndm import comfy_args, comfy_parser
+
+    ap = comfy_parser(__doc__)
     ap.add_argument("--size", type=int, default=512, help="image size in pixels (latent = size/8)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
@@ -139,12 +139,9 @@ def main():
     ap.add_argument("--families", default="flux,sd3,chroma,wan,qwen_image,hidream,lumina2,hunyuan_image",
                     help="comma-separated: flux, sd3, chroma, wan, qwen_image, hidream, lumina2, hunyuan_image (Flux's depth: double blocks, "
                          "or all blocks for Wan / Qwen-Image)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--denormals", choices=("keep", "flush", "both"), default="both",
                     help="float32 denormals kept, flushed (process-wide: both sides), or a table for each")
-    args = ap.parse_args()
-    if not args.comfyui:
-        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    args = comfy_args(ap)
     bootstrap(args.comfyui, threads=args.threads)
 
     import nodes

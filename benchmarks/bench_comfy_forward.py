@@ -88,17 +88,15 @@ def peak(args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    from bench_comfy_asyndm import comfy_args, comfy_parser
+
+    ap = comfy_parser(__doc__)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--depth", type=int, default=8, help="joint layers (Lumina 2: 26; masks read 3)")
     ap.add_argument("--size", type=int, default=512, help="pixels (latent = size/8; tokens = (size/16)²)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as in ComfyUI)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if not args.comfyui:
-        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    args = comfy_args(ap)
     if args.child:
         return peak(args)
     runs, torch = setup(args)
