@@ -26,6 +26,7 @@ be), the text as the transformer benchmark's (64 tokens, 512 wide). Rounds inter
 """
 
 import os
+import statistics
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -140,22 +141,26 @@ class TimedBlocks(torch.nn.ModuleList):
         dm.register_forward_hook(on(False))
 
 
-def unread_unit(lists, family):
-    """Seconds of one unit's blocks that the masks do not read, over the run's model calls (each
-    list's mean per unread block and call, times the blocks per unit and the calls)."""
+def unread_blocks(lists, family):
+    """Per block list: the seconds of each block the masks do not read, per model call, over the run
+    (one sample a block and call)."""
     from asyndm_fpdm.samplers.backends.comfy_dit import middle_blocks
 
-    total = 0.0
-    calls = max(len(t) for t in lists[0].times.values())
-    for (name, per), blocks in zip(LISTS[family], lists):
+    out = []
+    for (name, _), blocks in zip(LISTS[family], lists):
         n = len(blocks)
         read = middle_blocks(n) if name == LISTS[family][0][0] else []
         # not the first block of a list: it carries the forward's lazy per-call work (token index,
         # rows) that the full model pays once too; SD3's pre-only last is fixed
         unread = [i for i in range(1, n - (family == "sd3")) if i not in read]
-        per_block = [t for i in unread for t in blocks.times.get(i, [])]
-        total += per * sum(per_block) / len(per_block) * calls
-    return total
+        out.append([t for i in unread for t in blocks.times.get(i, [])])
+    return out
+
+
+def unit_seconds(samples, family, calls):
+    """One unread unit's seconds per step: each list's median block (over ``samples``, one list of
+    block times per block list) times the blocks a unit holds and the model calls of a step."""
+    return sum(per * statistics.median(s) for (_, per), s in zip(LISTS[family], samples)) * calls
 
 
 def main():
@@ -185,7 +190,7 @@ def main():
           f"depth {args.depth} units, {args.repeats} interleaved rounds (s per step; ratios: median of rounds)",
           flush=True)
     print(f"  {'model':30s} {'width':>5s} {'D':>3s} {'core s (n)':>10s} {'ratio (n)':>9s} {'unit s core':>11s} "
-          f"{'unit s AsynDM':>13s} {'ratio at D':>10s} {'rounds at D':>12s}", flush=True)
+          f"{'unit s AsynDM':>13s} {'unit ratio':>9s} {'ratio at D':>10s} {'rounds at D':>12s}", flush=True)
     for family in args.families.split(","):
         name, width, depth, _ = PUBLISHED[family]
         model = patcher(config(family, args.depth), dtype=torch.bfloat16)
@@ -196,7 +201,6 @@ def main():
         TimedBlocks.watch(dm, lists)
         gen = torch.Generator().manual_seed(1)
         _, pos, neg, latent = inputs(family, args.size, gen)
-        _, _, _, small = inputs(family, 256, gen)
 
         def run(asyn, lat, model=model):
             if asyn:
@@ -206,27 +210,34 @@ def main():
                     denoise=1.0, mask=None)
             return nodes.KSampler().sample(model, 7, args.steps, 1.0, "euler", "simple", pos, neg, lat)
 
-        rows = {"core": [], "asyn": []}  # per round: (seconds per step, unread unit seconds per step)
+        # per side: seconds per step of each round, and every unread block's seconds, per list
+        steps = {"core": [], "asyn": []}
+        blocks = {side: [[] for _ in LISTS[family]] for side in steps}
         with torch.inference_mode():
-            for side in rows:
-                run(side == "asyn", small)
+            for side in steps:  # warm-up at full size: the first run's page faults and allocator growth
+                run(side == "asyn", latent)
             for _ in range(args.repeats):
-                for side in rows:
+                for side in steps:
                     for timed in lists:
                         timed.times = {}
                     t0 = time.perf_counter()
                     run(side == "asyn", latent)
-                    rows[side].append(((time.perf_counter() - t0) / args.steps, unread_unit(lists, family) / args.steps))
+                    steps[side].append((time.perf_counter() - t0) / args.steps)
+                    for pool, got in zip(blocks[side], unread_blocks(lists, family)):
+                        pool.extend(got)
                     if args.blocks:
                         print(f"    {side}: " + "; ".join(
                             f"{attr} " + " ".join(f"{median(t.times.get(i, [0])):.2f}" for i in range(len(t)))
                             for (attr, _), t in zip(LISTS[family], lists)), flush=True)
-        at_d = {side: [t + (depth - args.depth) * u for t, u in r] for side, r in rows.items()}
-        ratio_n = median([a[0] / c[0] for a, c in zip(rows["asyn"], rows["core"])])
-        ratio_d = [a / c for a, c in zip(at_d["asyn"], at_d["core"])]
-        print(f"  {name:30s} {width:5d} {depth:3d} {median([r[0] for r in rows['core']]):10.1f} {ratio_n:9.3f} "
-              f"{median([r[1] for r in rows['core']]):11.2f} {median([r[1] for r in rows['asyn']]):13.2f} "
-              f"{median(ratio_d):10.3f} {f'[{min(ratio_d):.3f}-{max(ratio_d):.3f}]':>12s}", flush=True)
+        calls = max(len(t) for t in lists[0].times.values()) / args.steps
+        unit = {side: unit_seconds(blocks[side], family, calls) for side in steps}
+        at_d = {side: median(steps[side]) + (depth - args.depth) * unit[side] for side in steps}
+        per_round = [(a + (depth - args.depth) * unit["asyn"]) / (c + (depth - args.depth) * unit["core"])
+                     for a, c in zip(steps["asyn"], steps["core"])]
+        ratio_n = median([a / c for a, c in zip(steps["asyn"], steps["core"])])
+        print(f"  {name:30s} {width:5d} {depth:3d} {median(steps['core']):10.1f} {ratio_n:9.3f} "
+              f"{unit['core']:11.2f} {unit['asyn']:13.2f} {unit['asyn'] / unit['core']:9.3f} "
+              f"{at_d['asyn'] / at_d['core']:10.3f} {f'[{min(per_round):.3f}-{max(per_round):.3f}]':>12s}", flush=True)
         del model, dm, lists
 
 
