@@ -8,6 +8,8 @@ from .asyndm_sampler_nodes import RUN_TYPE
 from .common import CATEGORY_ASYNDM
 
 log = logging.getLogger(__name__)
+# the longest side of a "Masks at Steps" frame, in pixels: an image's size up to 4096 px (Flux at 4 MP)
+PREVIEW_SIDE = 4096
 
 
 class AsynDMCurvePreview:
@@ -107,11 +109,14 @@ class AsynDMMaskStepsPreview:
 
         from ..samplers.comfyui.previews import mark_frames, pick_steps, region_images, timestep_images
 
-        scale = getattr(run, "image_scale", 8)  # latent → image pixels: the preview has the image's size
         if not run.timestep_maps:  # a pass that ran no step: nothing to show, and a preview never fails a run
             log.warning("AsynDM Masks at Steps: the run has no steps to show (a pass with start >= end)")
             blank = torch.zeros(1, 64, 64, 3)
             return blank, blank.clone()
+        # latent → image pixels: the preview has the image's size, save a video's frames stacked along
+        # the height, which shrink to fit PREVIEW_SIDE (an 81-frame Wan run: 21 latent frames)
+        scale = getattr(run, "image_scale", 8)
+        scale = max(1, min(scale, PREVIEW_SIDE // max(run.timestep_maps[0].shape[-2:])))
         chosen, clamped, notes = pick_steps(_step_list(at_steps, steps), len(run.timestep_maps))
         batch = run.timestep_maps[0].shape[0]
         if image_index >= batch:

@@ -183,7 +183,8 @@ def test_asyndm_previews_take_the_image_scale_of_the_latent_format():
     """Previews enlarge a run's maps by the image pixels per latent pixel: what a latent format
     declares (later ComfyUI: ``spacial_downscale_ratio``), ComfyUI 0.3.64's pixel-space and 32×
     formats by name (also through a subclass), 8 otherwise; never an error. A run that ran no step
-    previews as a blank frame with a warning (a cosmetic node must not fail the run)."""
+    previews as a blank frame with a warning (a cosmetic node must not fail the run); a video's stacked
+    frames shrink to 4096 px (broken variant caught: the scale uncapped, 20160 px tall)."""
     from asyndm_fpdm.samplers.comfyui.sampler import image_scale
 
     def fmt(name, **attrs):
@@ -206,6 +207,13 @@ def test_asyndm_previews_take_the_image_scale_of_the_latent_format():
     assert_mask_steps_preview_shows(regions, times, run, [0], 0, previews.PALETTE)
     regions, times = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]().preview(RunRecord(), "0, -1", 0)
     assert regions.shape == times.shape == (1, 64, 64, 3)
+    # a video's frames stack along the height: 21 latent frames of 60 × 104 at Wan 2.2's 16× would be
+    # 20160 px tall; the frame shrinks to the largest whole scale within 4096 px (3), an image keeps its size
+    node = asyndm_nodes.NODE_CLASS_MAPPINGS["AsynDMMaskStepsPreview"]()
+    tall = RunRecord(ks=[0.7], timestep_maps=[torch.full((1, 21 * 60, 104), 500.0)], masks=[None], image_scale=16)
+    assert node.preview(tall, "0", 0)[1].shape == (1, 21 * 60 * 3, 104 * 3, 3)
+    wide = RunRecord(ks=[0.7], timestep_maps=[torch.full((1, 64, 64), 500.0)], masks=[None], image_scale=32)
+    assert node.preview(wide, "0", 0)[1].shape == (1, 2048, 2048, 3)
 
 
 def test_asyndm_previews_show_the_run():
