@@ -77,13 +77,14 @@ def test_asyndm_external_masks_layouts():
 
 class _Tok:
     start_token, end_token = 100, 101
-    inv_vocab = {100: "<|startoftext|>", 101: "<|endoftext|>", 1: "a</w>", 2: "rab", 3: "bit</w>", 4: "cat</w>"}
+    inv_vocab = {100: "<|startoftext|>", 101: "<|endoftext|>", 1: "a</w>", 2: "rab", 3: "bit</w>", 4: "cat</w>",
+                 5: "jack"}
 
 
 class _Clip:
     """Stand-in for comfy.sd.CLIP: a word-level tokenizer, 6-token chunks."""
 
-    words = {"a": [1], "rabbit": [2, 3], "cat": [4]}
+    words = {"a": [1], "rabbit": [2, 3], "cat": [4], "jackrabbit": [5, 2, 3]}
 
     def __init__(self):
         self.tokenizer = type("T", (), {"clip_l": _Tok()})()
@@ -107,6 +108,10 @@ def test_asyndm_locate_targets_with_stand_in_tokenizer():
     assert info["ks"] == [0.6, 0.7, 0.9] and info["context_len"] == 12
     with pytest.raises(UnknownWordError, match="rab bit"):
         comfy_tokens.locate_targets(clip, "a rabbit", "cat")
+    # the word's ids run inside a longer word: not the word (caught: the id fallback unchecked)
+    with pytest.raises(UnknownWordError, match="not in the prompt"):
+        comfy_tokens.locate_targets(clip, "a jackrabbit", "rabbit")
+    assert comfy_tokens.locate_targets(clip, "a jackrabbit rabbit", "rabbit")["positions"] == [[7, 8]]  # 2nd chunk
     assert comfy_tokens.split_occurrence("cat#2") == ("cat", 1)
     assert comfy_tokens.split_occurrence("C#") == ("C#", -1)
 

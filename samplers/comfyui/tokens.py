@@ -163,6 +163,15 @@ def _word_hits(pieces: List[bytes], word: str) -> List[List[int]]:
     return []
 
 
+def _whole_word(pieces: List[bytes], run: List[int]) -> bool:
+    """Whether the tokens ``run`` of the spelled prompt start and end a word ('rab' 'bit' of
+    'jackrabbit' do not)."""
+    before = pieces[run[0] - 1][-1] if run[0] > 0 else 32
+    after = pieces[run[-1] + 1][0] if run[-1] + 1 < len(pieces) else 32
+    return not (_is_word_byte(before) and _is_word_byte(pieces[run[0]][0])) and \
+        not (_is_word_byte(pieces[run[-1]][-1]) and _is_word_byte(after))
+
+
 def _pick(hits, word, occurrence, missing):
     if not hits:
         raise missing()
@@ -198,7 +207,10 @@ def split_occurrence(word: str):
 def _find(clip, key, sub, ids, pieces, drop, word, occurrence):
     """Positions of ``word`` in ``ids[drop:]`` (the part the model receives); ``pieces``: the
     tokens spelled out (``_spelled``), None without a vocabulary."""
-    hits = (_word_hits(pieces[drop:], word) if pieces is not None else []) or _id_hits(clip, key, sub, ids[drop:], word)
+    hits = _word_hits(pieces[drop:], word) if pieces is not None else []
+    if not hits:  # the word's own ids (a character the vocabulary lacks), where they stand as a whole word
+        hits = [h for h in _id_hits(clip, key, sub, ids[drop:], word)
+                if pieces is None or _whole_word(pieces[drop:], h)]
 
     def missing():
         if pieces is not None and _word_hits(pieces, word):  # only in the prefix the encoder drops (a template)
