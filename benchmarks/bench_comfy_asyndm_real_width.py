@@ -8,21 +8,24 @@ patch and RoPE axes, in bfloat16 as the checkpoints ship, with random weights, 4
 one block; Flux-like families one double + two single blocks, as their 19 + 38) that holds the
 three blocks whose attention AsynDM reads for masks and some it does not read. Each block is timed
 inside the run (the wall time from its start to the next block's, whatever patch or hook runs it),
-so a step splits into the measured whole and the time of one unread unit, t (the mean of the
-unread blocks after each list's first, which also carries a forward's one-off work); each side
-extrapolates to the published depth D:
+so a step splits into the measured whole and the time of one unread unit, t (from the unread
+blocks after each list's first, which also carries a forward's one-off work, over all rounds); each
+side extrapolates to the published depth D:
 
     T(D) = T(n) + (D − n) · t
 
-and the ratio at D is AsynDM's T(D) over ComfyUI's, per round (median of rounds). The ratio of the
-stand-in itself is printed too: it carries the three reads and the per-step bookkeeping over a few
-blocks, well above what the full model pays. One euler step (simple schedule), cfg 1 for every
-family (one row per model call: the read, on the conditional row only, is the largest share it can
-be), the text as the transformer benchmark's (64 tokens, 512 wide). Rounds interleave both sides
-(benchmarks/interleaved.py) after a warm-up of each at 256 px.
+and the ratio at D is AsynDM's T(D) over ComfyUI's. Two estimates: from each side's fastest step and
+block (min: the uncontended time — on a shared CPU interference only adds time, and a block's time
+swings by ±15% from run to run while the two sides' unread blocks run the same matmuls and differ
+by a few elementwise modulation ops), and from the medians. The ratio of the stand-in itself is
+printed too: it carries the three reads and the per-step bookkeeping over a few blocks, well above
+what the full model pays. One euler step (simple schedule), cfg 1 for every family (one row per
+model call: the read, on the conditional row only, is the largest share it can be), the text as the
+transformer benchmark's (64 tokens, 512 wide). Rounds interleave both sides (benchmarks/interleaved.py)
+after a warm-up of each at full size.
 
     COMFYUI_PATH=/path/to/ComfyUI OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_comfy_asyndm_real_width.py \
-        [--families flux,sd3,...] [--size 1024] [--depth 5] [--repeats 2]
+        [--families flux,sd3,...] [--size 1024] [--depth 6] [--repeats 3]
 """
 
 import os
@@ -157,10 +160,10 @@ def unread_blocks(lists, family):
     return out
 
 
-def unit_seconds(samples, family, calls):
-    """One unread unit's seconds per step: each list's median block (over ``samples``, one list of
-    block times per block list) times the blocks a unit holds and the model calls of a step."""
-    return sum(per * statistics.median(s) for (_, per), s in zip(LISTS[family], samples)) * calls
+def unit_seconds(samples, family, calls, stat=statistics.median):
+    """One unread unit's seconds per step: each list's block time (``stat`` over ``samples``, one list
+    of block times per block list) times the blocks a unit holds and the model calls of a step."""
+    return sum(per * stat(s) for (_, per), s in zip(LISTS[family], samples)) * calls
 
 
 def main():
@@ -169,8 +172,8 @@ def main():
     ap = comfy_parser(__doc__)
     ap.add_argument("--families", default=",".join(PUBLISHED))
     ap.add_argument("--size", type=int, default=1024, help="image size in pixels (8× latent; HunyuanImage: 2×)")
-    ap.add_argument("--depth", type=int, default=5, help="stand-in depth in units (≥ 4: three read, one not)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=6, help="stand-in depth in units (≥ 4: three read, one not)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--blocks", action="store_true", help="also print every block's median seconds per side")
     args = comfy_args(ap)
@@ -189,8 +192,10 @@ def main():
     print(f"{args.size}² px, bf16, {args.steps} euler step(s), cfg 1, threads {torch.get_num_threads()}, stand-in "
           f"depth {args.depth} units, {args.repeats} interleaved rounds (s per step; ratios: median of rounds)",
           flush=True)
-    print(f"  {'model':30s} {'width':>5s} {'D':>3s} {'core s (n)':>10s} {'ratio (n)':>9s} {'unit s core':>11s} "
-          f"{'unit s AsynDM':>13s} {'unit ratio':>9s} {'ratio at D':>10s} {'rounds at D':>12s}", flush=True)
+    print(f"  {'model':30s} {'width':>5s} {'D':>3s} {'core s (n)':>8s} {'ratio (n)':>9s} {'unit s':>7s} "
+          f"{'unit s':>7s} {'unit ratio':>9s} {'at D':>9s} {'unit ratio':>9s} {'at D':>9s}", flush=True)
+    print(f"  {'':30s} {'':>5s} {'':>3s} {'min':>8s} {'min':>9s} {'core min':>7s} {'AsynDM':>7s} "
+          f"{'(min)':>9s} {'(min)':>9s} {'(median)':>9s} {'(median)':>9s}", flush=True)
     for family in args.families.split(","):
         name, width, depth, _ = PUBLISHED[family]
         model = patcher(config(family, args.depth), dtype=torch.bfloat16)
@@ -230,14 +235,14 @@ def main():
                             f"{attr} " + " ".join(f"{median(t.times.get(i, [0])):.2f}" for i in range(len(t)))
                             for (attr, _), t in zip(LISTS[family], lists)), flush=True)
         calls = max(len(t) for t in lists[0].times.values()) / args.steps
-        unit = {side: unit_seconds(blocks[side], family, calls) for side in steps}
-        at_d = {side: median(steps[side]) + (depth - args.depth) * unit[side] for side in steps}
-        per_round = [(a + (depth - args.depth) * unit["asyn"]) / (c + (depth - args.depth) * unit["core"])
-                     for a, c in zip(steps["asyn"], steps["core"])]
-        ratio_n = median([a / c for a, c in zip(steps["asyn"], steps["core"])])
-        print(f"  {name:30s} {width:5d} {depth:3d} {median(steps['core']):10.1f} {ratio_n:9.3f} "
-              f"{unit['core']:11.2f} {unit['asyn']:13.2f} {unit['asyn'] / unit['core']:9.3f} "
-              f"{at_d['asyn'] / at_d['core']:10.3f} {f'[{min(per_round):.3f}-{max(per_round):.3f}]':>12s}", flush=True)
+        ratio_at_d = {}
+        for stat in (min, statistics.median):
+            unit = {side: unit_seconds(blocks[side], family, calls, stat) for side in steps}
+            at_d = {side: stat(steps[side]) + (depth - args.depth) * unit[side] for side in steps}
+            ratio_at_d[stat] = (unit["asyn"] / unit["core"], at_d["asyn"] / at_d["core"])
+        print(f"  {name:30s} {width:5d} {depth:3d} {min(steps['core']):8.1f} {min(steps['asyn']) / min(steps['core']):9.3f} "
+              f"{unit_seconds(blocks['core'], family, calls, min):7.2f} {unit_seconds(blocks['asyn'], family, calls, min):7.2f} "
+              + " ".join(f"{r:9.3f}" for r in (*ratio_at_d[min], *ratio_at_d[statistics.median])), flush=True)
         del model, dm, lists
 
 
