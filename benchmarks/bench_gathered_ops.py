@@ -1,0 +1,88 @@
+"""What an unread transformer block does beyond ComfyUI's own under AsynDM: its modulation applied
+per token (comfy_dit.Gathered) instead of broadcast per image, and its modulation Linear run once
+more on the few distinct timestep rows (issue 16).
+
+Everything else in such a block — its matmuls, attention, norms — runs on the same inputs in the
+same code either way, so this difference *is* the block's overhead; timed here alone, in many short
+interleaved repeats (the whole block's time swings by ±15% between runs on a shared CPU, more than
+the difference). The ops are a dual-stream image block's (Qwen-Image, Flux's double and MMDiT's
+joint blocks read theirs alike): two ``addcmul(shift, x, 1 + scale)``, the gated residuals
+``x + gate · attn`` and ``addcmul(x, gate, mlp)``, at a published width, 4096 image tokens, bfloat16,
+with three distinct timestep rows.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_gathered_ops.py [--widths 2432,3072,3584] [--repeats 40]
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402  (after the OpenMP setting)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+import conftest  # noqa: E402,F401  (imports this checkout as asyndm_fpdm)
+
+
+def modulated_residuals(x, attn, mod):
+    """A block's elementwise modulation as ComfyUI's blocks write it; ``mod`` (Bm, 6·D) per image or
+    a Gathered per token."""
+    def modulate(h, part):
+        shift, scale, gate = torch.chunk(part, 3, dim=-1)
+        return torch.addcmul(shift.unsqueeze(1), h, 1 + scale.unsqueeze(1)), gate.unsqueeze(1)
+
+    m1, m2 = mod.chunk(2, dim=-1)
+    _, g1 = modulate(x, m1)
+    h = x + g1 * attn
+    _, g2 = modulate(h, m2)
+    return torch.addcmul(h, g2, attn)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", default="2432,3072,3584,5120")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from asyndm_fpdm.samplers.backends.comfy_dit import Gathered
+
+    print(f"{args.tokens} image tokens, bf16, 3 timestep rows, {args.repeats} interleaved repeats, threads "
+          f"{torch.get_num_threads()}; ms per block, fastest and median")
+    print(f"  {'width':>5s} {'broadcast':>10s} {'per token':>10s} {'rows Linear':>11s} {'extra, fastest':>14s} "
+          f"{'extra, median':>13s}")
+    gen = torch.Generator().manual_seed(0)
+    for width in map(int, args.widths.split(",")):
+        x, attn = (torch.randn(1, args.tokens, width, generator=gen).bfloat16() for _ in range(2))
+        lin = torch.nn.Linear(width, 6 * width, dtype=torch.bfloat16)
+        vec = torch.randn(3, width, generator=gen).bfloat16()
+        index = torch.zeros(1, args.tokens, dtype=torch.long)
+        index[:, args.tokens // 4:args.tokens // 2] = 1
+        index[:, 3 * args.tokens // 4:] = 2
+        with torch.inference_mode():
+            rows = lin(vec)
+            runs = {"broadcast": lambda: modulated_residuals(x, attn, rows[:1]),
+                    "per token": lambda: modulated_residuals(x, attn, Gathered(rows, index)),
+                    "rows": lambda: lin(vec)}
+            times = {k: [] for k in runs}
+            for fn in runs.values():
+                fn()
+            for _ in range(args.repeats):
+                for k, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(1000 * (time.perf_counter() - t0))
+        fast = {k: min(v) for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"  {width:5d} {fast['broadcast']:10.1f} {fast['per token']:10.1f} {fast['rows']:11.1f} "
+              f"{fast['per token'] - fast['broadcast'] + fast['rows']:14.1f} "
+              f"{med['per token'] - med['broadcast'] + med['rows']:13.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
