@@ -190,7 +190,7 @@ def main():
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     print(f"{args.size}² px, bf16, {args.steps} euler step(s), cfg 1, threads {torch.get_num_threads()}, stand-in "
-          f"depth {args.depth} units, {args.repeats} interleaved rounds (s per step; ratios: median of rounds)",
+          f"depth {args.depth} units, {args.repeats} interleaved rounds after a full-size warm-up (s per step; ratios from each side's fastest and median)",
           flush=True)
     print(f"  {'model':30s} {'width':>5s} {'D':>3s} {'core s (n)':>8s} {'ratio (n)':>9s} {'unit s':>7s} "
           f"{'unit s':>7s} {'unit ratio':>9s} {'at D':>9s} {'unit ratio':>9s} {'at D':>9s}", flush=True)
