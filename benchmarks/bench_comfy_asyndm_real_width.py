@@ -190,7 +190,8 @@ def main():
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     print(f"{args.size}² px, bf16, {args.steps} euler step(s), cfg 1, threads {torch.get_num_threads()}, stand-in "
-          f"depth {args.depth} units, {args.repeats} interleaved rounds after a full-size warm-up (s per step; ratios from each side's fastest and median)",
+          f"depth {args.depth} units, {args.repeats} interleaved rounds after a full-size warm-up (s per step; "
+          "ratios from each side's fastest and median)",
           flush=True)
     print(f"  {'model':30s} {'width':>5s} {'D':>3s} {'core s (n)':>8s} {'ratio (n)':>9s} {'unit s':>7s} "
           f"{'unit s':>7s} {'unit ratio':>9s} {'at D':>9s} {'unit ratio':>9s} {'at D':>9s}", flush=True)
@@ -240,8 +241,9 @@ def main():
             unit = {side: unit_seconds(blocks[side], family, calls, stat) for side in steps}
             at_d = {side: stat(steps[side]) + (depth - args.depth) * unit[side] for side in steps}
             ratio_at_d[stat] = (unit["asyn"] / unit["core"], at_d["asyn"] / at_d["core"])
-        print(f"  {name:30s} {width:5d} {depth:3d} {min(steps['core']):8.1f} {min(steps['asyn']) / min(steps['core']):9.3f} "
-              f"{unit_seconds(blocks['core'], family, calls, min):7.2f} {unit_seconds(blocks['asyn'], family, calls, min):7.2f} "
+        fastest = {side: unit_seconds(blocks[side], family, calls, min) for side in steps}
+        print(f"  {name:30s} {width:5d} {depth:3d} {min(steps['core']):8.1f} "
+              f"{min(steps['asyn']) / min(steps['core']):9.3f} {fastest['core']:7.2f} {fastest['asyn']:7.2f} "
               + " ".join(f"{r:9.3f}" for r in (*ratio_at_d[min], *ratio_at_d[statistics.median])), flush=True)
         del model, dm, lists
 
