@@ -89,8 +89,9 @@ class ComfyHiDreamBackend(PixelBackend):
 
 
 def _record(fwd, heads, seen, pe, t5_length):
-    b, n = seen["q"].shape[:2]
-    q_img, k_img, k_txt = (seen[k].view(b, seen[k].shape[1], heads, -1) for k in ("q", "k", "k_txt"))
+    q_img, k_img, k_txt = (seen.pop(k) for k in ("q", "k", "k_txt"))  # popped: not held past the block
+    b, n = q_img.shape[:2]
+    q_img, k_img, k_txt = (t.view(b, t.shape[1], heads, -1) for t in (q_img, k_img, k_txt))
     # RoPE per position of the joint [image | text] sequence (the text ids are 0: identity)
     q, k = _rope(torch.cat([q_img, k_txt], dim=1), torch.cat([k_img, k_txt], dim=1), pe)
     # text keys [T5 | Llama | Llama]: the T5 part carries no weight, both Llama copies count

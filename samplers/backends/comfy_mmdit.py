@@ -54,7 +54,8 @@ def _capture(dm, block, fwd):
     seen = {}
 
     def record(module, args, output):
-        record_maps(fwd, seen["q"].transpose(1, 2), seen["k_txt"].transpose(1, 2), output.transpose(1, 2),
+        # popped: the block's q / k are not held past its attention (its later blocks' memory)
+        record_maps(fwd, seen.pop("q").transpose(1, 2), seen.pop("k_txt").transpose(1, 2), output.transpose(1, 2),
                     context_len_offset=getattr(dm, "register_length", 0))
 
     return keep_outputs(seen, k_txt=block.context_block.attn.ln_k, q=block.x_block.attn.ln_q) + [

@@ -57,7 +57,7 @@ def _capture(attn, fwd):
 def _record(fwd, seen, pe):
     from comfy.ldm.qwen_image.model import apply_rotary_emb
 
-    k_txt, q_img, k_img = seen["k_txt"], seen["q"], seen["k"]  # (B, L, H, d)
+    k_txt, q_img, k_img = seen.pop("k_txt"), seen.pop("q"), seen.pop("k")  # (B, L, H, d); not held past the block
     n_txt = k_txt.shape[1]
     # RoPE is per position: the text keys at the text positions, the image queries / keys after them
     k = apply_rotary_emb(torch.cat([k_txt, k_img], dim=1), pe)
