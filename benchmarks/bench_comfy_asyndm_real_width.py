@@ -144,18 +144,16 @@ class TimedBlocks(torch.nn.ModuleList):
         dm.register_forward_hook(on(False))
 
 
-def unread_blocks(lists, family):
-    """Per block list: the seconds of each block the masks do not read, per model call, over the run
-    (one sample a block and call)."""
-    from asyndm_fpdm.samplers.backends.comfy_dit import middle_blocks
-
+def unread_blocks(lists, family, read):
+    """Per block list: the seconds of each block the masks do not read (``read``: the first list's,
+    as the backend picks them), per model call, over the run (one sample a block and call)."""
     out = []
     for (name, _), blocks in zip(LISTS[family], lists):
         n = len(blocks)
-        read = middle_blocks(n) if name == LISTS[family][0][0] else []
+        skip = read if name == LISTS[family][0][0] else []
         # not the first block of a list: it carries the forward's lazy per-call work (token index,
         # rows) that the full model pays once too; SD3's pre-only last is fixed
-        unread = [i for i in range(1, n - (family == "sd3")) if i not in read]
+        unread = [i for i in range(1, n - (family == "sd3")) if i not in skip]
         out.append([t for i in unread for t in blocks.times.get(i, [])])
     return out
 
@@ -187,6 +185,7 @@ def main():
     from interleaved import median
 
     from asyndm_fpdm.nodes.asyndm_sampler_nodes import AsynDMKSampler
+    from asyndm_fpdm.samplers.backends import backend_for
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     print(f"{args.size}² px, bf16, {args.steps} euler step(s), cfg 1, threads {torch.get_num_threads()}, stand-in "
@@ -201,6 +200,7 @@ def main():
         name, width, depth, _ = PUBLISHED[family]
         model = patcher(config(family, args.depth), dtype=torch.bfloat16)
         dm = model.model.diffusion_model
+        read = backend_for(model).capture_blocks  # SD3: the middle of its full blocks, the pre-only last left out
         lists = [TimedBlocks(getattr(dm, attr)) for attr, _ in LISTS[family]]
         for (attr, _), timed in zip(LISTS[family], lists):
             setattr(dm, attr, timed)
@@ -229,7 +229,7 @@ def main():
                     t0 = time.perf_counter()
                     run(side == "asyn", latent)
                     steps[side].append((time.perf_counter() - t0) / args.steps)
-                    for pool, got in zip(blocks[side], unread_blocks(lists, family)):
+                    for pool, got in zip(blocks[side], unread_blocks(lists, family, read)):
                         pool.extend(got)
                     if args.blocks:
                         print(f"    {side}: " + "; ".join(
