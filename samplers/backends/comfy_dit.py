@@ -50,32 +50,37 @@ def joint_item_attention(q, k_txt, k_img, weights, block=1024):
     weights, zero on the image keys: its output is exactly that probability mass, normaliser
     included, and the flash / memory-efficient kernels never build the attention matrix. The values
     are padded to the head size (CPU flash wants v as wide as q), items in groups of d; ``block``
-    queries at a time. Where no fused kernel takes the call, the math kernel runs on query blocks
+    queries at a time. A bfloat16 / float16 model's q / k are read in that precision (output within
+    its rounding, 0.4% for bfloat16), others in float32. Where no fused kernel takes the call, the math kernel runs on query blocks
     sized to hold at most 64 MB of logits. One read costs about one attention of the block (3-4×
     less than a per-head logsumexp at 4096 image tokens)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     b, heads, nq, d = q.shape
-    k = torch.cat([k_txt, k_img], dim=2).float()
+    # a half-precision model's q / k are read in its own precision (the fused kernels accumulate in
+    # float32 and round the output once; half the work of a float32 read), anything else in float32
+    dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    k = torch.cat([k_txt, k_img], dim=2).to(dt)
     w = weights.to(q.device, torch.float32)
+    top = w.abs().amax(dim=0).clamp_min(1e-30)  # values scaled to at most 1 (an item's equal weights: exactly 1)
 
-    def read(v, n, size):
-        return torch.cat([sdpa(q[:, :, s:s + size].float(), k, v)[..., :n].mean(dim=1)
+    def read(v, n, size, scale):
+        return torch.cat([sdpa(q[:, :, s:s + size].to(dt), k, v)[..., :n].float().mean(dim=1) * scale
                           for s in range(0, nq, size)], dim=1)
 
     groups = []
     for i in range(0, w.shape[1], d):
         n = min(d, w.shape[1] - i)
         v = k.new_zeros(1, 1, k.shape[2], d)
-        v[..., :w.shape[0], :n] = w[:, i:i + n]
+        v[..., :w.shape[0], :n] = w[:, i:i + n] / top[i:i + n]
         v = v.expand(b, heads, -1, -1)
         try:
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                               SDPBackend.CUDNN_ATTENTION]):
-                groups.append(read(v, n, block))
+                groups.append(read(v, n, block, top[i:i + n]))
         except RuntimeError:  # no fused kernel for these inputs: bounded blocks of the math kernel
-            groups.append(read(v, n, max(1, min(block, (1 << 24) // max(1, b * heads * k.shape[2])))))
+            groups.append(read(v, n, max(1, min(block, (1 << 24) // max(1, b * heads * k.shape[2]))), top[i:i + n]))
     return torch.cat(groups, dim=-1)
 
 
