@@ -10,7 +10,12 @@ joint blocks read theirs alike): two ``addcmul(shift, x, 1 + scale)``, the gated
 ``x + gate · attn`` and ``addcmul(x, gate, mlp)``, at a published width, 4096 image tokens, bfloat16,
 with three distinct timestep rows.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_gathered_ops.py [--widths 2432,3072,3584] [--repeats 40]
+``--reads`` also times one attention read for masks (comfy_dit.joint_item_attention) at each family's
+published heads and head size, 4096 image queries and 64 text tokens (as the real-width benchmark),
+beside the block's own attention over the same joint sequence (Wan: its cross-attention; one ``scaled_dot_product_attention``,
+bfloat16): a dynamic run reads three blocks a step.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_gathered_ops.py [--widths 2432,3072,3584] [--repeats 40] [--reads]
 """
 
 import argparse
@@ -47,6 +52,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--reads", action="store_true", help="also time the attention read per family")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,6 +88,42 @@ def main():
         print(f"  {width:5d} {fast['broadcast']:10.1f} {fast['per token']:10.1f} {fast['rows']:11.1f} "
               f"{fast['per token'] - fast['broadcast'] + fast['rows']:14.1f} "
               f"{med['per token'] - med['broadcast'] + med['rows']:13.1f}", flush=True)
+    if args.reads:
+        reads(args.tokens, max(3, args.repeats // 8))
+
+
+# family: heads, head size, whether the read's softmax also covers the image keys (Wan: cross-attention)
+READS = {"Flux / Chroma": (24, 128, True), "SD3.5 Large": (38, 64, True), "Qwen-Image": (24, 128, True),
+         "Wan 2.2 A14B": (40, 128, False), "HiDream-I1": (20, 128, True), "Lumina 2": (24, 96, True),
+         "HunyuanImage 2.1": (28, 128, True)}
+
+
+def reads(tokens, repeats):
+    """Seconds of one read against the block's own attention, fastest of ``repeats`` interleaved."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from asyndm_fpdm.samplers.backends.comfy_dit import joint_item_attention
+
+    print(f"  {'family':18s} {'heads x d':>9s} {'read s':>7s} {'attention s':>11s}")
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.zeros(64, 2)
+    weights[3:5, 0] = 0.5
+    weights[9, 1] = 1.0
+    for name, (heads, d, joint) in READS.items():
+        q = torch.randn(1, heads, tokens, d, generator=gen).bfloat16()
+        k_img = torch.randn(1, heads, tokens if joint else 0, d, generator=gen).bfloat16()
+        k_txt = torch.randn(1, heads, 64, d, generator=gen).bfloat16()
+        k = torch.cat([k_txt, k_img], dim=2)
+        runs = {"read": lambda: joint_item_attention(q, k_txt, k_img, weights),
+                "attention": lambda: sdpa(q, k, k)}
+        times = {n: [] for n in runs}
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for n, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[n].append(time.perf_counter() - t0)
+        print(f"  {name:18s} {f'{heads}x{d}':>9s} {min(times['read']):7.2f} {min(times['attention']):11.2f}", flush=True)
 
 
 if __name__ == "__main__":
