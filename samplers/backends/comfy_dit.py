@@ -59,7 +59,7 @@ def joint_item_attention(q, k_txt, k_img, weights, block=1024):
 
     b, heads, nq, d = q.shape
     # a half-precision model's q / k are read in its own precision (the fused kernels accumulate in
-    # float32 and round the output once; half the work of a float32 read), anything else in float32
+    # float32 and round the output once; GPU flash kernels take only half precision), else float32
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     k = torch.cat([k_txt, k_img], dim=2).to(dt)
     w = weights.to(q.device, torch.float32)
