@@ -51,8 +51,8 @@ def joint_item_attention(q, k_txt, k_img, weights, block=1024):
     included, and the flash / memory-efficient kernels never build the attention matrix. The values
     are padded to the head size (CPU flash wants v as wide as q), items in groups of d; ``block``
     queries at a time. A bfloat16 / float16 model's q / k are read in that precision (output within
-    its rounding, 0.4% for bfloat16), others in float32. Where no fused kernel takes the call, the math kernel runs on query blocks
-    sized to hold at most 64 MB of logits. One read costs about one attention of the block (3-4×
+    its rounding, 0.4% for bfloat16), others in float32. Where no fused kernel takes the call, the
+    math kernel runs on query blocks sized to hold at most 64 MB of logits. One read costs about one attention of the block (3-4×
     less than a per-head logsumexp at 4096 image tokens)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -69,18 +69,20 @@ def joint_item_attention(q, k_txt, k_img, weights, block=1024):
         return torch.cat([sdpa(q[:, :, s:s + size].to(dt), k, v)[..., :n].float().mean(dim=1) * scale
                           for s in range(0, nq, size)], dim=1)
 
+    math_block = max(1, min(block, (1 << 24) // max(1, b * heads * k.shape[2])))  # 64 MB of float32 logits
     groups = []
     for i in range(0, w.shape[1], d):
         n = min(d, w.shape[1] - i)
+        scale = top[i:i + n]
         v = k.new_zeros(1, 1, k.shape[2], d)
-        v[..., :w.shape[0], :n] = w[:, i:i + n] / top[i:i + n]
+        v[..., :w.shape[0], :n] = w[:, i:i + n] / scale
         v = v.expand(b, heads, -1, -1)
         try:
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                               SDPBackend.CUDNN_ATTENTION]):
-                groups.append(read(v, n, block, top[i:i + n]))
+                groups.append(read(v, n, block, scale))
         except RuntimeError:  # no fused kernel for these inputs: bounded blocks of the math kernel
-            groups.append(read(v, n, max(1, min(block, (1 << 24) // max(1, b * heads * k.shape[2]))), top[i:i + n]))
+            groups.append(read(v, n, math_block, scale))
     return torch.cat(groups, dim=-1)
 
 

@@ -166,8 +166,8 @@ def _word_hits(pieces: List[bytes], word: str) -> List[List[int]]:
 def _whole_word(pieces: List[bytes], run: List[int]) -> bool:
     """Whether the tokens ``run`` of the spelled prompt start and end a word ('rab' 'bit' of
     'jackrabbit' do not)."""
-    before = pieces[run[0] - 1][-1] if run[0] > 0 else 32
-    after = pieces[run[-1] + 1][0] if run[-1] + 1 < len(pieces) else 32
+    before = pieces[run[0] - 1][-1] if run[0] > 0 else ord(" ")
+    after = pieces[run[-1] + 1][0] if run[-1] + 1 < len(pieces) else ord(" ")
     return not (_is_word_byte(before) and _is_word_byte(pieces[run[0]][0])) and \
         not (_is_word_byte(pieces[run[-1]][-1]) and _is_word_byte(after))
 
