@@ -77,6 +77,65 @@ def test_joint_item_attention_builds_no_attention_matrix():
     assert peak < 71e6, f"the read allocated {peak / 1e6:.0f} MB in one op"
 
 
+def _naive_items(q, k, text, weights, mask=None):
+    """Oracle: the full joint softmax (float32, the mask added), its text columns head-averaged and
+    weighted per item."""
+    logits = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        logits = logits + (mask.float() if mask.is_floating_point() else torch.where(mask, 0.0, float("-inf")))
+    return torch.softmax(logits, dim=-1)[..., text].mean(dim=1) @ weights
+
+
+@pytest.mark.parametrize("mask", [None, "additive", "boolean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_inside_the_attention_equals_the_full_softmax(dtype, mask):
+    """The read that rides the block's own attention: the fused kernel's output is the attention's
+    (``scaled_dot_product_attention`` on the same inputs, the kernel a CPU runs: identical), its
+    log-sum-exp the normaliser, and the items' mass from it (the target columns only) equals the
+    naive joint softmax, with no mask, ComfyUI's additive mask (large negative on padded keys) and
+    a boolean one. Caught: the lse of another scale (1/d), the mask left out of the kernel (padded
+    keys counted in the normaliser), a boolean mask passed as values."""
+    from asyndm_fpdm.samplers.backends.attention_read import attention_with_lse, lse_item_attention
+
+    gen = torch.Generator().manual_seed(2)
+    b, heads, length, d, lt = 2, 3, 40, 16, 7
+    q, k, v = (torch.randn(b, heads, length, d, generator=gen).to(dtype) for _ in range(3))
+    m = None
+    if mask is not None:  # the last 5 keys padded, as a caption's padding
+        keep = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        keep[..., -5:] = False
+        m = keep if mask == "boolean" else torch.zeros(keep.shape, dtype=dtype).masked_fill(
+            ~keep, -torch.finfo(dtype).max)
+    out, lse = attention_with_lse(q, k, v, m)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    assert_close(out.float(), ref.float(), 1e-6, "output")
+    weights = torch.zeros(lt, 3)
+    weights[1:3, 0] = 0.5
+    weights[4, 1] = 1.0
+    weights[5:7, 2] = torch.tensor([0.3, 0.7])
+    start = 10  # image queries after the text (and 3 other tokens)
+    got = lse_item_attention(q[:, :, start:], k[:, :, 2:2 + lt], lse[:, :, start:], weights)
+    naive = _naive_items(q, k, slice(2, 2 + lt), weights, m)[:, start:]
+    assert got.shape == (b, length - start, 3)
+    assert_close(got, naive, 1e-5 if dtype == torch.float32 else 8e-3, f"{dtype} {mask}")
+
+
+def test_joint_item_attention_takes_the_attention_mask():
+    """Where the read recomputes the normaliser (another attention override set, not a CPU tensor),
+    the attention's mask enters it too: padded keys carry no probability (naive oracle with the
+    mask). Caught: the mask dropped."""
+    gen = torch.Generator().manual_seed(3)
+    b, heads, nq, lt, d = 1, 2, 12, 5, 8
+    q, k_img = (torch.randn(b, heads, nq, d, generator=gen) for _ in range(2))
+    k_txt = torch.randn(b, heads, lt, d, generator=gen)
+    weights = torch.rand(lt, 2, generator=gen)
+    mask = torch.zeros(1, 1, 1, lt + nq)
+    mask[..., -4:] = -torch.finfo(torch.float32).max
+    naive = _naive_items(q, torch.cat([k_txt, k_img], dim=2), slice(0, lt), weights, mask)
+    assert_close(joint_item_attention(q, k_txt, k_img, weights, mask=mask), naive, 1e-5, "masked")
+    assert (naive - _naive_items(q, torch.cat([k_txt, k_img], dim=2), slice(0, lt), weights)).abs().max() > 1e-3
+
+
 def test_fold_stacks_frames_along_the_height_in_wan_token_order():
     """A (1, 2, 2)-patch token (frame, row, column) is a 2×2 cell of the folded image, row-major.
     Caught: frames stacked along the width (token order no longer frame-major)."""

@@ -53,6 +53,7 @@ class Forward:
     text_tail: int = 0  # text-stream tokens after the prompt's (HunyuanImage's byT5 glyphs): never a target
     t_image: Optional[torch.Tensor] = None  # (Bm,) each row's own model timestep, the one ComfyUI passes
     raw: Optional[torch.Tensor] = None  # the diffusion model's output
+    reading: Optional[tuple] = None  # (layout, offset) of the read armed for the next attention (attention_read.py)
     time: Optional[torch.Tensor] = None  # (R, D) time embedding of the rows
     per_image: List[torch.Tensor] = field(default_factory=list)  # (Bm, D) vectors added to it, stock order
     _rows: Optional[torch.Tensor] = None

@@ -17,7 +17,8 @@ strided feature maps (pixel_math.strided_index).
 The families (comfy_flux.py, comfy_mmdit.py, ...) implement the backend protocol (protocol.py)
 with these helpers: the time embedder on the rows (``time_rows``), modulation rows gathered per
 token (``per_token``; ``Modulation`` and ``Gathered`` hand them to a stock block that has no replace
-patch) and the joint attention read for masks (``record_maps``, ``keep_token_maps``). Text tokens keep the stock per-image vector, whose timestep is the
+patch) and the attention read's kernel where it recomputes the normaliser (``joint_item_attention``;
+the read itself: attention_read.py). Text tokens keep the stock per-image vector, whose timestep is the
 image's passed sigma: the background's.
 """
 
@@ -28,8 +29,8 @@ import torch
 from .comfy_call import Forward
 from .pixel_math import take_rows
 
-__all__ = ["Gathered", "Modulation", "joint_item_attention", "keep_outputs", "keep_token_maps", "middle_blocks", "per_token",
-           "record_maps", "time_rows", "token_rows"]
+__all__ = ["Gathered", "Modulation", "joint_item_attention", "keep_token_maps", "middle_blocks", "per_token",
+           "time_rows", "token_rows"]
 
 
 def middle_blocks(depth: int, count: int = 3) -> List[int]:
@@ -41,10 +42,12 @@ def middle_blocks(depth: int, count: int = 3) -> List[int]:
     return list(range(start, start + count))
 
 
-def joint_item_attention(q, k_txt, k_img, weights, block=1024):
+def joint_item_attention(q, k_txt, k_img, weights, block=1024, mask=None):
     """q (b, H, Nq, d), k_txt (b, H, Lt, d), k_img (b, H, Li, d), weights (Lt, N) → (b, Nq, N):
     the head-averaged probability each image query gives each item's text tokens in the *joint*
-    softmax over [text | image] keys, as the model attends (float32).
+    softmax over [text | image] keys, as the model attends (float32); ``mask``: the attention's
+    mask over those keys in that order (additive, or boolean: True attends), broadcastable to
+    (b, H, Nq, Lt + Li).
 
     One fused attention (``scaled_dot_product_attention``) whose values are the items' token
     weights, zero on the image keys: its output is exactly that probability mass, normaliser
@@ -65,9 +68,15 @@ def joint_item_attention(q, k_txt, k_img, weights, block=1024):
     w = weights.to(q.device, torch.float32)
     top = w.abs().amax(dim=0).clamp_min(1e-30)  # values scaled to at most 1 (an item's equal weights: exactly 1)
 
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dt)
+
+    def part(m, s, size):
+        return m if m is None or m.shape[-2] == 1 else m[..., s:s + size, :]
+
     def read(v, n, size, scale):
-        return torch.cat([sdpa(q[:, :, s:s + size].to(dt), k, v)[..., :n].float().mean(dim=1) * scale
-                          for s in range(0, nq, size)], dim=1)
+        return torch.cat([sdpa(q[:, :, s:s + size].to(dt), k, v, attn_mask=part(mask, s, size))[..., :n].float()
+                          .mean(dim=1) * scale for s in range(0, nq, size)], dim=1)
 
     math_block = max(1, min(block, (1 << 24) // max(1, b * heads * k.shape[2])))  # 64 MB of float32 logits
     groups = []
@@ -179,28 +188,9 @@ def time_rows(fwd: Forward, of=None):
     return hook
 
 
-def keep_outputs(seen: dict, **modules) -> list:
-    """Forward hooks that keep each named module's latest output in ``seen`` (a block's q / k)."""
-    return [m.register_forward_hook(lambda mod, a, out, name=name: seen.__setitem__(name, out))
-            for name, m in modules.items()]
-
-
 def keep_token_maps(fwd: Forward, maps: torch.Tensor) -> None:
     """The captured rows' (b, h·w, N) item probabilities on the token grid → the call's maps
     (b, N, h, w), placed in the full grid for an area crop."""
     h, w = fwd.grid
     maps = maps.view(len(fwd.capture_rows), h, w, -1).permute(0, 3, 1, 2)
     fwd.call.maps.append(fwd.place_maps(maps, fwd.cell))
-
-
-def record_maps(fwd: Forward, q_img, k_txt, k_img, context_len_offset: int = 0):
-    """Joint attention of the captured rows' image queries (b, H, n, d) to the items' text tokens,
-    as (b, N, h/p, w/p) maps on the token grid, placed in the full grid for an area crop."""
-    sel = torch.tensor(fwd.capture_rows, device=q_img.device)
-    q_img, k_txt, k_img = (t.index_select(0, sel) for t in (q_img, k_txt, k_img))
-    if fwd.text_tail:  # tokens after the prompt's enter the softmax's normaliser only, as image keys do
-        cut = k_txt.shape[2] - fwd.text_tail
-        k_txt, k_img = k_txt[:, :, :cut], torch.cat([k_img, k_txt[:, :, cut:]], dim=2)
-    h, w = fwd.grid
-    keep_token_maps(fwd, joint_item_attention(q_img[:, :, :h * w], k_txt, k_img,
-                                              fwd.weights(k_txt.shape[2], context_len_offset)))

@@ -17,7 +17,7 @@ blocks (``middle_blocks``): in Flux the text keys are separate projections only 
 double-stream blocks, and the middle ones localise nouns best, while the first still mostly
 see layout and the last specialise on detail. Resolution: the token grid (latent / 2), the
 only one a DiT has. Conditional rows only, captured steps only: the ``dit`` replace patch exists
-only in calls that capture, and reads the block's own q/k through hooks on its QK norms.
+only in calls that capture, and arms the read inside the block's own attention (attention_read.py).
 """
 
 from dataclasses import dataclass
@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 from .comfy_call import FORWARD_KEY
-from .comfy_dit import per_token, record_maps
+from .attention_read import reading
+from .comfy_dit import per_token
 from .protocol import PixelBackend, chain_blocks, register, unsupported
 
 
@@ -49,7 +50,7 @@ class FluxLike(PixelBackend):
 
     def patch_replace(self, call, replace):
         if call.capture:
-            chain_blocks(replace, "double_block", self.capture_blocks, lambda i: _capture(self.dm, i, self.IMG_FIRST))
+            chain_blocks(replace, "double_block", self.capture_blocks, lambda i: _capture(self.IMG_FIRST))
 
 
 @register
@@ -99,38 +100,14 @@ class ComfyFluxBackend(FluxLike):
         return handles
 
 
-def _capture(dm, index, img_first=False):
+def _capture(img_first=False):
     def patch(args, original_block):
         fwd = (args.get("transformer_options") or {}).get(FORWARD_KEY)
         if fwd is None or not fwd.capture_rows:
             return original_block(args)
-        from comfy.ldm.flux.math import apply_rope1
-
-        block = dm.double_blocks[index]
-        seen = {}
-
-        def grab(name):
-            def hook(module, a, output):
-                seen[name] = output  # (q, k) after the QK norm, (B, H, L, d)
-            return hook
-
-        handles = [block.img_attn.norm.register_forward_hook(grab("img")),
-                   block.txt_attn.norm.register_forward_hook(grab("txt"))]
-        try:
-            out = original_block(args)
-        finally:
-            for h in handles:
-                h.remove()
-        if "img" not in seen or "txt" not in seen:
-            return out
-        (q_img, k_img), (_, k_txt) = seen["img"], seen["txt"]
-        pe = args.get("pe")
-        if pe is not None:  # RoPE as the block's attention applies it: text first, then image (or flipped)
-            n_txt, n_img = k_txt.shape[2], q_img.shape[2]
-            pe_img, pe_txt = (pe[:, :, :n_img], pe[:, :, n_img:]) if img_first else (pe[:, :, n_txt:], pe[:, :, :n_txt])
-            q_img, k_img = apply_rope1(q_img, pe_img), apply_rope1(k_img, pe_img)
-            k_txt = apply_rope1(k_txt, pe_txt)
-        record_maps(fwd, q_img, k_txt, k_img)
-        return out
+        n_txt, n_img = args["txt"].shape[1], args["img"].shape[1]  # the image stream: Kontext's reference tokens too
+        text, start = (slice(n_img, n_img + n_txt), 0) if img_first else (slice(0, n_txt), n_txt)
+        with reading(fwd, lambda b: (text, start)):
+            return original_block(args)
 
     return patch

@@ -21,19 +21,9 @@ so a late word of a long prompt is not in T5 at all. CLIP gives only the pooled 
 encode node resolves words on the Llama tokenizer (comfyui/tokens.py).
 """
 
-import torch
-
-from .comfy_dit import Gathered, Modulation, keep_outputs, record_maps, time_rows, token_rows
+from .attention_read import arm
+from .comfy_dit import Gathered, Modulation, time_rows, token_rows
 from .protocol import PixelBackend, register, unsupported
-
-
-def _rope(q, k, pe):
-    """RoPE as HiDream's attention applies it: over the whole head, or its first half."""
-    from comfy.ldm.flux.math import apply_rope
-
-    d = pe.shape[-3] * 2
-    q1, k1 = apply_rope(q[..., :d], k[..., :d], pe)
-    return torch.cat([q1, q[..., d:]], dim=-1), torch.cat([k1, k[..., d:]], dim=-1)
 
 
 @register
@@ -77,23 +67,15 @@ class ComfyHiDreamBackend(PixelBackend):
         return handles + (self._capture(dm, fwd) if fwd.capture_rows else [])
 
     def _capture(self, dm, fwd):
-        """Hooks that read the middle double blocks' own q / k (after their RMS norms) and RoPE."""
+        """The read armed in the middle double blocks' joint attention, [image | T5 | Llama | Llama]:
+        the T5 part carries no weight (the offset), both Llama copies count (Forward.weights repeats
+        a context over the length it is given)."""
         t5 = {}
+
+        def image_first(args, kwargs):  # attn1(image, masks, text, rope=...)
+            n_img, n_txt = args[0].shape[1], args[2].shape[1]
+            return (lambda b: (slice(n_img, n_img + n_txt), 0)), t5["length"]
+
         handles = [dm.caption_projection[-1].register_forward_hook(lambda m, a, o: t5.update(length=o.shape[1]))]
-        for i in self.capture_blocks:
-            attn, seen = dm.double_stream_blocks[i].block.attn1, {}
-            handles += keep_outputs(seen, q=attn.q_rms_norm, k=attn.k_rms_norm, k_txt=attn.k_rms_norm_t)
-            handles.append(attn.register_forward_hook(
-                lambda m, a, kw, o, seen=seen: _record(fwd, m.heads, seen, kw["rope"], t5["length"]), with_kwargs=True))
-        return handles
-
-
-def _record(fwd, heads, seen, pe, t5_length):
-    q_img, k_img, k_txt = (seen.pop(k) for k in ("q", "k", "k_txt"))  # popped: not held past the block
-    b, n = q_img.shape[:2]
-    q_img, k_img, k_txt = (t.view(b, t.shape[1], heads, -1) for t in (q_img, k_img, k_txt))
-    # RoPE per position of the joint [image | text] sequence (the text ids are 0: identity)
-    q, k = _rope(torch.cat([q_img, k_txt], dim=1), torch.cat([k_img, k_txt], dim=1), pe)
-    # text keys [T5 | Llama | Llama]: the T5 part carries no weight, both Llama copies count
-    # (Forward.weights repeats a context over the length it is given)
-    record_maps(fwd, *(t.transpose(1, 2) for t in (q[:, :n], k[:, n:], k[:, :n])), context_len_offset=t5_length)
+        return handles + [h for i in self.capture_blocks for h in arm(fwd, dm.double_stream_blocks[i].block.attn1,
+                                                                         image_first)]

@@ -13,7 +13,7 @@ family's text stream does. Per forward (hooks alive inside one APPLY_MODEL call)
   ``adaLN_modulation``: the block's own Linear on those rows, gathered per token (LoRA applies).
 
 Masks: as Flux (comfy_flux.FluxLike, the ``dit`` replace patch on the three middle double blocks
-reading the block's own q/k after its QK norm and RoPE), with the image first: the joint
+arming the read inside the block's attention, its q/k after the QK norm and RoPE), with the image first: the joint
 attention of image queries to the target words' Qwen2.5 tokens after ``txt_in``, softmax over all
 [image | text | glyph] keys. The text encoder drops its chat template as Qwen-Image's does
 (comfyui/tokens.locate_targets). The glyph tokens (quoted text, byT5) follow the Qwen2.5 ones in

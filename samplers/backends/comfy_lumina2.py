@@ -14,14 +14,13 @@ image's stock (background) row.
 
 Masks: joint self-attention (after the q/k norms and RoPE, as the model attends) of the image
 queries to the target words' Gemma tokens, softmax over [caption | image] keys, in the three
-middle joint blocks, read by one fused attention (comfy_dit.joint_item_attention) from the block's own q / k
-(its norms' outputs). No patches_replace exist for NextDiT's blocks: everything is module hooks
+middle joint blocks, read inside the block's own attention (attention_read.py: its q / k after the
+norms, RoPE and grouped heads, its caption-padding mask). No patches_replace exist for NextDiT's blocks: everything is module hooks
 alive inside one forward.
 """
 
-import torch
-
-from .comfy_dit import Gathered, joint_item_attention, keep_token_maps, time_rows, token_rows
+from .attention_read import arm
+from .comfy_dit import Gathered, time_rows, token_rows
 from .protocol import PixelBackend, register
 
 
@@ -32,7 +31,6 @@ def caption_lengths(inputs: dict, batch: int):
     if mask is not None:
         return [int(n) for n in mask.sum(dim=1).tolist()]
     return [int(inputs["num_tokens"])] * batch
-
 
 @register
 class ComfyLumina2Backend(PixelBackend):
@@ -59,33 +57,8 @@ class ComfyLumina2Backend(PixelBackend):
         for joint, blocks in ((False, dm.noise_refiner), (True, dm.layers)):
             handles += [b.adaLN_modulation.register_forward_hook(modulation(joint)) for b in blocks]
         if fwd.call.capture and fwd.capture_rows:
-            handles += [h for i in self.capture_blocks for h in _capture(dm.layers[i].attention, fwd, starts)]
+            def caption_first(args, kwargs):  # each image's [caption | image] sequence
+                return (lambda b: (slice(0, starts[b]), starts[b])), 0
+
+            handles += [h for i in self.capture_blocks for h in arm(fwd, dm.layers[i].attention, caption_first)]
         return handles
-
-
-def _capture(attn, fwd, starts):
-    """Hooks on one joint block's attention that record the items' maps from its own q / k, read as
-    soon as k is normed (no q / k kept through the attention)."""
-    from comfy.ldm.lumina.model import JointAttention
-
-    seen = []
-
-    def inputs(module, args):  # the RoPE table, the attention's third input
-        seen[:] = [args[2]]
-
-    def qk(module, args, output):  # q, then k (B, L, H, d) after the norms: one shared Identity without qk_norm
-        seen.append(output)
-        if len(seen) == 3:
-            record(*seen)
-            seen.clear()
-
-    def record(rope, q, k):  # the captured rows; RoPE and grouped-query heads as the model applies them
-        maps, n = [], fwd.tokens.shape[1]
-        for b in fwd.capture_rows:
-            s, r = starts[b], rope[b:b + 1]
-            qb = JointAttention.apply_rotary_emb(q[b:b + 1, s:s + n], r[:, s:s + n]).transpose(1, 2)
-            kb = JointAttention.apply_rotary_emb(k[b:b + 1], r).repeat_interleave(attn.n_rep, dim=2).transpose(1, 2)
-            maps.append(joint_item_attention(qb, kb[:, :, :s], kb[:, :, s:], fwd.weights(s)))
-        keep_token_maps(fwd, torch.cat(maps))
-
-    return [attn.register_forward_pre_hook(inputs)] + [n.register_forward_hook(qk) for n in {attn.q_norm, attn.k_norm}]

@@ -9,14 +9,16 @@ and order, LoRA patches included). The context stream's modulation is left alone
 stock per-image vector, the background timestep.
 
 Masks: joint attention (softmax over [context | image] keys) of the image queries to the
-targets' tokens in the three middle joint blocks, from the blocks' own q / k (their QK norms'
-outputs), read on the CLIP part of the context. The joint context is [registers | CLIP-L ‖ CLIP-G
+targets' tokens in the three middle joint blocks, read inside the block's own attention
+(attention_read.py; the registers before the context an offset without weight), on the CLIP part
+of the context. The joint context is [registers | CLIP-L ‖ CLIP-G
 (77 per chunk, zero-padded to 4096 channels) | T5]; the CLIP part always starts right after the
 registers whether or not T5 is loaded (SD3 runs without it), and CLIP-L and CLIP-G place every word
 identically, so one set of positions (tokens.py) reads both.
 """
 
-from .comfy_dit import Gathered, keep_outputs, record_maps, time_rows, token_rows
+from .attention_read import arm
+from .comfy_dit import Gathered, time_rows, token_rows
 from .protocol import PixelBackend, register, unsupported
 
 
@@ -44,19 +46,11 @@ class ComfyMMDiTBackend(PixelBackend):
         if dm.y_embedder is not None:
             handles.append(dm.y_embedder.register_forward_hook(fwd.keep_per_image))
         if fwd.call.capture and fwd.capture_rows:
-            handles += [h for i in self.capture_blocks for h in _capture(dm, dm.joint_blocks[i], fwd)]
+            registers = getattr(dm, "register_length", 0)
+
+            def context_first(args, kwargs):  # joint_block(context, x, ...): [context | x]
+                n_ctx = args[0].shape[1]
+                return (lambda b: (slice(0, n_ctx), n_ctx)), registers
+
+            handles += [h for i in self.capture_blocks for h in arm(fwd, dm.joint_blocks[i], context_first)]
         return handles
-
-
-def _capture(dm, block, fwd):
-    """Hooks on one joint block's QK norms (B, L, H, d): the context keys, then the x queries and
-    keys; the maps are read once the x keys are normed."""
-    seen = {}
-
-    def record(module, args, output):
-        # popped: the block's q / k are not held past its attention (its later blocks' memory)
-        record_maps(fwd, seen.pop("q").transpose(1, 2), seen.pop("k_txt").transpose(1, 2), output.transpose(1, 2),
-                    context_len_offset=getattr(dm, "register_length", 0))
-
-    return keep_outputs(seen, k_txt=block.context_block.attn.ln_k, q=block.x_block.attn.ln_q) + [
-        block.x_block.attn.ln_k.register_forward_hook(record)]

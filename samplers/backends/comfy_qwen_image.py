@@ -9,15 +9,16 @@ per-image vector (the background). The latent is a one-frame video (B, C, 1, H, 
 folds it. Reference latents (Qwen-Image Edit widen the image stream) are refused.
 
 Masks: joint attention (softmax over [text | image] keys, after RoPE, as the model attends) of the
-image queries to the target words' tokens in the three middle blocks, from the block's own q / k
-(its norms' outputs). The text encoder drops the chat template before the prompt, so the
+image queries to the target words' tokens in the three middle blocks, read inside the block's own
+attention (attention_read.py). The text encoder drops the chat template before the prompt, so the
 text-encode node shifts the positions onto the context the model receives
 (comfyui/tokens.locate_targets).
 """
 
 import torch
 
-from .comfy_dit import Gathered, keep_outputs, record_maps, time_rows, token_rows
+from .attention_read import arm
+from .comfy_dit import Gathered, time_rows, token_rows
 from .protocol import PixelBackend, register, unsupported
 
 
@@ -43,23 +44,11 @@ class ComfyQwenImageBackend(PixelBackend):
                    dm.img_in.register_forward_hook(image_only), dm.norm_out.linear.register_forward_hook(final)]
         handles += [b.img_mod.register_forward_hook(img_mod) for b in dm.transformer_blocks]
         if fwd.call.capture and fwd.capture_rows:
-            handles += [h for i in self.capture_blocks for h in _capture(dm.transformer_blocks[i].attn, fwd)]
+            handles += [h for i in self.capture_blocks for h in arm(fwd, dm.transformer_blocks[i].attn, _text_first)]
         return handles
 
 
-def _capture(attn, fwd):
-    """Hooks that read one block's own q / k (after its norms) and RoPE."""
-    seen = {}
-    return keep_outputs(seen, q=attn.norm_q, k=attn.norm_k, k_txt=attn.norm_added_k) + [attn.register_forward_hook(
-        lambda m, a, kw, o: _record(fwd, seen, kw["image_rotary_emb"]), with_kwargs=True)]
-
-
-def _record(fwd, seen, pe):
-    from comfy.ldm.qwen_image.model import apply_rotary_emb
-
-    k_txt, q_img, k_img = seen.pop("k_txt"), seen.pop("q"), seen.pop("k")  # (B, L, H, d); not held past the block
-    n_txt = k_txt.shape[1]
-    # RoPE is per position: the text keys at the text positions, the image queries / keys after them
-    k = apply_rotary_emb(torch.cat([k_txt, k_img], dim=1), pe)
-    q_img = apply_rotary_emb(torch.cat([k_txt, q_img], dim=1), pe)[:, n_txt:]
-    record_maps(fwd, q_img.transpose(1, 2), k[:, :n_txt].transpose(1, 2), k[:, n_txt:].transpose(1, 2))
+def _text_first(args, kwargs):
+    """The joint [text | image] layout from the attention's inputs (its text stream by name)."""
+    n_txt = kwargs["encoder_hidden_states"].shape[1]
+    return (lambda b: (slice(0, n_txt), n_txt)), 0

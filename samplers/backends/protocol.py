@@ -30,6 +30,7 @@ stock code (a constant map is the stock forward, invariant 1).
 from abc import ABC, abstractmethod
 from typing import ClassVar, List
 
+from . import attention_read
 from .comfy_call import FORWARD_KEY, KEY, WRAPPER_KEY, PixelCall, begin_forward, denoised_per_pixel, fold, unfold
 from .comfy_dit import middle_blocks
 from .pixel_math import UnsupportedModelError
@@ -140,8 +141,11 @@ class PixelBackend(ABC):
         handles = [dm.register_forward_hook(keep_raw)]
         try:
             handles += self.hooks(dm, fwd, transformer_options)
+            to = dict(transformer_options, **{FORWARD_KEY: fwd})
+            if fwd.call.capture and fwd.capture_rows:  # masks read inside the read blocks' attention
+                to = attention_read.install(fwd, to)
             stock = executor(unfold(x4 * scale, x.shape[2]) if video else x * scale, t, c_concat, c_crossattn,
-                             control, dict(transformer_options, **{FORWARD_KEY: fwd}), **kwargs)
+                             control, to, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()

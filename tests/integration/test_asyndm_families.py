@@ -857,8 +857,9 @@ def test_lumina2_padded_positive_and_a_shorter_negative_read_the_caption_columns
     drops the padding: its image tokens start at the mask's 12 ones. Oracle: every positive call's
     joint attention recomputed from the q/k the model computed in that run (logged through
     ComfyUI's attention override; softmax with the mask the model passes), read at the target
-    columns — the last, column 11, right before the padding. Caught: image tokens taken to start
-    at the context's 16 columns (the padding counted as caption: the run fails)."""
+    columns — the last, column 11, right before the padding (the logging override makes the read
+    recompute the normaliser; without it, the read inside the attention gives the same maps). Caught:
+    image tokens taken to start at the context's 16 columns (the padding counted as caption: the run fails)."""
     from asyndm_fpdm.samplers.backends import backend_for
 
     model, pos, neg = fams["lumina2"]
@@ -906,6 +907,12 @@ def test_lumina2_padded_positive_and_a_shorter_negative_read_the_caption_columns
             ref.append(torch.stack([probs[..., ps].mean(-1) for ps in targets["positions"]], dim=1))
         ref = torch.stack(ref).mean(0).view(1, 3, 4, 4)
         assert got.shape == ref.shape and _rel(got, ref) <= 1e-4, (step, _rel(got, ref))
+    # with no other override the read rides the block's own attention (its log-sum-exp, the mask
+    # passed to that kernel): the same maps
+    _, plain = sampler_node(model, padded, neg, _latent("lumina2"), sampler_name="euler", scheduler="simple",
+                            steps=3, cfg=2.0)
+    plain = [m for m in plain.item_maps if m is not None]
+    assert len(plain) == len(maps) and max(_rel(a, b) for a, b in zip(plain, maps)) <= 1e-4
 
 
 def test_hunyuan_image_masks_never_read_glyph_columns_however_long_the_quoted_text(fams):
